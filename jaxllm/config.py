@@ -1,0 +1,132 @@
+"""One dataclass tree for every knob; CLI flags (offline and server) are derived from it."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class ModelConfig:
+    model: str | None = None  # HF dir, .gguf file, hub id; None = the embedded default (SmolLM2-135M)
+    tokenizer: str | None = None  # defaults to the model's own tokenizer
+    served_model_name: str | None = None
+    dtype: str = "auto"  # auto (float32 on CPU, bfloat16 on accelerators), float32, bfloat16
+    max_model_len: int | None = None  # defaults to min(model's context, 2048 on CPU / 8192 elsewhere)
+    seed: int = 0
+    revision: str | None = None
+
+
+@dataclass
+class CacheConfig:
+    page_size: int = 16
+    kv_cache_memory: int | None = None  # bytes for the KV page pool; None = a backend default
+    gpu_memory_utilization: float = 0.85  # accelerators: fraction of free device memory after weights
+    num_pages: int | None = None  # explicit override (tests use a tiny pool)
+    kv_cache_dtype: str = "auto"
+
+
+@dataclass
+class SchedulerConfig:
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512
+    policy: str = "fcfs"  # fcfs | priority
+    max_waiting_requests: int | None = None  # server back-pressure; None = unbounded
+
+
+@dataclass
+class CompileConfig:
+    persistent_cache: bool = True
+    cache_dir: str | None = None  # defaults to ~/.cache/jaxllm/xla
+    warmup: bool = True  # compile every bucket at start-up
+
+
+@dataclass
+class ParallelConfig:
+    tensor_parallel_size: int = 1
+    data_parallel_size: int = 1
+
+
+@dataclass
+class EngineConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    compile: CompileConfig = field(default_factory=CompileConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    @classmethod
+    def from_flags(cls, **flags: Any) -> "EngineConfig":
+        """Builds the tree from flat keyword flags (vLLM's names: max_num_seqs=..., kv_cache_memory=...)."""
+        config = cls()
+        sections = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+        for key, value in flags.items():
+            for section in sections.values():
+                if key in {f.name for f in dataclasses.fields(section)}:
+                    setattr(section, key, value)
+                    break
+            else:
+                raise TypeError(f"unknown engine flag {key!r}")
+        return config
+
+    def to_flags(self) -> dict[str, Any]:
+        return {k: v for section in dataclasses.fields(self)
+                for k, v in dataclasses.asdict(getattr(self, section.name)).items()}
+
+
+def default_cache_dir() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "jaxllm")
+
+
+_FLAG_HELP = {
+    "model": "HF model dir, .gguf file or hub id (default: embedded SmolLM2-135M-Instruct)",
+    "kv_cache_memory": "bytes for the KV page pool (accepts 512MiB, 2GiB, ...)",
+    "max_num_batched_tokens": "token budget of one engine step",
+}
+
+
+def parse_bytes(text: str | int | None) -> int | None:
+    if text is None or isinstance(text, int):
+        return text
+    units = {"k": 1e3, "m": 1e6, "g": 1e9, "kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 1e3, "mb": 1e6,
+             "gb": 1e9, "b": 1}
+    s = text.strip().lower()
+    for unit in sorted(units, key=len, reverse=True):
+        if s.endswith(unit):
+            return int(float(s[: -len(unit)]) * units[unit])
+    return int(float(s))
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Adds one --flag-name per field of the tree (vLLM spelling: dashes)."""
+    defaults = EngineConfig()
+    for section in dataclasses.fields(defaults):
+        for f in dataclasses.fields(getattr(defaults, section.name)):
+            if f.name == "model":
+                continue  # positional in the CLIs, also accepted as --model
+            flag = "--" + f.name.replace("_", "-")
+            default = getattr(getattr(defaults, section.name), f.name)
+            if isinstance(default, bool):
+                parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+            else:
+                kind = parse_bytes if f.name == "kv_cache_memory" else (
+                    type(default) if default is not None else (int if "max" in f.name or "num" in f.name
+                                                               else str))
+                parser.add_argument(flag, type=kind, default=default, help=_FLAG_HELP.get(f.name))
+    parser.add_argument("--model", dest="model_flag", default=None, help=_FLAG_HELP["model"])
+    return parser
+
+
+def config_from_args(args: argparse.Namespace, model: str | None = None) -> EngineConfig:
+    flags = {}
+    defaults = EngineConfig()
+    for section in dataclasses.fields(defaults):
+        for f in dataclasses.fields(getattr(defaults, section.name)):
+            if f.name != "model" and hasattr(args, f.name):
+                flags[f.name] = getattr(args, f.name)
+    flags["model"] = model or getattr(args, "model_flag", None)
+    return EngineConfig.from_flags(**flags)

@@ -1,0 +1,383 @@
+"""LLMEngine: add_request / step / abort_request over the scheduler and the model runner.
+
+One `step()` = schedule -> build the ragged batch -> jitted forward + sampling -> append tokens, check
+stop conditions, detokenize, free finished sequences' pages -> RequestOutputs for requests that moved.
+Not thread-safe: the server's AsyncEngine drives it from one engine thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import models
+from jaxllm.config import EngineConfig, default_cache_dir
+from jaxllm.engine.kv_pages import PagePool
+from jaxllm.engine.request import Request, Sequence, SequenceStatus
+from jaxllm.engine.runner import LogitsRow, ModelRunner
+from jaxllm.engine.sampler import RowSpec
+from jaxllm.engine.scheduler import ScheduledBatch, Scheduler
+from jaxllm.outputs import CompletionOutput, Logprob, RequestOutput
+from jaxllm.sampling_params import SamplingParams
+from jaxllm.tokenizer import IncrementalDetokenizer, load_tokenizer
+
+logger = logging.getLogger(__name__)
+
+_CPU_KV_BUDGET = 1 << 30  # bytes; the CPU default pool is the smaller of this and what max_num_seqs needs
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float
+    num_preemptions_total: int
+    prompt_tokens_total: int
+    generation_tokens_total: int
+    last_iteration_tokens: int
+    num_compiles: int
+    num_recompiles_after_warmup: int
+    warmup_seconds: float
+
+
+def enable_persistent_compilation_cache(cache_dir: str | None) -> None:
+    """JAX's on-disk cache of compiled programs makes a restart skip XLA compilation."""
+    path = cache_dir or os.path.join(default_cache_dir(), "xla")
+    os.makedirs(path, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def _resolve_dtype(name: str) -> jnp.dtype:
+    if name == "auto":
+        return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+    return {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16,
+            "float16": jnp.float16, "half": jnp.float16}[name]
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig | None = None, **flags):
+        self.config = config = config or EngineConfig.from_flags(**flags)
+        t0 = time.perf_counter()
+        if config.compile.persistent_cache:
+            enable_persistent_compilation_cache(config.compile.cache_dir)
+        dtype = _resolve_dtype(config.model.dtype)
+        self.loaded = models.load_model(config.model.model, dtype=jnp.dtype(dtype).name)
+        self.model_config = self.loaded.config
+        self.tokenizer = load_tokenizer(config.model.tokenizer or self.loaded.tokenizer_path)
+        self.model_name = config.model.served_model_name or config.model.model or _default_name(self.loaded)
+        self.eos_token_ids = set(self.tokenizer.eos_token_ids) | set(self.model_config.eos_token_ids)
+
+        cache, sched = config.cache, config.scheduler
+        kv_dtype = dtype if config.cache.kv_cache_dtype == "auto" else _resolve_dtype(config.cache.kv_cache_dtype)
+        max_model_len = config.model.max_model_len or min(
+            self.model_config.max_position_embeddings, 2048 if jax.default_backend() == "cpu" else 8192)
+        num_pages = cache.num_pages or self._pages_from_budget(max_model_len, jnp.dtype(kv_dtype).itemsize)
+        pool_tokens = num_pages * cache.page_size
+        if pool_tokens < max_model_len:
+            logger.warning("KV pool holds %d tokens < max_model_len %d; lowering max_model_len", pool_tokens,
+                           max_model_len)
+            max_model_len = pool_tokens
+        self.max_model_len = max_model_len
+        if sched.max_num_batched_tokens < sched.max_num_seqs:
+            raise ValueError(f"max_num_batched_tokens ({sched.max_num_batched_tokens}) must be >= max_num_seqs "
+                             f"({sched.max_num_seqs}) so every running sequence can decode each step")
+        self.pool = PagePool(num_pages, cache.page_size)
+        self.scheduler = Scheduler(sched, self.pool)
+        self.runner = ModelRunner(self.loaded.model, self.model_config, num_pages=num_pages,
+                                  page_size=cache.page_size, max_model_len=max_model_len,
+                                  max_num_seqs=sched.max_num_seqs,
+                                  max_num_batched_tokens=sched.max_num_batched_tokens, kv_dtype=kv_dtype)
+        self.load_seconds = time.perf_counter() - t0
+        self.warmup_seconds = self.runner.warmup() if config.compile.warmup else 0.0
+        logger.info("engine ready: %s, %d KV pages x %d tokens (%.0f MiB), max_model_len %d, "
+                    "%d programs compiled in %.1fs (load %.1fs)", self.model_name, num_pages, cache.page_size,
+                    self.runner.kv_pages.nbytes / 2**20, max_model_len, len(self.runner.compiled),
+                    self.warmup_seconds, self.load_seconds)
+
+        self.requests: dict[str, Request] = {}
+        self._rng = np.random.default_rng(config.model.seed)
+        self._order = 0
+        self._aborted_outputs: list[RequestOutput] = []
+        self.prompt_tokens_total = 0
+        self.generation_tokens_total = 0
+        self.last_iteration_tokens = 0
+
+    def _pages_from_budget(self, max_model_len: int, itemsize: int) -> int:
+        cache, sched = self.config.cache, self.config.scheduler
+        page_bytes = self.model_config.kv_bytes_per_token(itemsize) * cache.page_size
+        budget = cache.kv_cache_memory
+        if budget is None:
+            if jax.default_backend() == "cpu":
+                budget = min(_CPU_KV_BUDGET, page_bytes * sched.max_num_seqs * -(-max_model_len // cache.page_size))
+            else:
+                stats = jax.devices()[0].memory_stats() or {}
+                free = stats.get("bytes_limit", 16 << 30) - stats.get("bytes_in_use", 0)
+                budget = int(free * cache.gpu_memory_utilization)
+        return max(1, budget // page_bytes)
+
+    # ---- requests -------------------------------------------------------------------------------
+
+    def add_request(self, request_id: str, prompt: str | None, params: SamplingParams | None = None, *,
+                    prompt_token_ids: list[int] | None = None, priority: int = 0,
+                    arrival_time: float | None = None) -> None:
+        params = params or SamplingParams()
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        if prompt_token_ids is None:
+            if not isinstance(prompt, str):
+                raise ValueError("prompt must be a string or prompt_token_ids a list of token ids")
+            prompt_token_ids = self.tokenizer.encode(prompt)
+        prompt_token_ids = [int(t) for t in prompt_token_ids]
+        if not prompt_token_ids:
+            raise ValueError("prompt is empty: at least one token is needed")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in prompt_token_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token id {bad[0]} is out of the vocabulary (0..{vocab - 1})")
+        n_prompt = len(prompt_token_ids)
+        if params.max_tokens is None:
+            max_tokens = self.max_model_len - n_prompt
+            if max_tokens < 1:
+                raise ValueError(f"prompt ({n_prompt} tokens) leaves no room in max_model_len ({self.max_model_len})")
+        else:
+            max_tokens = params.max_tokens
+            if n_prompt + max_tokens > self.max_model_len:
+                raise ValueError(f"prompt ({n_prompt} tokens) + max_tokens ({max_tokens}) = {n_prompt + max_tokens} "
+                                 f"exceeds max_model_len ({self.max_model_len})")
+        if params.num_samples > self.config.scheduler.max_num_seqs:
+            raise ValueError(f"n/best_of ({params.num_samples}) exceeds max_num_seqs "
+                             f"({self.config.scheduler.max_num_seqs})")
+        for p in list(params.stop_token_ids or []) + list((params.logit_bias or {}).keys()):
+            if not 0 <= int(p) < vocab:
+                raise ValueError(f"token id {p} in stop_token_ids/logit_bias is out of the vocabulary")
+        self._order += 1
+        seed = params.seed if params.seed is not None else int(self._rng.integers(0, 2**31))
+        req = Request(request_id, prompt, prompt_token_ids, params, max_tokens, priority,
+                      arrival_time if arrival_time is not None else time.time(), self._order)
+        if params.prompt_logprobs is not None:
+            req.prompt_logprobs = [None]
+        req.sequences.append(self._new_sequence(req, 0, seed, list(prompt_token_ids)))
+        self.requests[request_id] = req
+        self.scheduler.add(req.sequences[0])
+
+    def _new_sequence(self, req: Request, index: int, seed: int, token_ids: list[int]) -> Sequence:
+        seq = Sequence(req, index, token_ids, seed=seed)
+        seq.detokenizer = IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids,
+                                                 skip_special_tokens=req.params.skip_special_tokens)
+        return seq
+
+    def abort_request(self, request_ids) -> None:
+        for rid in [request_ids] if isinstance(request_ids, str) else list(request_ids):
+            req = self.requests.pop(rid, None)
+            if req is None:
+                continue
+            for seq in req.sequences:
+                if not seq.is_finished:
+                    seq.finish_reason = "abort"
+                    self.scheduler.finish(seq)
+            req.forked = True  # no siblings will be created any more
+            req.metrics.finished_time = time.time()
+            self._aborted_outputs.append(self._output(req, finished=True))
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests) or bool(self._aborted_outputs)
+
+    def get_stats(self) -> EngineStats:
+        running = {s.request.request_id for s in self.scheduler.running}
+        waiting = {s.request.request_id for s in self.scheduler.waiting} - running
+        return EngineStats(len(running), len(waiting), self.pool.usage, self.scheduler.num_preemptions,
+                           self.prompt_tokens_total, self.generation_tokens_total, self.last_iteration_tokens,
+                           len(self.runner.compiled), self.runner.num_recompiles, self.warmup_seconds)
+
+    # ---- the step -------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        outputs, self._aborted_outputs = self._aborted_outputs, []
+        batch = self.scheduler.schedule()
+        self.last_iteration_tokens = batch.total_tokens
+        if not batch:
+            return outputs
+        now = time.time()
+        inputs = self.runner.prepare(batch)
+        rows, owners = self._logits_rows(batch, inputs.row_offsets)
+        result = self.runner.execute(inputs, rows)
+
+        touched: dict[str, Request] = {}
+        for seq, n in zip(batch.seqs, batch.num_tokens):
+            req = seq.request
+            if req.metrics.first_scheduled_time is None:
+                req.metrics.first_scheduled_time = now
+                self.prompt_tokens_total += req.num_prompt_tokens
+            seq.num_computed_tokens += n
+            touched[req.request_id] = req
+        if result is not None:
+            self._apply_samples(owners, result)
+        for req in touched.values():
+            if req.request_id not in self.requests:
+                continue
+            finished = req.is_finished
+            if finished:
+                req.metrics.finished_time = time.time()
+                del self.requests[req.request_id]
+            outputs.append(self._output(req, finished))
+        return outputs
+
+    def _logits_rows(self, batch: ScheduledBatch, offsets: list[int]):
+        """Rows to compute logits for, with who owns each: ('sample', seq, sibling) or ('prompt', req, pos)."""
+        rows: list[LogitsRow] = []
+        owners: list[tuple] = []
+        for seq, n, start_row in zip(batch.seqs, batch.num_tokens, offsets):
+            req, p = seq.request, seq.request.params
+            start = seq.num_computed_tokens
+            if req.prompt_logprobs is not None:
+                # Logprob of prompt token pos+1 given tokens up to pos, for positions not yet recorded.
+                first = max(start, len(req.prompt_logprobs) - 1)
+                for pos in range(first, min(start + n, req.num_prompt_tokens - 1)):
+                    rows.append(LogitsRow(start_row + pos - start,
+                                          RowSpec(target_id=req.prompt_token_ids[pos + 1])))
+                    owners.append(("prompt", req, pos + 1))
+            if start + n < len(seq.token_ids):
+                continue  # a prefill chunk that does not reach the end samples nothing
+            # n > 1: the prompt's last row samples every sibling's first token; siblings go first so
+            # they can share the parent's pages before the parent may finish and free them.
+            siblings = [*range(1, req.num_sequences), 0] if (not req.forked and seq.index == 0) else [seq.index]
+            for index in siblings:
+                seed = seq.seed if index == seq.index else _sibling_seed(seq.seed, index)
+                suppress = ()
+                if seq.num_output_tokens < p.min_tokens:
+                    suppress = p.all_stop_token_ids(self.eos_token_ids)
+                rows.append(LogitsRow(start_row + n - 1, RowSpec.from_params(
+                    p, seed=seed, step=seq.num_output_tokens, prompt_ids=req.prompt_token_ids,
+                    output_ids=seq.output_token_ids, suppress_ids=suppress)))
+                owners.append(("sample", seq, index))
+        return rows, owners
+
+    def _apply_samples(self, owners, result) -> None:
+        for i, owner in enumerate(owners):
+            top = self._top_logprobs(result, i)
+            if owner[0] == "prompt":
+                _, req, pos = owner
+                k = req.params.prompt_logprobs
+                entry = {req.prompt_token_ids[pos]: Logprob(float(result.token_logprob[i]), int(result.token_rank[i]),
+                                 self.tokenizer.id_to_piece_text(req.prompt_token_ids[pos]))}
+                for tid, lp in top[:k]:
+                    entry.setdefault(tid, lp)
+                req.prompt_logprobs.append(entry)
+                continue
+            _, seq, index = owner
+            req = seq.request
+            if index != seq.index:  # first token of an n > 1 sibling: it shares the prompt's full pages
+                sibling = self._fork(seq, index)
+                self._append_token(sibling, i, result, top)
+            else:
+                self._append_token(seq, i, result, top)
+            if index == 0:
+                req.forked = True
+
+    def _fork(self, parent: Sequence, index: int) -> Sequence:
+        req = parent.request
+        seq = self._new_sequence(req, index, _sibling_seed(parent.seed, index), list(req.prompt_token_ids))
+        full_pages = req.num_prompt_tokens // self.pool.page_size
+        seq.pages = self.pool.share(parent.pages[:full_pages])
+        # The partly filled last prompt page cannot be shared (the sibling writes its own tokens there):
+        # those few prompt tokens are recomputed into a page of the sibling's own.
+        seq.num_computed_tokens = full_pages * self.pool.page_size
+        req.sequences.append(seq)
+        self.scheduler.add_running(seq)
+        return seq
+
+    def _top_logprobs(self, result, i) -> list[tuple[int, Logprob]]:
+        ids, lps = result.top_ids[i], result.top_logprobs[i]
+        return [(int(t), Logprob(float(lp), r + 1, None)) for r, (t, lp) in enumerate(zip(ids, lps))]
+
+    def _append_token(self, seq: Sequence, i: int, result, top) -> None:
+        req, p = seq.request, seq.request.params
+        token = int(result.token_ids[i])
+        logprob = float(result.token_logprob[i])
+        seq.token_ids.append(token)
+        seq.output_counts[token] = seq.output_counts.get(token, 0) + 1
+        seq.cumulative_logprob += logprob
+        self.generation_tokens_total += 1
+        now = time.time()
+        if req.metrics.first_token_time is None:
+            req.metrics.first_token_time = now
+        req.metrics.last_token_time = now
+        if p.logprobs is not None:
+            entry = {token: Logprob(logprob, int(result.token_rank[i]), self.tokenizer.id_to_piece_text(token))}
+            for tid, lp in top[:p.logprobs]:
+                if tid not in entry:
+                    lp.decoded_token = self.tokenizer.id_to_piece_text(tid)
+                    entry[tid] = lp
+            seq.logprobs.append(entry)
+
+        n_out = seq.num_output_tokens
+        stop_ids = p.all_stop_token_ids(self.eos_token_ids) if n_out > p.min_tokens - 1 else set()
+        if token in stop_ids:
+            seq.finish_reason = "stop"
+            seq.stop_reason = None if (token in self.eos_token_ids and token not in (p.stop_token_ids or ())) else token
+            if p.include_stop_str_in_output and p.detokenize:
+                seq.text += seq.detokenizer.add(token)
+            self.scheduler.finish(seq)
+            return
+        delta = seq.detokenizer.add(token) if p.detokenize else ""
+        seq.text += delta
+        if p.stop and n_out >= p.min_tokens and self._check_stop_strings(seq, len(delta)):
+            self.scheduler.finish(seq)
+            return
+        if n_out >= req.max_tokens or len(seq.token_ids) >= self.max_model_len:
+            seq.finish_reason = "length"
+            self.scheduler.finish(seq)
+
+    def _check_stop_strings(self, seq: Sequence, new_chars: int) -> bool:
+        p = seq.request.params
+        longest = max(len(s) for s in p.stop)
+        window_start = max(0, len(seq.text) - new_chars - longest + 1)  # only new text can complete one
+        hits = [(seq.text.find(s, window_start), s) for s in p.stop]
+        hits = [(i, s) for i, s in hits if i >= 0]
+        if not hits:
+            return False
+        idx, stop = min(hits)
+        seq.text = seq.text[: idx + (len(stop) if p.include_stop_str_in_output else 0)]
+        seq.finish_reason, seq.stop_reason = "stop", stop
+        return True
+
+    # ---- outputs --------------------------------------------------------------------------------
+
+    def _visible_text(self, seq: Sequence) -> str:
+        """While running, hold back a tail that could still become a stop string (never emit it partly)."""
+        stops = seq.request.params.stop
+        if seq.is_finished or not stops:
+            return seq.text
+        hold = max(len(s) for s in stops) - 1
+        return seq.text[: len(seq.text) - hold] if hold > 0 else seq.text
+
+    def _output(self, req: Request, finished: bool) -> RequestOutput:
+        seqs = list(req.sequences)
+        if finished and req.num_sequences > req.params.n:  # best_of: keep the n most likely
+            seqs = sorted(seqs, key=lambda s: -s.cumulative_logprob)[: req.params.n]
+        completions = [
+            CompletionOutput(index=i if req.num_sequences > req.params.n else s.index,
+                             text=self._visible_text(s), token_ids=list(s.output_token_ids),
+                             cumulative_logprob=s.cumulative_logprob,
+                             logprobs=list(s.logprobs) if req.params.logprobs is not None else None,
+                             finish_reason=s.finish_reason, stop_reason=s.stop_reason)
+            for i, s in enumerate(seqs)]
+        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, completions, finished,
+                             prompt_logprobs=req.prompt_logprobs, metrics=req.metrics)
+
+
+def _sibling_seed(seed: int, index: int) -> int:
+    """Distinct, reproducible seeds for the n completions of one seeded request (index 0 keeps it)."""
+    return seed if index == 0 else (seed * 1_000_003 + index * 7919) % (2**31)
+
+
+def _default_name(loaded) -> str:
+    return os.path.basename(loaded.path.rstrip("/")).removesuffix(".gguf")

@@ -1,0 +1,90 @@
+"""Offline inference: `LLM(model).generate(prompts, params)` and `LLM.chat(conversations, params)`."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+
+from tqdm.auto import tqdm
+
+from jaxllm.config import EngineConfig
+from jaxllm.engine.engine import LLMEngine
+from jaxllm.outputs import RequestOutput
+from jaxllm.sampling_params import SamplingParams
+
+PromptType = str | list[int] | dict
+
+
+class LLM:
+    """Runs many prompts through one engine with continuous batching; outputs come back in input order.
+
+    `model=None` loads the embedded default (SmolLM2-135M-Instruct); other keyword arguments are engine
+    flags with vLLM's names (max_num_seqs=..., max_model_len=..., kv_cache_memory=..., dtype=...).
+    """
+
+    def __init__(self, model: str | None = None, **engine_flags):
+        self.engine = LLMEngine(EngineConfig.from_flags(model=model, **engine_flags))
+        self._ids = itertools.count()
+
+    def get_tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(self, prompts: PromptType | Sequence[PromptType],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *,
+                 use_tqdm: bool = True, priority: Sequence[int] | None = None) -> list[RequestOutput]:
+        """prompts: a string, a list of token ids, {"prompt": ...} / {"prompt_token_ids": [...]}, or a list of them."""
+        if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params = sampling_params or SamplingParams()
+        params = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+        if len(params) != len(prompts):
+            raise ValueError(f"got {len(params)} sampling_params for {len(prompts)} prompts")
+        ids = []
+        for i, (prompt, p) in enumerate(zip(prompts, params)):
+            rid = str(next(self._ids))
+            text, token_ids = _split_prompt(prompt)
+            self.engine.add_request(rid, text, p, prompt_token_ids=token_ids,
+                                    priority=priority[i] if priority else 0)
+            ids.append(rid)
+        return self._run(ids, use_tqdm)
+
+    def chat(self, messages: list[dict] | list[list[dict]],
+             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *, use_tqdm: bool = True,
+             add_generation_prompt: bool = True, continue_final_message: bool = False,
+             chat_template: str | None = None, tools: list[dict] | None = None) -> list[RequestOutput]:
+        """One conversation (a list of messages) or a list of conversations, rendered with the model's template."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = []
+        for conv in conversations:
+            text = self.engine.tokenizer.apply_chat_template(
+                conv, add_generation_prompt=add_generation_prompt and not continue_final_message,
+                continue_final_message=continue_final_message, chat_template=chat_template, tools=tools)
+            # The template already holds BOS / special tokens: don't add them twice.
+            prompts.append({"prompt": text, "prompt_token_ids": self.engine.tokenizer.encode(
+                text, add_special_tokens=False)})
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+    def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        finished: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(request_ids), desc="Processed prompts", disable=not use_tqdm or len(request_ids) < 2,
+                   dynamic_ncols=True)
+        try:
+            while self.engine.has_unfinished_requests():
+                for out in self.engine.step():
+                    if out.finished:
+                        finished[out.request_id] = out
+                        bar.update(1)
+        except BaseException:
+            self.engine.abort_request([r for r in request_ids if r not in finished])
+            raise
+        finally:
+            bar.close()
+        return [finished[r] for r in request_ids]
+
+
+def _split_prompt(prompt: PromptType) -> tuple[str | None, list[int] | None]:
+    if isinstance(prompt, str):
+        return prompt, None
+    if isinstance(prompt, dict):
+        return prompt.get("prompt"), prompt.get("prompt_token_ids")
+    return None, list(prompt)

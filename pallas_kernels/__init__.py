@@ -1,0 +1,5 @@
+"""Attention kernels over jaxllm's KV page pool. See ragged_paged_attention/."""
+
+from pallas_kernels.ragged_paged_attention import ragged_paged_attention, write_kv
+
+__all__ = ["ragged_paged_attention", "write_kv"]
