@@ -92,7 +92,8 @@ class Scheduler:
 
         # Running sequences first, in priority order; preempt from the back when pages run out.
         i = 0
-        while i < len(self.running) and budget > 0:
+        # (n > 1 forks can briefly put more than max_num_seqs in running; the rest wait a step.)
+        while i < len(self.running) and budget > 0 and len(batch.seqs) < self.config.max_num_seqs:
             seq = self.running[i]
             n = min(seq.num_uncomputed_tokens, budget)
             while not self._grow(seq, n):
