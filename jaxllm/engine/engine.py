@@ -334,6 +334,8 @@ class LLMEngine:
             return
         if n_out >= req.max_tokens or len(seq.token_ids) >= self.max_model_len:
             seq.finish_reason = "length"
+            if p.detokenize:
+                seq.text += seq.detokenizer.finish()  # a character cut off by the limit still shows
             self.scheduler.finish(seq)
 
     def _check_stop_strings(self, seq: Sequence, new_chars: int) -> bool:
@@ -357,7 +359,7 @@ class LLMEngine:
         if seq.is_finished or not stops:
             return seq.text
         hold = max(len(s) for s in stops) - 1
-        return seq.text[: len(seq.text) - hold] if hold > 0 else seq.text
+        return seq.text[: max(0, len(seq.text) - hold)]
 
     def _output(self, req: Request, finished: bool) -> RequestOutput:
         seqs = list(req.sequences)

