@@ -1,0 +1,134 @@
+"""One dataclass describing a decoder-only transformer, whichever file format it came from."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+    """Architecture hyper-parameters shared by the Llama-like families.
+
+    rope_scaling: None, or a dict with "rope_type" in {"linear", "llama3", "freq_factors"} plus that
+    type's fields (HF names: factor, low_freq_factor, high_freq_factor, original_max_position_embeddings;
+    "freq_factors" carries llama.cpp's per-frequency divisors as "factors").
+    """
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    rms_norm_eps: float = 1e-5
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = 4096
+    sliding_window: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | tuple[int, ...] | None = None
+
+    def __post_init__(self):
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+
+    def __hash__(self):
+        # rope_scaling is a dict; NNX graph definitions hash their static attributes (this config).
+        def freeze(v):
+            if isinstance(v, dict):
+                return tuple(sorted((k, freeze(x)) for k, x in v.items()))
+            return tuple(v) if isinstance(v, list) else v
+        return hash(tuple(freeze(getattr(self, f.name)) for f in dataclasses.fields(self)))
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        if self.eos_token_id is None:
+            return ()
+        if isinstance(self.eos_token_id, int):
+            return (self.eos_token_id,)
+        return tuple(self.eos_token_id)
+
+    def kv_pool_shape(self, num_pages: int, page_size: int) -> tuple[int, int, int, int, int]:
+        """[num_layers, num_pages, page_size, 2 * num_kv_heads, head_dim]: K/V interleaved along heads."""
+        return (self.num_layers, num_pages, page_size, 2 * self.num_kv_heads, self.head_dim)
+
+    def kv_bytes_per_token(self, itemsize: int) -> int:
+        return self.num_layers * 2 * self.num_kv_heads * self.head_dim * itemsize
+
+    # ---------------------------------------------------------------- builders
+
+    @classmethod
+    def from_hf_config(cls, cfg: Mapping[str, Any]) -> "TransformerConfig":
+        """From a HF config.json dict (transformers 4.x `rope_scaling`/`rope_theta` or 5.x `rope_parameters`)."""
+        archs = cfg.get("architectures") or [cfg.get("model_type", "unknown")]
+        hidden, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
+        rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+        rope_theta = float(rope.pop("rope_theta", cfg.get("rope_theta", 10000.0)))
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        rope_scaling = None if rope_type == "default" else {**rope, "rope_type": rope_type}
+        eos = cfg.get("eos_token_id")
+        return cls(
+            architecture=archs[0],
+            vocab_size=int(cfg["vocab_size"]),
+            hidden_size=hidden,
+            intermediate_size=int(cfg["intermediate_size"]),
+            num_layers=int(cfg["num_hidden_layers"]),
+            num_heads=heads,
+            num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
+            head_dim=int(cfg.get("head_dim") or hidden // heads),
+            rope_theta=rope_theta,
+            rope_scaling=rope_scaling,
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
+            sliding_window=cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None,
+            bos_token_id=cfg.get("bos_token_id"),
+            eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
+        )
+
+    @classmethod
+    def from_gguf(cls, metadata: Mapping[str, Any], *, tied: bool,
+                  freq_factors=None) -> "TransformerConfig":
+        """From GGUF key/values (loading.gguf_file.GGUFFile.metadata).
+
+        tied: whether the file lacks `output.weight` (the head then reuses `token_embd`).
+        freq_factors: the `rope_freqs.weight` tensor, if the file has one ([head_dim // 2]).
+        """
+        arch = metadata["general.architecture"]
+
+        def get(key, default=None):
+            return metadata.get(f"{arch}.{key}", default)
+
+        hidden, heads = int(get("embedding_length")), int(get("attention.head_count"))
+        vocab = get("vocab_size") or len(metadata.get("tokenizer.ggml.tokens", ()))
+        if not vocab:
+            raise ValueError(f"GGUF metadata has neither {arch}.vocab_size nor tokenizer.ggml.tokens")
+        rope_scaling = None
+        if freq_factors is not None:  # llama.cpp's form of llama3 scaling: a divisor per frequency
+            rope_scaling = {"rope_type": "freq_factors", "factors": tuple(float(f) for f in freq_factors)}
+        elif get("rope.scaling.type") == "linear":
+            rope_scaling = {"rope_type": "linear", "factor": float(get("rope.scaling.factor"))}
+        head_dim = get("attention.key_length") or hidden // heads
+        return cls(
+            architecture=arch,
+            vocab_size=int(vocab),
+            hidden_size=hidden,
+            intermediate_size=int(get("feed_forward_length")),
+            num_layers=int(get("block_count")),
+            num_heads=heads,
+            num_kv_heads=int(get("attention.head_count_kv") or heads),
+            head_dim=int(head_dim),
+            rope_theta=float(get("rope.freq_base", 10000.0)),
+            rope_scaling=rope_scaling,
+            rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
+            tie_word_embeddings=tied,
+            max_position_embeddings=int(get("context_length", 4096)),
+            sliding_window=None,
+            bos_token_id=metadata.get("tokenizer.ggml.bos_token_id"),
+            eos_token_id=metadata.get("tokenizer.ggml.eos_token_id"),
+        )
+
