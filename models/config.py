@@ -31,6 +31,9 @@ class TransformerConfig:
     sliding_window: int | None = None
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
+    # How to run, not what: ragged attention implementation (see pallas_kernels.ragged_paged_attention).
+    attention_backend: str = "auto"
+    attention_interpret: bool = False
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:

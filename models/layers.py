@@ -133,5 +133,6 @@ class Attention(nnx.Module):
         kv_pages = pallas_kernels.write_kv(kv_pages, k, v, md.slot_mapping, layer=layer)
         out = pallas_kernels.ragged_paged_attention(
             q, kv_pages, md.kv_lens, md.page_table, md.cu_q_lens, md.num_seqs,
-            sm_scale=1.0 / math.sqrt(c.head_dim), sliding_window=c.sliding_window, layer=layer)
+            sm_scale=1.0 / math.sqrt(c.head_dim), sliding_window=c.sliding_window, layer=layer,
+            backend=c.attention_backend, interpret=c.attention_interpret)
         return linear(out.reshape(t, c.num_heads * c.head_dim).astype(x.dtype), self.o_proj[...]), kv_pages

@@ -73,7 +73,7 @@ def _np_dtype(dtype):
     return dt
 
 
-def load_gguf(path: str, *, dtype="float32") -> LoadedModel:
+def load_gguf(path: str, *, dtype="float32", **runtime) -> LoadedModel:
     from models.loading import gguf as gguf_loading
     dt = _np_dtype(dtype)
     file = gguf_loading.open_gguf(path)
@@ -88,44 +88,45 @@ def load_gguf(path: str, *, dtype="float32") -> LoadedModel:
     if f"{arch}.vocab_size" not in meta:
         embed = names.get(fam.gguf_names["embed_tokens"])
         meta[f"{arch}.vocab_size"] = len(meta.get("tokenizer.ggml.tokens", ())) or (embed and embed.shape[-1])
-    config = TransformerConfig.from_gguf(meta, tied=fam.gguf_names["lm_head"] not in names,
-                                         freq_factors=freq_factors)
+    config = dataclasses.replace(TransformerConfig.from_gguf(meta, tied=fam.gguf_names["lm_head"] not in names,
+                                                             freq_factors=freq_factors), **runtime)
     weights = gguf_loading.load_weights(file, config, fam.weight_shapes(config), fam.gguf_names, dt,
                                         permuted_qk=fam.gguf_permuted_qk)
     model = fam.model_cls(config, dtype=dt, weights=weights)
     return LoadedModel(model, config, path, path, path)
 
 
-def load_hf_dir(path: str, *, dtype="float32") -> LoadedModel:
+def load_hf_dir(path: str, *, dtype="float32", **runtime) -> LoadedModel:
     from models.loading import safetensors as st_loading
     dt = _np_dtype(dtype)
     cfg = st_loading.read_hf_config(path)
     archs = cfg.get("architectures") or []
     fam = family_for(archs[0] if archs else str(cfg.get("model_type")), gguf=False,
                      source=os.path.join(path, "config.json"))
-    config = TransformerConfig.from_hf_config(cfg)
+    config = dataclasses.replace(TransformerConfig.from_hf_config(cfg), **runtime)
     weights = st_loading.load_weights(path, config, fam.weight_shapes(config), fam.hf_names, dt)
     model = fam.model_cls(config, dtype=dt, weights=weights)
     return LoadedModel(model, config, path, None, path)
 
 
-def load_model(source: str | None = None, *, dtype="float32") -> LoadedModel:
+def load_model(source: str | None = None, *, dtype="float32", **runtime) -> LoadedModel:
     """source: None (the default SmolLM2 GGUF), a .gguf file, a HF checkpoint directory (config.json +
-    safetensors), a directory holding one .gguf, or a hub id ("org/name", downloaded when online)."""
+    safetensors), a directory holding one .gguf, or a hub id ("org/name", downloaded when online).
+    `runtime`: TransformerConfig fields that choose how, not what, to run (attention_backend=...)."""
     if source is None:
         source = default_model_path()
     source = os.path.expanduser(str(source))
     if os.path.isfile(source):
-        return load_gguf(source, dtype=dtype)
+        return load_gguf(source, dtype=dtype, **runtime)
     if os.path.isdir(source):
         if os.path.isfile(os.path.join(source, "config.json")):
-            return load_hf_dir(source, dtype=dtype)
+            return load_hf_dir(source, dtype=dtype, **runtime)
         ggufs = sorted(f for f in os.listdir(source) if f.endswith(".gguf"))
         if len(ggufs) == 1:
-            return load_gguf(os.path.join(source, ggufs[0]), dtype=dtype)
+            return load_gguf(os.path.join(source, ggufs[0]), dtype=dtype, **runtime)
         raise CheckpointNotFoundError(f"{source}: neither config.json nor a single .gguf file found "
                                       f"(.gguf files: {ggufs})")
     from models.loading import hub
     if hub.looks_like_hub_id(source):
-        return load_model(hub.download(source), dtype=dtype)
+        return load_model(hub.download(source), dtype=dtype, **runtime)
     raise CheckpointNotFoundError(f"model not found: {source} (no such file or directory)")

@@ -214,3 +214,15 @@ def test_generate_accepts_text_token_ids_and_keeps_order():
     metrics = outs[0].metrics
     assert metrics.arrival_time <= metrics.first_scheduled_time <= metrics.first_token_time <= metrics.finished_time
     np.testing.assert_array_equal(llm.engine.pool.ref_counts, 0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["tpu", "gpu"])
+def test_engine_with_pallas_kernel_in_interpret_mode_matches_reference(backend):
+    """The whole engine (mixed prefill/decode steps, chunking) with a Pallas kernel forced on CPU."""
+    prompts = [{"prompt_token_ids": list(range(5, 5 + n))} for n in (3, 17, 9)]
+    params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    flags = dict(max_num_seqs=4, max_num_batched_tokens=16, max_model_len=48, page_size=16, warmup=False)
+    ref = [o.outputs[0].token_ids for o in tiny_llm(**flags).generate(prompts, params, use_tqdm=False)]
+    kern = tiny_llm(attention_backend=backend, attention_interpret=True, **flags)
+    assert [o.outputs[0].token_ids for o in kern.generate(prompts, params, use_tqdm=False)] == ref

@@ -69,7 +69,9 @@ class LLMEngine:
         if config.compile.persistent_cache:
             enable_persistent_compilation_cache(config.compile.cache_dir)
         dtype = _resolve_dtype(config.model.dtype)
-        self.loaded = models.load_model(config.model.model, dtype=jnp.dtype(dtype).name)
+        self.loaded = models.load_model(config.model.model, dtype=jnp.dtype(dtype).name,
+                                        attention_backend=config.model.attention_backend,
+                                        attention_interpret=config.model.attention_interpret)
         self.model_config = self.loaded.config
         self.tokenizer = load_tokenizer(config.model.tokenizer or self.loaded.tokenizer_path)
         self.model_name = config.model.served_model_name or config.model.model or _default_name(self.loaded)
