@@ -1,0 +1,1 @@
+"""OpenAI-compatible HTTP server: Quart app (app.py), protocol models, routes, metrics. Started by jaxllm.serve."""

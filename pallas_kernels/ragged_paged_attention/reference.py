@@ -29,6 +29,8 @@ import jax.numpy as jnp
 
 # Keys are processed this many tokens at a time; a block spans whole pages.
 _KEY_BLOCK_TOKENS = 128
+# Query rows per tile (see ragged_paged_attention).
+_Q_TILE = 64
 
 
 def _layer_view(kv_pages: jax.Array, layer):
@@ -88,8 +90,11 @@ def ragged_paged_attention(q: jax.Array, kv_pages: jax.Array, kv_lens: jax.Array
                            k_scale=None, v_scale=None, layer=None) -> jax.Array:
     """Attention of each ragged row over its own sequence's pages. Returns [T, num_q_heads, head_dim].
 
-    Online softmax over key blocks of whole pages; the loop runs only as many blocks as the longest
-    live sequence needs, so short batches pay for short contexts.
+    Rows are processed in tiles of up to _Q_TILE rows, and only tiles holding live rows are visited.
+    A tile whose rows all belong to one sequence (the bulk of a prefill chunk) gathers each key block
+    once and shares it across its rows; a tile spanning several sequences (decode rows, boundaries)
+    gathers keys per row. Either way the key loop (online softmax over blocks of whole pages) stops at
+    the tile's longest context, so work follows the real lengths, not the padded shapes.
     """
     num_rows, num_q_heads, head_dim = q.shape
     _, page_size, two_h, _ = _layer_view(kv_pages, layer)
@@ -98,59 +103,108 @@ def ragged_paged_attention(q: jax.Array, kv_pages: jax.Array, kv_lens: jax.Array
     max_seqs, max_pages = page_table.shape
     num_seqs = jnp.asarray(num_seqs, jnp.int32).reshape(())
 
+    # Entries of cu_q_lens past num_seqs are padding of any value (zeros, say); searchsorted needs a
+    # sorted array, so they are replaced by the live row count.
+    cu_q_lens = jnp.asarray(cu_q_lens, jnp.int32)
+    cu_q_lens = jnp.where(jnp.arange(max_seqs + 1) <= num_seqs, cu_q_lens, cu_q_lens[num_seqs])
+
+    tile = min(_Q_TILE, num_rows)
+    num_tiles = -(-num_rows // tile)
+    padded_rows = num_tiles * tile
+
     # Which sequence each row belongs to, and its absolute position.
-    rows = jnp.arange(num_rows, dtype=jnp.int32)
+    rows = jnp.arange(padded_rows, dtype=jnp.int32)
+    num_live_rows = cu_q_lens[num_seqs]
     seq_of_row = jnp.clip(jnp.searchsorted(cu_q_lens[1:], rows, side="right"), 0, max_seqs - 1)
-    live_row = rows < cu_q_lens[num_seqs]
+    live_row = rows < num_live_rows
     live_seq = jnp.arange(max_seqs) < num_seqs
     kv_lens = jnp.where(live_seq, kv_lens, 0)
     q_lens = cu_q_lens[1:] - cu_q_lens[:-1]
-    row_kv_len = kv_lens[seq_of_row]
+    row_kv_len = jnp.where(live_row, kv_lens[seq_of_row], 0)
     q_pos = row_kv_len - q_lens[seq_of_row] + (rows - cu_q_lens[seq_of_row])
-    row_pages = jnp.where(live_row[:, None], page_table[seq_of_row], 0)  # [T, P]
 
     pages_per_block = max(1, _KEY_BLOCK_TOKENS // page_size)
     num_blocks = max(1, -(-max_pages // pages_per_block))
+    page_table = jnp.where(live_seq[:, None], page_table, 0)  # padding sequences read page 0 only
     pad = num_blocks * pages_per_block - max_pages
     if pad:
-        row_pages = jnp.pad(row_pages, ((0, 0), (0, pad)))
+        page_table = jnp.pad(page_table, ((0, 0), (0, pad)))
     block_tokens = pages_per_block * page_size
-    longest = jnp.max(jnp.where(live_row, row_kv_len, 0))
-    blocks_needed = (longest + block_tokens - 1) // block_tokens
 
     qg = q.astype(jnp.float32).reshape(num_rows, num_kv_heads, group, head_dim) * sm_scale
-    quantized = kv_pages.dtype.itemsize == 1
+    if padded_rows != num_rows:
+        qg = jnp.pad(qg, ((0, padded_rows - num_rows), (0, 0), (0, 0), (0, 0)))
+    scaled = kv_pages.dtype.itemsize == 1 or k_scale is not None or v_scale is not None
 
-    def body(b, carry):
-        m, l, acc = carry
-        pages = jax.lax.dynamic_slice_in_dim(row_pages, b * pages_per_block, pages_per_block, axis=1)
-        kv = kv_pages[pages] if layer is None else kv_pages[layer, pages]  # [T, ppb, ps, 2H, D]
-        kv = kv.reshape(num_rows, block_tokens, num_kv_heads, 2, head_dim).astype(jnp.float32)
-        k, v = kv[..., 0, :], kv[..., 1, :]  # [T, K, H, D]
-        if quantized or k_scale is not None or v_scale is not None:
-            tok_pages = jnp.repeat(pages, page_size, axis=1)  # [T, K]
+    def load_block(pages):
+        """pages [..., ppb] -> k, v [..., K, H, D] float32 (dequantized)."""
+        kv = kv_pages[pages] if layer is None else kv_pages[layer, pages]
+        kv = kv.reshape(pages.shape[:-1] + (block_tokens, num_kv_heads, 2, head_dim)).astype(jnp.float32)
+        k, v = kv[..., 0, :], kv[..., 1, :]
+        if scaled:
+            tok_pages = jnp.repeat(pages, page_size, axis=-1)
             k = k * _scales_for(k_scale, tok_pages, num_kv_heads)[..., None]
             v = v * _scales_for(v_scale, tok_pages, num_kv_heads)[..., None]
-        s = jnp.einsum("thgd,tkhd->thgk", qg, k)
-        if soft_cap is not None:
-            s = soft_cap * jnp.tanh(s / soft_cap)
-        k_pos = b * block_tokens + jnp.arange(block_tokens)
-        mask = (k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] < row_kv_len[:, None])
-        if sliding_window is not None:
-            mask &= k_pos[None, :] > q_pos[:, None] - sliding_window
-        s = jnp.where(mask[:, None, None, :], s, -jnp.inf)
-        m_new = jnp.maximum(m, jnp.max(s, axis=-1))
-        m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
-        p = jnp.exp(s - m_safe[..., None])
-        corr = jnp.exp(jnp.where(jnp.isfinite(m), m, m_safe) - m_safe)
-        l = l * corr + jnp.sum(p, axis=-1)
-        acc = acc * corr[..., None] + jnp.einsum("thgk,tkhd->thgd", p, v)
-        return m_new, l, acc
+        return k, v
 
-    init = (jnp.full((num_rows, num_kv_heads, group), -jnp.inf, jnp.float32),
-            jnp.zeros((num_rows, num_kv_heads, group), jnp.float32),
-            jnp.zeros((num_rows, num_kv_heads, group, head_dim), jnp.float32))
-    _, l, acc = jax.lax.fori_loop(0, jnp.minimum(blocks_needed, num_blocks), body, init)
-    out = acc / jnp.where(l > 0, l, 1.0)[..., None]
-    out = jnp.where(live_row[:, None, None, None], out, 0.0)
-    return out.reshape(num_rows, num_q_heads, head_dim).astype(q.dtype)
+    def attend(q_t, pos_t, kv_len_t, row_pages_t, shared: bool):
+        """Online softmax of one tile. q_t [B, H, G, D]; pos_t, kv_len_t [B]; row_pages_t [B, P] (or
+        [P] when every row of the tile shares one sequence)."""
+        spec = ("qhgd,khd->qhgk", "qhgk,khd->qhgd") if shared else ("qhgd,qkhd->qhgk", "qhgk,qkhd->qhgd")
+        # Keys a tile needs: up to its last query position (causal), within its sequences' lengths.
+        needed = jnp.max(jnp.where(kv_len_t > 0, jnp.minimum(pos_t + 1, kv_len_t), 0))
+        first = 0
+        if sliding_window is not None:  # keys older than every row's window are skipped whole
+            oldest = jnp.min(jnp.where(kv_len_t > 0, pos_t, jnp.iinfo(jnp.int32).max)) - sliding_window + 1
+            first = jnp.clip(oldest, 0, None) // block_tokens
+
+        def body(b, carry):
+            m, l, acc = carry
+            pages = jax.lax.dynamic_slice_in_dim(row_pages_t, b * pages_per_block, pages_per_block, axis=-1)
+            k, v = load_block(pages)
+            k_pos = b * block_tokens + jnp.arange(block_tokens)
+            in_seq = k_pos[None, :] < kv_len_t[:, None]  # [B, K]
+            # Slots past a sequence's length (unwritten, stale or another request's) may hold anything,
+            # NaN included, and 0 * NaN = NaN: zero them rather than rely on p == 0.
+            v_ok = in_seq[0] if shared else in_seq
+            v = jnp.where(v_ok[..., None, None], v, 0.0)
+            s = jnp.einsum(spec[0], q_t, k)
+            if soft_cap is not None:
+                s = soft_cap * jnp.tanh(s / soft_cap)
+            mask = (k_pos[None, :] <= pos_t[:, None]) & in_seq
+            if sliding_window is not None:
+                mask &= k_pos[None, :] > pos_t[:, None] - sliding_window
+            s = jnp.where(mask[:, None, None, :], s, -jnp.inf)
+            m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+            m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+            p = jnp.exp(s - m_safe[..., None])
+            corr = jnp.exp(jnp.where(jnp.isfinite(m), m, m_safe) - m_safe)
+            l = l * corr + jnp.sum(p, axis=-1)
+            acc = acc * corr[..., None] + jnp.einsum(spec[1], p, v)
+            return m_new, l, acc
+
+        b_rows = q_t.shape[0]
+        init = (jnp.full((b_rows, num_kv_heads, group), -jnp.inf, jnp.float32),
+                jnp.zeros((b_rows, num_kv_heads, group), jnp.float32),
+                jnp.zeros((b_rows, num_kv_heads, group, head_dim), jnp.float32))
+        last = jnp.minimum((needed + block_tokens - 1) // block_tokens, num_blocks)
+        _, l, acc = jax.lax.fori_loop(first, last, body, init)
+        return acc / jnp.where(l > 0, l, 1.0)[..., None]
+
+    def tile_body(i, out):
+        r0 = i * tile
+        q_t = jax.lax.dynamic_slice_in_dim(qg, r0, tile)
+        seq_t = jax.lax.dynamic_slice_in_dim(seq_of_row, r0, tile)
+        live_t = jax.lax.dynamic_slice_in_dim(live_row, r0, tile)
+        pos_t = jax.lax.dynamic_slice_in_dim(q_pos, r0, tile)
+        kv_len_t = jax.lax.dynamic_slice_in_dim(row_kv_len, r0, tile)
+        one_seq = jnp.all(live_t & (seq_t == seq_t[0]))
+        res = jax.lax.cond(one_seq,
+                           lambda: attend(q_t, pos_t, kv_len_t, page_table[seq_t[0]], shared=True),
+                           lambda: attend(q_t, pos_t, kv_len_t, page_table[seq_t], shared=False))
+        res = jnp.where(live_t[:, None, None, None], res, 0.0)
+        return jax.lax.dynamic_update_slice_in_dim(out, res, r0, axis=0)
+
+    out = jnp.zeros((padded_rows, num_kv_heads, group, head_dim), jnp.float32)
+    out = jax.lax.fori_loop(0, (num_live_rows + tile - 1) // tile, tile_body, out)
+    return out[:num_rows].reshape(num_rows, num_q_heads, head_dim).astype(q.dtype)

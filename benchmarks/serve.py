@@ -1,0 +1,203 @@
+"""Load client for any OpenAI-compatible server (`/v1/completions`, streaming), with vLLM `bench serve`'s
+metric definitions so numbers compare with vLLM's:
+
+  TTFT  send -> first streamed token          TPOT  (E2EL - TTFT) / (output tokens - 1), per request
+  ITL   gap between successive stream chunks  E2EL  send -> last byte
+  request throughput = completed / duration; output = output tokens / duration; total = (in + out) / duration
+  each latency: mean, median, p99 (ms)
+
+  python benchmarks/serve.py --base-url http://127.0.0.1:8000 --dataset sharegpt --num-prompts 200 \
+      --request-rate 4 --max-concurrency 32
+Arrivals are Poisson at --request-rate (inf = all at once); --max-concurrency caps requests in flight.
+Output token counts come from the server's usage (stream_options.include_usage).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import aiohttp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.datasets import BenchRequest, sample_random, sample_sharegpt  # noqa: E402
+
+
+@dataclass
+class Result:
+    ok: bool = False
+    prompt_len: int = 0
+    output_tokens: int = 0
+    ttft: float = 0.0
+    latency: float = 0.0
+    itl: list[float] = field(default_factory=list)
+    error: str = ""
+
+
+class RemoteTokenizer:
+    """Counts tokens with the server's own /tokenize (vLLM and jaxllm both have it) when no local
+    tokenizer is given, so ShareGPT filtering matches the served model."""
+
+    def __init__(self, base_url: str, model: str | None, api_key: str | None = None):
+        import httpx
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.client = httpx.Client(base_url=base_url, timeout=60, headers=headers)
+        self.model = model
+
+    def encode(self, text: str) -> list[int]:
+        body = {"prompt": text, **({"model": self.model} if self.model else {})}
+        r = self.client.post("/tokenize", json=body)
+        r.raise_for_status()
+        return r.json()["tokens"]
+
+
+async def one_request(session: aiohttp.ClientSession, url: str, model: str | None, req: BenchRequest,
+                      ignore_eos: bool, headers: dict) -> Result:
+    body = {"prompt": req.prompt, "max_tokens": req.output_len, "temperature": 0.0, "stream": True,
+            "stream_options": {"include_usage": True}, "ignore_eos": ignore_eos}
+    if model:
+        body["model"] = model
+    res = Result(prompt_len=req.prompt_len)
+    start = last = time.perf_counter()
+    try:
+        async with session.post(url, json=body, headers=headers) as resp:
+            if resp.status != 200:
+                res.error = f"HTTP {resp.status}: {(await resp.text())[:200]}"
+                return res
+            buf = b""
+            async for raw in resp.content:
+                buf += raw
+                while b"\n\n" in buf:
+                    event, buf = buf.split(b"\n\n", 1)
+                    line = event.decode().strip()
+                    if not line.startswith("data:"):
+                        continue
+                    data = line[5:].strip()
+                    if data == "[DONE]":
+                        continue
+                    chunk = json.loads(data)
+                    if "error" in chunk:
+                        res.error = chunk["error"].get("message", "stream error")
+                        return res
+                    if chunk.get("usage"):
+                        res.output_tokens = chunk["usage"]["completion_tokens"]
+                    if chunk.get("choices") and chunk["choices"][0].get("text"):
+                        now = time.perf_counter()
+                        if res.ttft == 0.0:
+                            res.ttft = now - start
+                        else:
+                            res.itl.append(now - last)
+                        last = now
+        res.latency = time.perf_counter() - start
+        res.ok = res.ttft > 0
+        if not res.ok:
+            res.error = "no tokens streamed"
+    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        res.error = f"{type(exc).__name__}: {exc}"
+    return res
+
+
+async def run(args, requests: list[BenchRequest]) -> tuple[list[Result], float]:
+    url = args.base_url.rstrip("/") + "/v1/completions"
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    limit = asyncio.Semaphore(args.max_concurrency) if args.max_concurrency else None
+    rng = np.random.default_rng(args.seed)
+    timeout = aiohttp.ClientTimeout(total=6 * 3600)
+    async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
+
+        async def go(req):
+            if limit is None:
+                return await one_request(session, url, args.model, req, args.ignore_eos, headers)
+            async with limit:
+                return await one_request(session, url, args.model, req, args.ignore_eos, headers)
+
+        tasks = []
+        start = time.perf_counter()
+        for req in requests:
+            tasks.append(asyncio.create_task(go(req)))
+            if args.request_rate != float("inf"):
+                await asyncio.sleep(rng.exponential(1.0 / args.request_rate))  # Poisson arrivals
+        results = await asyncio.gather(*tasks)
+        return results, time.perf_counter() - start
+
+
+def summarize(results: list[Result], duration: float) -> dict:
+    ok = [r for r in results if r.ok]
+    out: dict = {"completed": len(ok), "failed": len(results) - len(ok), "duration_s": duration,
+                 "total_input_tokens": sum(r.prompt_len for r in ok),
+                 "total_output_tokens": sum(r.output_tokens for r in ok)}
+    out["request_throughput"] = len(ok) / duration
+    out["output_throughput"] = out["total_output_tokens"] / duration
+    out["total_token_throughput"] = (out["total_input_tokens"] + out["total_output_tokens"]) / duration
+    series = {
+        "ttft": [r.ttft for r in ok],
+        "tpot": [(r.latency - r.ttft) / (r.output_tokens - 1) for r in ok if r.output_tokens > 1],
+        "itl": [x for r in ok for x in r.itl],
+        "e2el": [r.latency for r in ok],
+    }
+    for name, xs in series.items():
+        ms = np.asarray(xs or [0.0]) * 1000
+        out[f"mean_{name}_ms"] = float(ms.mean())
+        out[f"median_{name}_ms"] = float(np.median(ms))
+        out[f"p99_{name}_ms"] = float(np.percentile(ms, 99))
+    errors = sorted({r.error for r in results if not r.ok})
+    if errors:
+        out["errors"] = errors[:5]
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--base-url", default="http://127.0.0.1:8000")
+    p.add_argument("--model", default=None, help="model name to send (default: the server's default)")
+    p.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY") or os.environ.get("JAXLLM_API_KEY"))
+    p.add_argument("--dataset", choices=["sharegpt", "random"], default="sharegpt")
+    p.add_argument("--num-prompts", type=int, default=100)
+    p.add_argument("--request-rate", type=float, default=float("inf"), help="requests/s, Poisson (default inf)")
+    p.add_argument("--max-concurrency", type=int, default=None)
+    p.add_argument("--ignore-eos", action="store_true", help="generate exactly each request's output length")
+    p.add_argument("--sharegpt-output-len", type=int, default=None, help="override ShareGPT reply lengths")
+    p.add_argument("--max-model-len", type=int, default=2048, help="skip ShareGPT pairs longer than this")
+    p.add_argument("--tokenizer", default=None, help="local tokenizer (HF dir / .gguf); default: server /tokenize")
+    p.add_argument("--random-input-len", type=int, default=128)
+    p.add_argument("--random-output-len", type=int, default=64)
+    p.add_argument("--random-range-ratio", type=float, default=0.0)
+    p.add_argument("--random-vocab-size", type=int, default=10000, help="random prompt ids drawn below this")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--result-json", default=None)
+    args = p.parse_args(argv)
+
+    if args.dataset == "random":
+        requests = sample_random(args.random_vocab_size, args.num_prompts, args.random_input_len,
+                                 args.random_output_len, seed=args.seed, range_ratio=args.random_range_ratio)
+    else:
+        if args.tokenizer:
+            from jaxllm.tokenizer import load_tokenizer
+            tok = load_tokenizer(args.tokenizer)
+        else:
+            tok = RemoteTokenizer(args.base_url, args.model, args.api_key)
+        requests = sample_sharegpt(tok, args.num_prompts, output_len=args.sharegpt_output_len, seed=args.seed,
+                                   max_prompt_len=min(1024, args.max_model_len // 2), max_total_len=args.max_model_len)
+    random.Random(args.seed).shuffle(requests)
+    results, duration = asyncio.run(run(args, requests))
+    summary = summarize(results, duration)
+    width = max(len(k) for k in summary)
+    print("=" * (width + 20))
+    for k, v in summary.items():
+        print(f"{k:<{width}}  {v:.2f}" if isinstance(v, float) else f"{k:<{width}}  {v}")
+    if args.result_json:
+        with open(args.result_json, "w") as f:
+            json.dump({"args": {k: v for k, v in vars(args).items() if k != "api_key"}, **summary,
+                       "per_request": [asdict(r) for r in results]}, f, indent=1, default=str)
+    return 0 if summary["completed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""Ragged paged attention: one entry point, dispatched by backend.
+
+  backend="auto" (default): TPU -> the Mosaic kernel (tpu.py); NVIDIA GPU -> the Pallas-Triton kernel
+                            (gpu.py); anything else (CPU, ROCm) -> the pure-jnp reference.
+  backend="reference" | "tpu" | "gpu": force one implementation anywhere (debugging, tests).
+  interpret=True: run the chosen Pallas kernel in interpret mode (TPU interpret mode for "tpu", the
+                  generic Pallas interpreter for "gpu"); with backend="auto" on a CPU host this
+                  selects the TPU kernel, so a CPU run still exercises a real kernel end to end.
+Extra keyword arguments (`**tuning`) go to the kernel (block sizes, splits; see tpu.py / gpu.py).
+
+All implementations share reference.py's contract and pool layout; write_kv (an XLA scatter into the
+donated pool) serves every backend.
+"""
+
+from __future__ import annotations
+
+import jax
+
+from pallas_kernels.ragged_paged_attention import gpu as _gpu
+from pallas_kernels.ragged_paged_attention import tpu as _tpu
+from pallas_kernels.ragged_paged_attention.reference import ragged_paged_attention as reference_attention
+from pallas_kernels.ragged_paged_attention.reference import write_kv
+
+BACKENDS = ("auto", "reference", "tpu", "gpu")
+
+
+def _is_nvidia(device) -> bool:
+    if device.platform not in ("gpu", "cuda"):
+        return False
+    version = str(getattr(getattr(device, "client", None), "platform_version", "")).lower()
+    return "rocm" not in version and "hip" not in version
+
+
+def resolve_backend(backend: str = "auto", interpret: bool = False) -> str:
+    """The implementation `backend` stands for on this host: "reference", "tpu" or "gpu"."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend != "auto":
+        return backend
+    device = jax.devices()[0]
+    if device.platform == "tpu":
+        return "tpu"
+    if _is_nvidia(device):
+        return "gpu"
+    return "tpu" if interpret else "reference"
+
+
+def ragged_paged_attention(q, kv_pages, kv_lens, page_table, cu_q_lens, num_seqs, *, sm_scale: float,
+                           sliding_window: int | None = None, soft_cap: float | None = None,
+                           k_scale=None, v_scale=None, layer=None, backend: str = "auto",
+                           interpret: bool = False, **tuning):
+    """[T, Hq, D] attention of each ragged row over its sequence's pages; see reference.py."""
+    impl = resolve_backend(backend, interpret)
+    kwargs = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
+                  k_scale=k_scale, v_scale=v_scale, layer=layer)
+    args = (q, kv_pages, kv_lens, page_table, cu_q_lens, num_seqs)
+    if impl == "reference":
+        return reference_attention(*args, **kwargs)
+    fn = _tpu.ragged_paged_attention if impl == "tpu" else _gpu.ragged_paged_attention
+    return fn(*args, interpret=interpret, **kwargs, **tuning)
+
+
+__all__ = ["ragged_paged_attention", "reference_attention", "write_kv", "resolve_backend", "BACKENDS"]

@@ -1,0 +1,156 @@
+"""POST /v1/chat/completions: the model's chat template renders the messages, then one engine request."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from quart import Blueprint, Response
+from quart_schema import document_request, document_response
+
+from server import sse
+from server.errors import APIError
+from server.generation import (ChoiceState, add_request, chat_logprobs, check_logprobs, check_model,
+                               check_stream_options, engine_error, make_sampling_params, merge,
+                               parse_body, resolve_max_tokens, state)
+from server.protocol import (ChatChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
+                             ChatLogprobs, ChatMessage, ChatResponseMessage, ChatStreamChoice, DeltaMessage,
+                             ErrorResponse, UsageInfo, random_id)
+
+bp = Blueprint("chat", __name__)
+
+
+def messages_to_dicts(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    out = []
+    for k, m in enumerate(messages):
+        content = m.content
+        if isinstance(content, list):
+            texts = []
+            for part in content:
+                if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    raise APIError(f"messages[{k}]: only text content parts are supported, got "
+                                   f"{part.get('type')!r}", 400, param="messages")
+                texts.append(part["text"])
+            content = "\n".join(texts)  # what vLLM does with several text parts
+        d: dict[str, Any] = {"role": m.role, "content": content if content is not None else ""}
+        for extra in ("name", "tool_call_id", "tool_calls"):
+            if getattr(m, extra) is not None:
+                d[extra] = getattr(m, extra)
+        out.append(d)
+    return out
+
+
+def render_chat(messages: list[ChatMessage], *, add_generation_prompt: bool, continue_final_message: bool,
+                tools=None, template_kwargs: dict | None = None) -> tuple[str, list[int]]:
+    if add_generation_prompt and continue_final_message:
+        raise APIError("add_generation_prompt and continue_final_message cannot both be true", 400,
+                       param="continue_final_message")
+    dicts = messages_to_dicts(messages)
+    if continue_final_message and dicts[-1]["role"] != "assistant":
+        raise APIError("continue_final_message needs a final assistant message", 400, param="messages")
+    tok = state().tokenizer()
+    try:
+        text = tok.apply_chat_template(dicts, add_generation_prompt=add_generation_prompt,
+                                       continue_final_message=continue_final_message, tools=tools,
+                                       **(template_kwargs or {}))
+    except APIError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - template errors (jinja raise_exception) are the client's
+        raise APIError(f"chat template failed: {exc}", 400, param="messages") from None
+    # The template already wrote BOS etc.; adding special tokens again would duplicate them.
+    return text, tok.encode(text, add_special_tokens=False)
+
+
+@bp.post("/v1/chat/completions")
+@document_request(ChatCompletionRequest)
+@document_response(ChatCompletionResponse)
+@document_response(ErrorResponse, 400)
+async def create_chat_completion():
+    req: ChatCompletionRequest = await parse_body(ChatCompletionRequest)
+    model = check_model(req.model)
+    check_stream_options(req)
+    check_logprobs(req.top_logprobs, "top_logprobs")
+    if req.top_logprobs and not req.logprobs:
+        raise APIError("top_logprobs needs logprobs to be true", 400, param="top_logprobs")
+    check_logprobs(req.prompt_logprobs, "prompt_logprobs")
+    text, ids = render_chat(req.messages, add_generation_prompt=req.add_generation_prompt,
+                            continue_final_message=req.continue_final_message, tools=req.tools,
+                            template_kwargs=req.chat_template_kwargs)
+    param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+    requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    max_tokens = resolve_max_tokens(len(ids), requested, state().max_model_len(), param=param)
+    top_k = (req.top_logprobs or 0) if req.logprobs else None
+    params = make_sampling_params(req, max_tokens=max_tokens, logprobs=top_k, prompt_logprobs=req.prompt_logprobs,
+                                  max_tokens_param=param)
+    request_id = random_id("chatcmpl")
+    stream = await add_request(request_id, text, params, ids, req.priority)
+    if req.stream:
+        body = _stream(req, model, request_id, len(ids), stream, state().tokenizer())
+        resp = Response(body, mimetype="text/event-stream", headers=sse.HEADERS)
+        resp.timeout = None
+        return resp
+    final = None
+    try:
+        async for _, out in merge([stream]):
+            final = out
+    except Exception as exc:  # noqa: BLE001
+        raise engine_error(exc) from None
+    finally:
+        stream.close()
+    choices = []
+    tok = state().tokenizer()
+    for comp in final.outputs:
+        lp = None
+        if top_k is not None:
+            lp = ChatLogprobs(content=chat_logprobs(tok, comp.token_ids, comp.logprobs, top_k))
+        choices.append(ChatChoice(index=comp.index, message=ChatResponseMessage(content=comp.text), logprobs=lp,
+                                  finish_reason=comp.finish_reason, stop_reason=comp.stop_reason))
+    completion = sum(len(c.token_ids) for c in final.outputs)
+    return ChatCompletionResponse(
+        id=request_id, model=model, choices=choices,
+        usage=UsageInfo(prompt_tokens=len(ids), completion_tokens=completion, total_tokens=len(ids) + completion),
+    ).model_dump(mode="json")
+
+
+async def _stream(req: ChatCompletionRequest, model: str, request_id: str, n_prompt: int, stream, tok):
+    created = int(time.time())
+    top_k = (req.top_logprobs or 0) if req.logprobs else None
+    opts = req.stream_options
+    continuous = bool(opts and opts.continuous_usage_stats)
+    states: dict[int, ChoiceState] = {}
+    tokens: dict[int, int] = {}
+
+    def usage() -> UsageInfo:
+        c = sum(tokens.values())
+        return UsageInfo(prompt_tokens=n_prompt, completion_tokens=c, total_tokens=n_prompt + c)
+
+    def chunk(choices: list[ChatStreamChoice]) -> str:
+        return sse.event(ChatCompletionChunk(id=request_id, created=created, model=model, choices=choices,
+                                             usage=usage() if continuous else None))
+
+    try:
+        # OpenAI sends the role once per choice, in a first delta with empty content.
+        yield chunk([ChatStreamChoice(index=j, delta=DeltaMessage(role="assistant", content=""))
+                     for j in range(req.n)])
+        async for _, out in merge([stream]):
+            for comp in out.outputs:
+                st = states.setdefault(comp.index, ChoiceState())
+                tokens[comp.index] = len(comp.token_ids)
+                d = st.delta(comp)
+                if d is None:
+                    continue
+                text, start, finish = d
+                lp = None
+                if top_k is not None:
+                    positions = comp.logprobs[start:] if comp.logprobs is not None else None
+                    lp = ChatLogprobs(content=chat_logprobs(tok, comp.token_ids[start:], positions, top_k))
+                yield chunk([ChatStreamChoice(index=comp.index, delta=DeltaMessage(content=text), logprobs=lp,
+                                              finish_reason=finish, stop_reason=comp.stop_reason if finish else None)])
+        if opts and opts.include_usage:
+            yield sse.event(ChatCompletionChunk(id=request_id, created=created, model=model, choices=[],
+                                                usage=usage()))
+    except Exception as exc:  # noqa: BLE001 - after the 200 went out, errors travel in the stream
+        yield sse.event(engine_error(exc).body())
+    finally:
+        stream.close()
+    yield sse.DONE

@@ -1,0 +1,166 @@
+"""Prometheus metrics with vLLM V1's names (so existing vLLM Grafana dashboards work) on a per-app registry.
+
+Engine-level numbers (running/waiting, KV usage, token and preemption totals, compile counts) are read
+from the engine's latest stats snapshot at scrape time; per-request latencies are observed on the engine
+thread as outputs appear (prometheus_client objects are thread-safe).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+# Bucket edges copied from vLLM's V1 loggers so dashboards' quantiles line up.
+_TTFT_BUCKETS = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+                 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0]
+_ITL_BUCKETS = [0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+                20.0, 40.0, 80.0]
+_E2E_BUCKETS = [0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0,
+                240.0, 480.0, 960.0, 1920.0, 7680.0]
+_ITER_BUCKETS = [1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384]
+_FINISH_REASONS = ("stop", "length", "abort")
+
+
+class _Live:
+    __slots__ = ("arrival", "last_time", "num_tokens")
+
+    def __init__(self, arrival: float):
+        self.arrival = arrival
+        self.last_time: float | None = None
+        self.num_tokens = 0
+
+
+class _EngineCollector:
+    def __init__(self, metrics: "Metrics"):
+        self.metrics = metrics
+
+    def collect(self):
+        m = self.metrics
+        s = m.stats_source() if m.stats_source else None
+        label = [m.model_name]
+
+        def gauge(name, doc, value):
+            g = GaugeMetricFamily(name, doc, labels=["model_name"])
+            g.add_metric(label, float(value or 0))
+            return g
+
+        def counter(name, doc, value):
+            c = CounterMetricFamily(name, doc, labels=["model_name"])
+            c.add_metric(label, float(value or 0))
+            return c
+
+        get = (lambda k: getattr(s, k, 0)) if s is not None else (lambda k: 0)
+        yield gauge("vllm:num_requests_running", "Requests in the running batch.", get("num_running"))
+        yield gauge("vllm:num_requests_waiting", "Requests waiting to be scheduled.", get("num_waiting"))
+        yield gauge("vllm:kv_cache_usage_perc", "Fraction of KV pages in use (1 = full).",
+                    get("kv_cache_usage"))
+        yield counter("vllm:num_preemptions", "Preemptions since start.", get("num_preemptions_total"))
+        yield counter("vllm:prompt_tokens", "Prefill tokens processed.", get("prompt_tokens_total"))
+        yield counter("vllm:generation_tokens", "Tokens generated.", get("generation_tokens_total"))
+        yield gauge("jaxllm:num_compiles", "XLA programs compiled (warm-up included).", get("num_compiles"))
+        yield gauge("jaxllm:num_recompiles_after_warmup", "Compiles after warm-up (should stay 0).",
+                    get("num_recompiles_after_warmup"))
+        yield gauge("jaxllm:warmup_seconds", "Seconds spent compiling at start-up.", get("warmup_seconds"))
+        yield gauge("jaxllm:engine_ready", "1 once the engine has finished warm-up.", 1 if s is not None else 0)
+
+
+class Metrics:
+    """Implements the AsyncEngine observer hooks and renders /metrics."""
+
+    def __init__(self, model_name: str = "unknown", stats_source=None):
+        self.model_name = model_name
+        self.stats_source = stats_source  # callable returning the latest EngineStats (or None)
+        self.registry = CollectorRegistry(auto_describe=True)
+        labels = ["model_name"]
+        r = self.registry
+        self.request_success = Counter("vllm:request_success", "Finished requests by finish reason.",
+                                       labels + ["finished_reason"], registry=r)
+        self.ttft = Histogram("vllm:time_to_first_token_seconds", "Time to first token.", labels,
+                              buckets=_TTFT_BUCKETS, registry=r)
+        self.itl = Histogram("vllm:inter_token_latency_seconds", "Time between output tokens.", labels,
+                             buckets=_ITL_BUCKETS, registry=r)
+        self.e2e = Histogram("vllm:e2e_request_latency_seconds", "Arrival to finish.", labels,
+                             buckets=_E2E_BUCKETS, registry=r)
+        self.queue_time = Histogram("vllm:request_queue_time_seconds", "Arrival to first scheduled.", labels,
+                                    buckets=_E2E_BUCKETS, registry=r)
+        self.iteration_tokens = Histogram("vllm:iteration_tokens_total", "Tokens per engine step.", labels,
+                                          buckets=_ITER_BUCKETS, registry=r)
+        r.register(_EngineCollector(self))
+        self._lock = threading.Lock()
+        self._live: dict[str, _Live] = {}
+        self._recently_finished: OrderedDict[str, None] = OrderedDict()
+
+    def _labels(self, h):
+        return h.labels(model_name=self.model_name)
+
+    def set_model_name(self, name: str) -> None:
+        self.model_name = name
+        for reason in _FINISH_REASONS:  # export zeros so rate() works from the first scrape
+            self.request_success.labels(model_name=name, finished_reason=reason)
+
+    # ---------------------------------------------------------------- observer hooks (engine thread)
+
+    def on_step(self, stats: Any, outputs: list, now: float) -> None:
+        tokens = getattr(stats, "last_iteration_tokens", None)
+        if tokens:
+            self._labels(self.iteration_tokens).observe(tokens)
+        with self._lock:
+            for out in outputs:
+                self._on_output(out, now)
+
+    def _on_output(self, out: Any, now: float) -> None:
+        if out.request_id in self._recently_finished:
+            return  # aborted by the client and already counted (the engine may still report it)
+        m = getattr(out, "metrics", None)
+        live = self._live.get(out.request_id)
+        if live is None:
+            live = self._live[out.request_id] = _Live(m.arrival_time if m and m.arrival_time else now)
+            if m is not None and m.first_scheduled_time:
+                self._labels(self.queue_time).observe(max(0.0, m.first_scheduled_time - live.arrival))
+        n_tokens = sum(len(c.token_ids) for c in out.outputs)
+        if n_tokens > live.num_tokens:
+            if live.last_time is None:
+                first = m.first_token_time if m is not None and m.first_token_time else now
+                self._labels(self.ttft).observe(max(0.0, first - live.arrival))
+            else:
+                # One observation per newly produced token (decode gives one per step per sequence).
+                new = n_tokens - live.num_tokens
+                gap = max(0.0, now - live.last_time) / new
+                for _ in range(new):
+                    self._labels(self.itl).observe(gap)
+            live.last_time = now
+            live.num_tokens = n_tokens
+        if out.finished:
+            del self._live[out.request_id]
+            self._remember_finished(out.request_id)
+            end = m.finished_time if m is not None and m.finished_time else now
+            self._labels(self.e2e).observe(max(0.0, end - live.arrival))
+            reasons = [c.finish_reason or "stop" for c in out.outputs] or ["stop"]
+            reason = "abort" if "abort" in reasons else ("length" if "length" in reasons else "stop")
+            self.request_success.labels(model_name=self.model_name, finished_reason=reason).inc()
+
+    def _remember_finished(self, request_id: str) -> None:
+        self._recently_finished[request_id] = None
+        while len(self._recently_finished) > 4096:
+            self._recently_finished.popitem(last=False)
+
+    def on_abort(self, request_id: str) -> None:
+        with self._lock:
+            if request_id in self._recently_finished:
+                return  # finished in the same step the client left; already counted
+            self._live.pop(request_id, None)
+            self._remember_finished(request_id)
+            self.request_success.labels(model_name=self.model_name, finished_reason="abort").inc()
+
+    # ---------------------------------------------------------------- scrape
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+

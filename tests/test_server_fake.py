@@ -1,0 +1,220 @@
+"""Server failure paths against a fake engine (tests/server_support.py): auth, body limits, back-pressure,
+an engine failure mid-stream, SIGTERM draining. Seconds, not minutes: no model is loaded."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import openai
+import pytest
+
+from tests.server_support import ROOT, ServerProcess, metric_value, sse_payloads
+
+KEY = "s3cret-key"
+
+
+@pytest.fixture(scope="module")
+def server():
+    # The key comes from the environment (JAXLLM_API_KEY), the flag's documented fallback.
+    srv = ServerProcess(["--max-num-seqs", "2", "--max-waiting-requests", "3", "--max-model-len", "256",
+                         "--max-request-bytes", "4096", "--drain-timeout", "20"],
+                        module="tests.server_support", env={"JAXLLM_API_KEY": KEY})
+    srv.wait_ready(120)
+    yield srv
+    srv.stop()
+
+
+def auth():
+    return {"Authorization": f"Bearer {KEY}"}
+
+
+def test_health_was_503_while_building(server):
+    assert server.health_503_before_ready  # the port was bound before the (slow) engine existed
+
+
+def test_api_key_required(server):
+    r = httpx.post(server.base_url + "/v1/completions", json={"prompt": "hi"})
+    assert r.status_code == 401
+    assert r.json()["error"]["type"] == "authentication_error"
+    r = httpx.post(server.base_url + "/v1/completions", json={"prompt": "hi"},
+                   headers={"Authorization": "Bearer wrong"})
+    assert r.status_code == 401
+    assert httpx.get(server.base_url + "/v1/models").status_code == 401
+    # /health and /metrics stay open for probes and Prometheus.
+    assert httpx.get(server.base_url + "/health").status_code == 200
+    assert httpx.get(server.base_url + "/metrics").status_code == 200
+
+
+def test_openai_client_with_key(server):
+    client = openai.OpenAI(base_url=server.base_url + "/v1", api_key=KEY)
+    out = client.completions.create(model="fake-model", prompt="hello", max_tokens=5)
+    assert out.choices[0].text == "abcde"
+    assert out.choices[0].finish_reason == "length"
+    assert out.usage.prompt_tokens == 6 and out.usage.completion_tokens == 5  # <s> + 5 bytes
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=server.base_url + "/v1", api_key="nope").models.list()
+
+
+def test_body_too_large(server):
+    big = {"prompt": "x" * 5000, "max_tokens": 1}
+    r = httpx.post(server.base_url + "/v1/completions", json=big, headers=auth())
+    assert r.status_code == 413
+    assert "4096" in r.json()["error"]["message"]
+
+    def chunks():  # no Content-Length: the limit must hold while reading
+        yield json.dumps(big).encode()
+
+    r = httpx.post(server.base_url + "/v1/completions", content=chunks(), headers=auth())
+    assert r.status_code == 413
+    assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_back_pressure_503_with_retry_after(server):
+    async def one(client, i):
+        return await client.post("/v1/completions", json={"prompt": f"p{i}", "max_tokens": 30})
+
+    async def main():
+        async with httpx.AsyncClient(base_url=server.base_url, headers=auth(), timeout=60) as client:
+            return await asyncio.gather(*(one(client, i) for i in range(12)))
+
+    responses = asyncio.run(main())
+    codes = [r.status_code for r in responses]
+    assert set(codes) <= {200, 503}, codes
+    assert codes.count(503) >= 1 and codes.count(200) >= 3
+    for r in responses:
+        if r.status_code == 503:
+            assert r.headers["Retry-After"]
+            assert r.json()["error"]["code"] == 503
+        else:
+            assert r.json()["choices"][0]["finish_reason"] == "length"
+    # Still serving after the burst.
+    r = httpx.post(server.base_url + "/v1/completions", json={"prompt": "ok", "max_tokens": 2}, headers=auth())
+    assert r.status_code == 200
+
+
+def test_engine_failure_mid_stream(server):
+    with httpx.stream("POST", server.base_url + "/v1/completions", headers=auth(), timeout=30,
+                      json={"prompt": "please FAIL", "max_tokens": 10, "stream": True}) as r:
+        assert r.status_code == 200
+        events = sse_payloads(r.iter_lines())
+    assert events[-1] == "[DONE]"
+    errors = [e for e in events[:-1] if "error" in e]
+    assert len(errors) == 1 and events[-2] is errors[0]
+    assert "injected engine failure" in errors[0]["error"]["message"]
+    assert any(e.get("choices") for e in events[:-2])  # some text went out before the failure
+    # The server keeps serving others.
+    r = httpx.post(server.base_url + "/v1/completions", json={"prompt": "fine", "max_tokens": 3}, headers=auth())
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == "abc"
+
+
+def test_metrics_from_fake_engine(server):
+    text = httpx.get(server.base_url + "/metrics").text
+    assert metric_value(text, "jaxllm:num_compiles", model_name="fake-model") == 3
+    assert metric_value(text, "vllm:request_success_total", finished_reason="length") >= 4
+
+
+def test_grafana_dashboard_uses_exported_metrics(server):
+    import re
+
+    with open(os.path.join(ROOT, "configs", "grafana_dashboard.json")) as f:
+        dash = json.load(f)
+    exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
+    used = {re.sub(r"_bucket$", "", m) for e in exprs for m in re.findall(r"(?:vllm|jaxllm):[a-z_]+", e)}
+    exported = set(re.findall(r"^# TYPE ((?:vllm|jaxllm):[a-z_]+)", httpx.get(server.base_url + "/metrics").text, re.M))
+    # Counters are declared without their _total suffix in the TYPE line.
+    exported |= {n + "_total" for n in exported}
+    assert len(used) >= 12 and used <= exported, used - exported
+
+
+def _bench(server, tmp_path, *args) -> dict:
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "serve.py"), "--base-url", server.base_url,
+                           "--api-key", KEY, "--result-json", str(out), *args],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "mean_ttft_ms" in proc.stdout
+    return json.loads(out.read_text())
+
+
+def test_bench_serve_random(server, tmp_path):
+    r = _bench(server, tmp_path, "--dataset", "random", "--num-prompts", "6", "--random-input-len", "8",
+               "--random-output-len", "5", "--random-vocab-size", "200", "--max-concurrency", "2",
+               "--request-rate", "40", "--ignore-eos")
+    assert r["completed"] == 6 and r["failed"] == 0
+    assert r["total_output_tokens"] == 30 and r["total_input_tokens"] == 48
+    assert 0 < r["median_ttft_ms"] <= r["median_e2el_ms"]
+    # Fake engine: ~20 ms per step, so each token gap is at least a step.
+    assert r["mean_tpot_ms"] >= 15 and r["p99_itl_ms"] >= r["median_itl_ms"] > 0
+    assert r["output_throughput"] == pytest.approx(30 / r["duration_s"])
+
+
+def test_bench_serve_sharegpt(server, tmp_path):
+    r = _bench(server, tmp_path, "--dataset", "sharegpt", "--num-prompts", "4", "--sharegpt-output-len", "4",
+               "--max-model-len", "256", "--max-concurrency", "2")
+    assert r["completed"] == 4 and r["total_output_tokens"] == 16
+    # Prompts are real ShareGPT text, counted with the server's own tokenizer (bytes + <s> here).
+    assert all(p["prompt_len"] >= 4 for p in r["per_request"])
+
+
+def test_cli_entry_points():
+    help_text = subprocess.run([sys.executable, "-m", "jaxllm.cli", "serve", "--help"], capture_output=True,
+                               text=True, cwd=ROOT, timeout=120)
+    assert help_text.returncode == 0
+    for flag in ("--host", "--port", "--api-key", "--served-model-name", "--max-model-len", "--max-num-seqs",
+                 "--max-num-batched-tokens", "--kv-cache-memory", "--dtype", "--seed", "--tensor-parallel-size",
+                 "--max-waiting-requests", "--max-request-bytes", "--drain-timeout"):
+        assert flag in help_text.stdout, flag
+    bad = subprocess.run([sys.executable, "-m", "jaxllm.cli", "frobnicate"], capture_output=True, text=True,
+                         cwd=ROOT, timeout=120)
+    assert bad.returncode == 2 and "unknown command" in bad.stderr
+
+
+def test_port_in_use_fails_fast(server):
+    proc = subprocess.run([sys.executable, "-m", "tests.server_support", "--port", str(server.port)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120, env={**os.environ, "PYTHONPATH": ROOT})
+    assert proc.returncode == 1 and "cannot listen" in proc.stderr
+
+
+def test_sigterm_during_warmup_exits_zero():
+    srv = ServerProcess([], module="tests.server_support", env={"FAKE_WARMUP_S": "60"})
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                r = httpx.get(srv.base_url + "/health")
+                break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        assert r.status_code == 503 and "loading" in r.json()["error"]["message"]
+        assert httpx.get(srv.base_url + "/v1/models").status_code == 503
+        srv.proc.send_signal(signal.SIGTERM)
+        assert srv.proc.wait(15) == 0
+    finally:
+        srv.stop()
+
+
+def test_sigterm_drains_then_exits_zero(server):
+    """Runs last in this module: the server is gone afterwards."""
+    with httpx.stream("POST", server.base_url + "/v1/completions", headers=auth(), timeout=60,
+                      json={"prompt": "long", "max_tokens": 60, "stream": True}) as r:
+        lines = r.iter_lines()
+        first = next(lines)
+        assert first.startswith("data: ")
+        server.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        refused = httpx.post(server.base_url + "/v1/completions", json={"prompt": "new", "max_tokens": 2},
+                             headers=auth())
+        assert refused.status_code == 503
+        assert httpx.get(server.base_url + "/health").status_code == 503
+        events = sse_payloads([first, *lines])
+    assert events[-1] == "[DONE]"
+    text = "".join(c["text"] for e in events[:-1] for c in e["choices"])
+    assert len(text) == 60  # the in-flight request finished completely
+    assert server.proc.wait(30) == 0
