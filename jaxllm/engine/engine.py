@@ -65,6 +65,11 @@ def _resolve_dtype(name: str) -> jnp.dtype:
 class LLMEngine:
     def __init__(self, config: EngineConfig | None = None, **flags):
         self.config = config = config or EngineConfig.from_flags(**flags)
+        if config.parallel.tensor_parallel_size != 1 or config.parallel.data_parallel_size != 1:
+            raise ValueError("tensor_parallel_size / data_parallel_size > 1 are not implemented yet (one device)")
+        if config.cache.kv_cache_dtype not in ("auto", "float32", "bfloat16"):
+            raise ValueError(f"kv_cache_dtype must be auto, float32 or bfloat16, got {config.cache.kv_cache_dtype!r}"
+                             " (quantized KV pages are not wired into the engine yet)")
         t0 = time.perf_counter()
         if config.compile.persistent_cache:
             enable_persistent_compilation_cache(config.compile.cache_dir)

@@ -93,7 +93,15 @@ class ModelRunner:
         raise ValueError(f"step of {n} tokens exceeds the largest bucket {self.token_buckets[-1]}")
 
     def prepare(self, batch: ScheduledBatch) -> StepInputs:
-        """Flattens the scheduled sequences into one padded ragged batch."""
+        """Flattens the scheduled sequences into one padded ragged batch.
+
+        Reorders `batch` in place: single-token (decode) rows first, by context length, so that
+        attention tiles hold rows of similar length; then prefill chunks.
+        """
+        order = sorted(range(len(batch.seqs)), key=lambda i: (batch.num_tokens[i] > 1,
+                                                              batch.seqs[i].num_computed_tokens))
+        batch.seqs[:] = [batch.seqs[i] for i in order]
+        batch.num_tokens[:] = [batch.num_tokens[i] for i in order]
         T = self.token_bucket(batch.total_tokens)
         S = min(T, self.max_seqs)
         token_ids = np.zeros(T, np.int32)

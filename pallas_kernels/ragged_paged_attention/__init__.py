@@ -1,7 +1,8 @@
 """Ragged paged attention: one entry point, dispatched by backend.
 
   backend="auto" (default): TPU -> the Mosaic kernel (tpu.py); NVIDIA GPU -> the Pallas-Triton kernel
-                            (gpu.py); anything else (CPU, ROCm) -> the pure-jnp reference.
+                            (gpu.py), each once listed in HARDWARE_VERIFIED; anything else (CPU,
+                            ROCm, unverified kernels) -> the pure-jnp reference.
   backend="reference" | "tpu" | "gpu": force one implementation anywhere (debugging, tests).
   interpret=True: run the chosen Pallas kernel in interpret mode (TPU interpret mode for "tpu", the
                   generic Pallas interpreter for "gpu"); with backend="auto" on a CPU host this
@@ -22,6 +23,9 @@ from pallas_kernels.ragged_paged_attention.reference import ragged_paged_attenti
 from pallas_kernels.ragged_paged_attention.reference import write_kv
 
 BACKENDS = ("auto", "reference", "tpu", "gpu")
+# Kernels that have passed tests/test_attention_kernels.py compiled on real hardware; "auto" only
+# picks these (force the others with backend="tpu" / "gpu").
+HARDWARE_VERIFIED: frozenset[str] = frozenset()
 
 
 def _is_nvidia(device) -> bool:
@@ -38,11 +42,14 @@ def resolve_backend(backend: str = "auto", interpret: bool = False) -> str:
     if backend != "auto":
         return backend
     device = jax.devices()[0]
-    if device.platform == "tpu":
-        return "tpu"
-    if _is_nvidia(device):
-        return "gpu"
-    return "tpu" if interpret else "reference"
+    kernel = "tpu" if device.platform == "tpu" else "gpu" if _is_nvidia(device) else None
+    if kernel is None:
+        return "tpu" if interpret else "reference"
+    if not interpret and kernel not in HARDWARE_VERIFIED:
+        # A kernel that has only run interpreted could fail to lower on the device and take the
+        # engine down at start-up; until it has passed its tests there, "auto" stays exact and safe.
+        return "reference"
+    return kernel
 
 
 def ragged_paged_attention(q, kv_pages, kv_lens, page_table, cu_q_lens, num_seqs, *, sm_scale: float,

@@ -29,8 +29,9 @@ import jax.numpy as jnp
 
 # Keys are processed this many tokens at a time; a block spans whole pages.
 _KEY_BLOCK_TOKENS = 128
-# Query rows per tile (see ragged_paged_attention).
+# Query rows per tile, and per sub-tile of rows that gather their own keys (see ragged_paged_attention).
 _Q_TILE = 64
+_ROW_SUBTILE = 16
 
 
 def _layer_view(kv_pages: jax.Array, layer):
@@ -199,9 +200,18 @@ def ragged_paged_attention(q: jax.Array, kv_pages: jax.Array, kv_lens: jax.Array
         pos_t = jax.lax.dynamic_slice_in_dim(q_pos, r0, tile)
         kv_len_t = jax.lax.dynamic_slice_in_dim(row_kv_len, r0, tile)
         one_seq = jnp.all(live_t & (seq_t == seq_t[0]))
-        res = jax.lax.cond(one_seq,
-                           lambda: attend(q_t, pos_t, kv_len_t, page_table[seq_t[0]], shared=True),
-                           lambda: attend(q_t, pos_t, kv_len_t, page_table[seq_t], shared=False))
+
+        def per_row():
+            # Sub-tiles of rows, each bounded by its own longest context: a short decode row does not
+            # pay for the longest one in the batch (the runner sorts decode rows by length).
+            sub = _ROW_SUBTILE if tile % _ROW_SUBTILE == 0 else tile
+            split = lambda x: x.reshape((tile // sub, sub) + x.shape[1:])
+            res = jax.lax.map(lambda a: attend(*a, shared=False),
+                              (split(q_t), split(pos_t), split(kv_len_t), split(page_table[seq_t])))
+            return res.reshape((tile,) + res.shape[2:])
+
+        res = jax.lax.cond(one_seq, lambda: attend(q_t, pos_t, kv_len_t, page_table[seq_t[0]], shared=True),
+                           per_row)
         res = jnp.where(live_t[:, None, None, None], res, 0.0)
         return jax.lax.dynamic_update_slice_in_dim(out, res, r0, axis=0)
 
