@@ -110,7 +110,9 @@ async def run(args, requests: list[BenchRequest]) -> tuple[list[Result], float]:
     limit = asyncio.Semaphore(args.max_concurrency) if args.max_concurrency else None
     rng = np.random.default_rng(args.seed)
     timeout = aiohttp.ClientTimeout(total=6 * 3600)
-    async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
+    # One connection per request: some servers (llama-server) drop idle keep-alive connections, which
+    # would show up as client errors rather than as their speed.
+    async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0, force_close=True)) as session:
 
         async def go(req):
             if limit is None:

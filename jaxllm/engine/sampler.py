@@ -314,9 +314,13 @@ def sample(logits: jax.Array, t: SamplingTensors, num_top_logprobs: int = 0) -> 
     """
     logits = logits.astype(jnp.float32)
     R, V = logits.shape
-    raw_logprobs = jax.nn.log_softmax(logits, axis=-1)
+    # Raw logprobs are logits - logsumexp; only the few that are reported get computed.
+    x_max = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+    lse = x_max + jnp.log(jnp.sum(jnp.exp(logits - x_max), axis=-1, keepdims=True))
 
-    penalized = apply_bias_and_penalties(logits, t)
+    # Most batches have no bias / penalty at all: skip the [R, V] scatters (and their copies) then.
+    any_adjustment = jnp.any(t.bias_ids >= 0) | jnp.any(t.penalty_ids >= 0)
+    penalized = jax.lax.cond(any_adjustment, apply_bias_and_penalties, lambda l, _: l, logits, t)
     greedy = t.temperature < _GREEDY_EPS
     greedy_ids = _argmax(penalized)
 
@@ -331,10 +335,12 @@ def sample(logits: jax.Array, t: SamplingTensors, num_top_logprobs: int = 0) -> 
     token_ids = jnp.where(greedy, greedy_ids, random_ids)
 
     wanted = jnp.where(t.target_ids >= 0, t.target_ids, token_ids)
-    token_logprob = jnp.take_along_axis(raw_logprobs, wanted[:, None], axis=-1)[:, 0]
-    token_rank = 1 + jnp.sum(raw_logprobs > token_logprob[:, None], axis=-1).astype(jnp.int32)
+    wanted_logit = jnp.take_along_axis(logits, wanted[:, None], axis=-1)
+    token_logprob = (wanted_logit - lse)[:, 0]
+    token_rank = 1 + jnp.sum(logits > wanted_logit, axis=-1).astype(jnp.int32)
     if num_top_logprobs > 0:
-        top_logprobs, top_ids = jax.lax.top_k(raw_logprobs, min(num_top_logprobs, V))
+        top_logits, top_ids = jax.lax.top_k(logits, min(num_top_logprobs, V))
+        top_logprobs = top_logits - lse
     else:
         top_logprobs = jnp.zeros((R, 0), jnp.float32)
         top_ids = jnp.zeros((R, 0), jnp.int32)
