@@ -31,7 +31,7 @@ import jax.numpy as jnp
 _KEY_BLOCK_TOKENS = 128
 # Query rows per tile, and per sub-tile of rows that gather their own keys (see ragged_paged_attention).
 _Q_TILE = 64
-_ROW_SUBTILE = 16
+_ROW_SUBTILE = 4
 
 
 def _layer_view(kv_pages: jax.Array, layer):
