@@ -110,6 +110,8 @@ def main():
 
     gguf = smollm2_gguf()
     tok = transformers.AutoTokenizer.from_pretrained(os.path.dirname(gguf), gguf_file=os.path.basename(gguf))
+    # transformers' own conversion of the GGUF tokenizer, saved: the tokenizer tests' oracle without torch.
+    tok.save_pretrained(os.path.join(DATA, "smollm2-hf-tokenizer"))
     model = transformers.AutoModelForCausalLM.from_pretrained(
         os.path.dirname(gguf), gguf_file=os.path.basename(gguf), torch_dtype=torch.float32).eval()
     texts = ["The capital of France is",

@@ -69,11 +69,25 @@ def smollm2_real(hf):
     return real
 
 
+# transformers' conversion of the SmolLM2 GGUF tokenizer, saved by scripts/make_golden.py: reading a GGUF
+# in transformers needs torch, which the test suite does not install.
+HF_SAVED = os.path.join(os.path.dirname(__file__), "data", "smollm2-hf-tokenizer")
+
+
 @pytest.fixture(scope="module")
 def hf():
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(GGUF_DIR, gguf_file=GGUF_NAME)
+    return AutoTokenizer.from_pretrained(HF_SAVED)
+
+
+def test_saved_oracle_is_transformers_gguf_conversion(hf):
+    pytest.importorskip("torch")
+    from transformers import AutoTokenizer
+
+    live = AutoTokenizer.from_pretrained(GGUF_DIR, gguf_file=GGUF_NAME)
+    assert live.backend_tokenizer.to_str() == hf.backend_tokenizer.to_str()
+    assert live.chat_template == hf.chat_template and live.all_special_ids == hf.all_special_ids
 
 
 # ------------------------------------------------------------------ GGUF (SmolLM2, byte-level BPE)
@@ -325,6 +339,7 @@ def test_spm_gguf_matches_sentencepiece(spm_case):
 
 
 def test_spm_gguf_compat_matches_transformers(spm_case):
+    pytest.importorskip("torch", reason="transformers reads GGUF files with torch")
     from transformers import AutoTokenizer
 
     _, d, path = spm_case
