@@ -269,13 +269,12 @@ class LLMEngine:
 
     def _apply_samples(self, owners, result) -> None:
         for i, owner in enumerate(owners):
-            top = self._top_logprobs(result, i)
             if owner[0] == "prompt":
                 _, req, pos = owner
                 k = req.params.prompt_logprobs
                 entry = {req.prompt_token_ids[pos]: Logprob(float(result.token_logprob[i]), int(result.token_rank[i]),
                                  self.tokenizer.id_to_piece_text(req.prompt_token_ids[pos]))}
-                for tid, lp in top[:k]:
+                for tid, lp in self._top_logprobs(result, i, k):
                     entry.setdefault(tid, lp)
                 req.prompt_logprobs.append(entry)
                 continue
@@ -283,9 +282,9 @@ class LLMEngine:
             req = seq.request
             if index != seq.index:  # first token of an n > 1 sibling: it shares the prompt's full pages
                 sibling = self._fork(seq, index)
-                self._append_token(sibling, i, result, top)
+                self._append_token(sibling, i, result)
             else:
-                self._append_token(seq, i, result, top)
+                self._append_token(seq, i, result)
             if index == 0:
                 req.forked = True
 
@@ -301,11 +300,13 @@ class LLMEngine:
         self.scheduler.add_running(seq)
         return seq
 
-    def _top_logprobs(self, result, i) -> list[tuple[int, Logprob]]:
-        ids, lps = result.top_ids[i], result.top_logprobs[i]
-        return [(int(t), Logprob(float(lp), r + 1, None)) for r, (t, lp) in enumerate(zip(ids, lps))]
+    def _top_logprobs(self, result, i, k: int) -> list[tuple[int, Logprob]]:
+        """Row i's k most likely tokens (built only for requests that asked for logprobs)."""
+        ids, lps = result.top_ids[i][:k], result.top_logprobs[i][:k]
+        return [(int(t), Logprob(float(lp), r + 1, self.tokenizer.id_to_piece_text(int(t))))
+                for r, (t, lp) in enumerate(zip(ids, lps))]
 
-    def _append_token(self, seq: Sequence, i: int, result, top) -> None:
+    def _append_token(self, seq: Sequence, i: int, result) -> None:
         req, p = seq.request, seq.request.params
         token = int(result.token_ids[i])
         logprob = float(result.token_logprob[i])
@@ -319,10 +320,8 @@ class LLMEngine:
         req.metrics.last_token_time = now
         if p.logprobs is not None:
             entry = {token: Logprob(logprob, int(result.token_rank[i]), self.tokenizer.id_to_piece_text(token))}
-            for tid, lp in top[:p.logprobs]:
-                if tid not in entry:
-                    lp.decoded_token = self.tokenizer.id_to_piece_text(tid)
-                    entry[tid] = lp
+            for tid, lp in self._top_logprobs(result, i, p.logprobs):
+                entry.setdefault(tid, lp)
             seq.logprobs.append(entry)
 
         n_out = seq.num_output_tokens
