@@ -19,7 +19,7 @@ import numpy as np
 import models
 from jaxllm.config import EngineConfig, default_cache_dir
 from jaxllm.engine.kv_pages import PagePool
-from jaxllm.engine.request import Request, Sequence, SequenceStatus
+from jaxllm.engine.request import Request, Sequence
 from jaxllm.engine.runner import LogitsRow, ModelRunner
 from jaxllm.engine.sampler import RowSpec
 from jaxllm.engine.scheduler import ScheduledBatch, Scheduler
@@ -311,7 +311,6 @@ class LLMEngine:
         token = int(result.token_ids[i])
         logprob = float(result.token_logprob[i])
         seq.token_ids.append(token)
-        seq.output_counts[token] = seq.output_counts.get(token, 0) + 1
         seq.cumulative_logprob += logprob
         self.generation_tokens_total += 1
         now = time.time()

@@ -35,7 +35,6 @@ class Sequence:
     text: str = ""  # detokenized output (may hold back a possible stop-string prefix)
     logprobs: list[PositionLogprobs] = field(default_factory=list)
     cumulative_logprob: float = 0.0
-    output_counts: dict[int, int] = field(default_factory=dict)  # for presence / frequency penalties
     detokenizer: object | None = None
 
     @property

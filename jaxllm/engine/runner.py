@@ -10,7 +10,6 @@ device between the two calls, and only sampled ids and logprobs come back to the
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
 from dataclasses import dataclass
@@ -44,13 +43,11 @@ class StepInputs:
     positions: np.ndarray  # [T] i32
     md: AttentionMetadata  # NumPy arrays, device_put with the rest
     row_offsets: list[int]  # first flat row of each scheduled sequence
-    num_tokens: int  # live rows
 
 
 class ModelRunner:
     def __init__(self, model: nnx.Module, model_config, *, num_pages: int, page_size: int, max_model_len: int,
                  max_num_seqs: int, max_num_batched_tokens: int, kv_dtype=jnp.float32):
-        self.config = model_config
         self.page_size = page_size
         self.max_pages_per_seq = -(-max_model_len // page_size)
         self.graphdef, self.params = nnx.split(model)
@@ -126,7 +123,7 @@ class ModelRunner:
         cu[len(batch.seqs) + 1:] = row
         md = AttentionMetadata(slot_mapping=slots, kv_lens=kv_lens, page_table=page_table, cu_q_lens=cu,
                                num_seqs=np.array([len(batch.seqs)], np.int32))
-        return StepInputs(token_ids, positions, md, offsets, row)
+        return StepInputs(token_ids, positions, md, offsets)
 
     def execute(self, inputs: StepInputs, rows: list[LogitsRow]) -> SamplerOutput | None:
         """Runs the step; returns the sampler's outputs for `rows` (NumPy, in order) or None."""

@@ -51,12 +51,10 @@ class Scheduler:
         self.running.append(seq)
 
     def _sort(self, queue: list[Sequence]) -> None:
-        if self.config.policy == "priority":
-            queue.sort(key=lambda s: s.sort_key)
-        else:  # FCFS: arrival order only; priority is ignored
-            queue.sort(key=lambda s: s.sort_key[1:])
+        queue.sort(key=self._order_key)
 
     def _order_key(self, seq: Sequence):
+        # FCFS orders by arrival only; the priority policy puts priority first.
         return seq.sort_key if self.config.policy == "priority" else seq.sort_key[1:]
 
     @property
