@@ -93,6 +93,7 @@ def _kernel(*refs, block_q: int, group: int, block_k: int, page_size: int, max_p
         slot_base = layer_ref[0] * (num_pages * page_size)
         head_dim = q.shape[-1]
         dims = jax.lax.broadcasted_iota(jnp.int32, (1, head_dim), 1)
+        zero = jnp.zeros((), kv_ref.dtype)  # masked-off keys read as 0 (Triton cannot cast i32 to fp8)
 
         # f32 activations get IEEE f32 dots (Triton's default for f32 is TF32).
         precision = jax.lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
@@ -107,8 +108,8 @@ def _kernel(*refs, block_q: int, group: int, block_k: int, page_size: int, max_p
             slot = slot_base + page * page_size + k_pos % page_size
             # A gather of block_k keys (all-array indices: a [block_k, D] pointer tensor in Triton).
             ld_mask = jnp.broadcast_to(key_ok[:, None], (block_k, head_dim))
-            k = plgpu.load(kv_ref.at[slot[:, None], 2 * h, dims], mask=ld_mask, other=0)
-            v = plgpu.load(kv_ref.at[slot[:, None], 2 * h + 1, dims], mask=ld_mask, other=0)
+            k = plgpu.load(kv_ref.at[slot[:, None], 2 * h, dims], mask=ld_mask, other=zero)
+            v = plgpu.load(kv_ref.at[slot[:, None], 2 * h + 1, dims], mask=ld_mask, other=zero)
             sc = jax.lax.dot_general(q, k.astype(q.dtype), (((1,), (1,)), ((), ())),
                                      preferred_element_type=jnp.float32, precision=precision)
             if scaled:
@@ -160,14 +161,15 @@ def default_num_kv_splits(num_rows: int, num_kv_heads: int, block_q: int, max_ke
 
 def ragged_paged_attention(q, kv_pages, kv_lens, page_table, cu_q_lens, num_seqs, *, sm_scale: float,
                            sliding_window: int | None = None, soft_cap: float | None = None,
-                           k_scale=None, v_scale=None, layer=None, block_q: int = 16,
+                           k_scale=None, v_scale=None, layer=None, block_q: int | None = None,
                            block_k: int | None = None, num_kv_splits: int | None = None,
-                           num_warps: int = 4, num_stages: int = 2, interpret=False):
+                           num_warps: int | None = None, num_stages: int = 2, interpret=False):
     """Pallas-Triton ragged paged attention; arguments and result as in the reference.
 
     q: [T, Hq, D]; kv_pages: [num_pages, page_size, 2 * Hkv, D] (or [L, ...] with `layer`);
     kv_lens [S], page_table [S, P], cu_q_lens [S + 1], num_seqs [1] or scalar. Returns [T, Hq, D].
-    Tuning: block_q rows per item, block_k keys per inner step, num_kv_splits (None: heuristic).
+    Tuning (None: chosen from the shapes): block_q rows per item, block_k keys per inner step,
+    num_kv_splits, num_warps, num_stages.
     """
     num_rows, num_q_heads, head_dim = q.shape
     pool_shape = kv_pages.shape if layer is None else kv_pages.shape[1:]
@@ -175,9 +177,18 @@ def ragged_paged_attention(q, kv_pages, kv_lens, page_table, cu_q_lens, num_seqs
     num_kv_heads = two_h // 2
     group = num_q_heads // num_kv_heads
     group_p = pl.next_power_of_2(group)
+    max_seqs, max_pages = page_table.shape
+    if block_q is None:
+        # A program multiplies [block_q * group_p, D] query rows. A decode-sized batch (no more rows
+        # than sequences) brings `group` live rows per sequence, so it gets the 16 rows a tensor-core
+        # dot needs and no more (bigger tiles only burn registers on dead rows: 249 vs 96 per thread
+        # at Llama-8B heads, see pallas_kernels/aot.py); prefill gets FlashAttention-sized tiles.
+        rows = 16 if num_rows <= max_seqs else 128 if head_dim <= 128 else 64
+        block_q = max(1, rows // group_p)
     if block_q * group_p < 16:  # Triton's dot wants >= 16 rows
         block_q = 16 // group_p
-    max_seqs, max_pages = page_table.shape
+    if num_warps is None:
+        num_warps = 8 if block_q * group_p >= 128 else 4
     if block_k is None:
         block_k = max(page_size, 64)
     if num_kv_splits is None:
