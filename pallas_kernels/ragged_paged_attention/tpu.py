@@ -7,8 +7,8 @@ Work decomposition:
     t * group + g is token t, query head h * group + g. A tile of `num_queries_per_block` (bq) tokens
     of one KV head is then a plain 2-D [bq * group, D] matrix, so GQA costs one matmul per KV head
     and each K/V page is read once for all `group` query heads that share it.
-  * grid = (num_kv_heads // kv_heads_per_block, cdiv(T, bq)). A tile is an aligned slice of the flat
-    token batch, so it may span several sequences (many decode rows, or the tail of one prefill and
+  * grid = (cdiv(T, bq),), all KV heads in one step. A tile is an aligned slice of the flat token
+    batch, so it may span several sequences (many decode rows, or the tail of one prefill and
     the head of the next). The kernel loops over the sequences that own rows of its tile; rows of
     other sequences are masked out of each sequence's softmax update. Tile -> first/last sequence
     is computed once in the wrapper (searchsorted) and scalar-prefetched with kv_lens, cu_q_lens and
@@ -19,6 +19,13 @@ Work decomposition:
     lookup into a double buffer: block j+1 (or the next sequence's first block) is in flight while
     block j is in the MXU. Pages past the sequence's length are never fetched (so no garbage or
     out-of-range page is read); stale buffer contents are masked out of both K and V.
+  * K/V of one head is read from the VMEM block as a strided sublane load: the block is viewed as
+    [ppb * page_size * 2 * Hkv, D] rows, K of head h at rows 2h, 2h + 2Hkv, ... and V one row
+    further (slicing the head axis of the 4-D block would need a relayout). Mosaic strides 32-bit
+    rows only, so packed pools (bf16, int8, fp8) are loaded as uint32 words that hold 2 or 4
+    consecutive rows and split in registers (unpack_rows). The row view needs 2 * Hkv to fill whole
+    (8 * packing)-row tiles or divide one; other head counts, and interpret mode (the TPU interpreter
+    has neither ref reshape nor ref bitcast), index the head axis directly.
   * Online softmax in f32 scratch (m, l, acc) that persists across all sequences of the tile; a row
     only ever meets its own sequence's keys, so its state is the one-sequence flash-attention state.
 
@@ -63,6 +70,22 @@ def normalize_scale(scale, num_pages: int, num_kv_heads: int):
     return jnp.broadcast_to(scale, (num_kv_heads,)), False
 
 
+def unpack_rows(words, dtype, lane: int):
+    """Row `lane` of the rows of `dtype` packed in uint32 `words` (a sublane-packed TPU buffer).
+
+    A TPU buffer of a 16- or 8-bit dtype packs 2 or 4 consecutive rows into each 32-bit word, the
+    first row in the lowest bits. bf16 is widened to f32 exactly by moving its bits to the top half.
+    """
+    dtype = jnp.dtype(dtype)
+    bits = 8 * dtype.itemsize
+    if dtype == jnp.bfloat16:
+        f32_bits = words << 16 if lane == 0 else words & jnp.uint32(0xFFFF0000)
+        return jax.lax.bitcast_convert_type(f32_bits, jnp.float32).astype(dtype)
+    if bits != 8:
+        raise ValueError(f"no packed loads for {dtype}")
+    return jax.lax.bitcast_convert_type((words >> (lane * bits)).astype(jnp.uint8), dtype)
+
+
 def tile_sequence_bounds(cu_q_lens, num_seqs, num_tiles: int, bq: int):
     """First and last (inclusive) live sequence owning rows of each bq-row tile; last < first if none.
 
@@ -81,15 +104,15 @@ def tile_sequence_bounds(cu_q_lens, num_seqs, num_tiles: int, bq: int):
     return jnp.where(empty, 1, lo), jnp.where(empty, 0, hi), cu
 
 
-def _kernel(*refs, bq: int, group: int, hb: int, ppb: int, page_size: int, max_pages: int,
-            num_pages: int, num_kv_heads: int, sm_scale: float, sliding_window, soft_cap,
-            has_layer: bool, scaled: bool, k_per_page: bool, v_per_page: bool):
-    """One (kv-head block, row tile): loop over the tile's sequences and their visible KV blocks.
+def _kernel(*refs, bq: int, group: int, ppb: int, page_size: int, max_pages: int, num_pages: int,
+            num_kv_heads: int, sm_scale: float, sliding_window, soft_cap, has_layer: bool,
+            scaled: bool, k_per_page: bool, v_per_page: bool, row_loads: bool):
+    """One row tile: loop over the tile's sequences and their visible KV blocks, all KV heads.
 
     Scalar prefetch (SMEM): kv_lens [S], page_table [S * P], cu_q_lens [S + 1] (sorted), tile_lo,
       tile_hi [num_tiles], layer [1], then k_scale, v_scale (flat, see normalize_scale) if scaled.
-    q_ref / o_ref: [hb, bq * group, D] (VMEM blocks); kv_hbm: the whole pool (HBM, DMA'd by hand).
-    Scratch: kv_buf [2, ppb, page_size, 2 * hb, D], sems DMA[2], m/l [hb, M, 1], acc [hb, M, D] f32.
+    q_ref / o_ref: [Hkv, bq * group, D] (VMEM blocks); kv_hbm: the whole pool (HBM, DMA'd by hand).
+    Scratch: kv_buf [2, ppb, page_size, 2 * Hkv, D], sems DMA[2], m/l [Hkv, M, 1], acc [Hkv, M, D].
     """
     if scaled:
         (kv_lens_ref, page_table_ref, cu_ref, tile_lo_ref, tile_hi_ref, layer_ref, k_scale_ref,
@@ -98,8 +121,7 @@ def _kernel(*refs, bq: int, group: int, hb: int, ppb: int, page_size: int, max_p
         (kv_lens_ref, page_table_ref, cu_ref, tile_lo_ref, tile_hi_ref, layer_ref,
          q_ref, kv_hbm, o_ref, kv_buf, sems, m_ref, l_ref, acc_ref) = refs
         k_scale_ref = v_scale_ref = None
-    head_block = pl.program_id(0)
-    tile = pl.program_id(1)
+    tile = pl.program_id(0)
     block_tokens = ppb * page_size
     num_rows = bq * group
     row0 = tile * bq
@@ -135,11 +157,7 @@ def _kernel(*refs, bq: int, group: int, hb: int, ppb: int, page_size: int, max_p
             needed = page_idx * page_size < kv_hi
             page = page_table_ref[s * max_pages + jnp.minimum(page_idx, max_pages - 1)]
             page = jnp.clip(page, 0, num_pages - 1)  # never an out-of-range DMA, whatever the table says
-            heads = pl.ds(head_block * 2 * hb, 2 * hb)
-            if has_layer:
-                src = kv_hbm.at[layer_ref[0], page, :, heads, :]
-            else:
-                src = kv_hbm.at[page, :, heads, :]
+            src = kv_hbm.at[layer_ref[0], page] if has_layer else kv_hbm.at[page]
             copies.append((needed, pltpu.make_async_copy(src, kv_buf.at[slot, j], sems.at[slot])))
         return copies
 
@@ -151,9 +169,8 @@ def _kernel(*refs, bq: int, group: int, hb: int, ppb: int, page_size: int, max_p
         for needed, copy in block_copies(s, blk, slot, kv_hi):
             pl.when(needed)(copy.wait)
 
-    def key_scales(scale_ref, per_page, s, blk, h):
+    def key_scales(scale_ref, per_page, s, blk, head):
         """Per-key scale row [1, block_tokens] (pages differ along the block) or a scalar."""
-        head = head_block * hb + h
         if not per_page:
             return scale_ref[head]
         local_page = jax.lax.broadcasted_iota(jnp.int32, (1, block_tokens), 1) // page_size
@@ -163,6 +180,21 @@ def _kernel(*refs, bq: int, group: int, hb: int, ppb: int, page_size: int, max_p
             page = jnp.clip(page_table_ref[s * max_pages + page_idx], 0, num_pages - 1)
             row = jnp.where(local_page == j, scale_ref[page * num_kv_heads + head], row)
         return row
+
+    def load_head(slot, h):
+        """K and V rows [block_tokens, D] of KV head h from the buffer (see the module docstring)."""
+        if not row_loads:
+            return (kv_buf[slot, :, :, 2 * h, :].reshape(block_tokens, -1),
+                    kv_buf[slot, :, :, 2 * h + 1, :].reshape(block_tokens, -1))
+        two_h = 2 * num_kv_heads
+        rows = kv_buf.at[slot].reshape(block_tokens * two_h, kv_buf.shape[-1])
+        packing = 4 // kv_buf.dtype.itemsize
+        if packing == 1:
+            return (rows[pl.ds(2 * h, block_tokens, stride=two_h), :],
+                    rows[pl.ds(2 * h + 1, block_tokens, stride=two_h), :])
+        words = rows.bitcast(jnp.uint32)[pl.ds(2 * h // packing, block_tokens, stride=two_h // packing), :]
+        lane = 2 * h % packing
+        return (unpack_rows(words, kv_buf.dtype, lane), unpack_rows(words, kv_buf.dtype, lane + 1))
 
     def compute(s, blk, slot, q_start, q_end, ctx, kv_hi):
         rows = row0 + jax.lax.broadcasted_iota(jnp.int32, (num_rows, 1), 0) // group
@@ -174,14 +206,14 @@ def _kernel(*refs, bq: int, group: int, hb: int, ppb: int, page_size: int, max_p
         key_valid = jax.lax.broadcasted_iota(jnp.int32, (block_tokens, 1), 0) + blk * block_tokens < kv_hi
         # f32 activations get true f32 matmuls (not single-pass bf16): the f32 path is the exact one.
         precision = jax.lax.Precision.HIGHEST if q_ref.dtype == jnp.float32 else None
-        for h in range(hb):
+        for h in range(num_kv_heads):
             q = q_ref[h]  # [M, D]
-            k = kv_buf[slot, :, :, 2 * h, :].reshape(block_tokens, -1)
-            v = kv_buf[slot, :, :, 2 * h + 1, :].reshape(block_tokens, -1)
+            k, v = load_head(slot, h)  # [block_tokens, D] each
             # Unfetched pages hold stale (possibly NaN) data: zero them so 0 * NaN cannot leak in.
             k = jnp.where(key_valid, k.astype(q.dtype), 0)
             v = jnp.where(key_valid, v.astype(q.dtype), 0)
-            sc = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32, precision=precision)
+            sc = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32,
+                                     precision=precision)
             if scaled:
                 sc = sc * key_scales(k_scale_ref, k_per_page, s, blk, h)
             sc = sc * sm_scale
@@ -240,14 +272,12 @@ def _kernel(*refs, bq: int, group: int, hb: int, ppb: int, page_size: int, max_p
 def ragged_paged_attention(q, kv_pages, kv_lens, page_table, cu_q_lens, num_seqs, *, sm_scale: float,
                            sliding_window: int | None = None, soft_cap: float | None = None,
                            k_scale=None, v_scale=None, layer=None, num_queries_per_block: int | None = None,
-                           pages_per_block: int | None = None, kv_heads_per_block: int | None = None,
-                           interpret=False):
+                           pages_per_block: int | None = None, interpret=False):
     """Mosaic TPU ragged paged attention; arguments and result as in reference.ragged_paged_attention.
 
     q: [T, Hq, D]; kv_pages: [num_pages, page_size, 2 * Hkv, D] (or [L, ...] with `layer`);
     kv_lens [S], page_table [S, P], cu_q_lens [S + 1], num_seqs [1] or scalar. Returns [T, Hq, D].
-    Tuning: num_queries_per_block (bq, tokens per tile), pages_per_block (pages per DMA'd KV block),
-    kv_heads_per_block (KV heads per grid step; must divide Hkv).
+    Tuning: num_queries_per_block (bq, tokens per tile), pages_per_block (pages per DMA'd KV block).
     interpret: False, True (TPU interpret mode, see tpu_interpret_params) or an InterpretParams.
     """
     num_rows, num_q_heads, head_dim = q.shape
@@ -264,9 +294,6 @@ def ragged_paged_attention(q, kv_pages, kv_lens, page_table, cu_q_lens, num_seqs
     if pages_per_block is None:
         pages_per_block = max(1, min(max_pages, 128 // page_size))
     ppb = pages_per_block
-    hb = num_kv_heads if kv_heads_per_block is None else kv_heads_per_block
-    if num_kv_heads % hb:
-        raise ValueError(f"kv_heads_per_block={hb} must divide num_kv_heads={num_kv_heads}")
     if interpret is True:
         interpret = tpu_interpret_params()
 
@@ -279,6 +306,13 @@ def ragged_paged_attention(q, kv_pages, kv_lens, page_table, cu_q_lens, num_seqs
     qg = jnp.pad(qg, ((0, 0), (0, padded_rows - num_rows), (0, 0), (0, 0)))
     qg = qg.reshape(num_kv_heads, padded_rows * group, head_dim)
 
+    # Strided row loads (see the module docstring) need 2 * Hkv rows per token to fill whole
+    # (8 * packing)-row tiles or divide one, so that the 4-D block folds into rows without relayout.
+    packing = 4 // jnp.dtype(kv_pages.dtype).itemsize
+    words_per_token = two_h // packing
+    row_loads = (not interpret and two_h % packing == 0
+                 and (words_per_token in (1, 2, 4, 8) or words_per_token % 8 == 0))
+
     scaled = is_quantized(kv_pages.dtype) or k_scale is not None or v_scale is not None
     prefetch = [jnp.asarray(kv_lens, jnp.int32), jnp.asarray(page_table, jnp.int32).reshape(-1), cu,
                 tile_lo, tile_hi, jnp.asarray(0 if layer is None else layer, jnp.int32).reshape(1)]
@@ -289,29 +323,29 @@ def ragged_paged_attention(q, kv_pages, kv_lens, page_table, cu_q_lens, num_seqs
         prefetch += [ks, vs]
 
     kernel = functools.partial(
-        _kernel, bq=bq, group=group, hb=hb, ppb=ppb, page_size=page_size, max_pages=max_pages,
+        _kernel, bq=bq, group=group, ppb=ppb, page_size=page_size, max_pages=max_pages,
         num_pages=num_pages, num_kv_heads=num_kv_heads, sm_scale=float(sm_scale),
         sliding_window=sliding_window, soft_cap=soft_cap, has_layer=layer is not None, scaled=scaled,
-        k_per_page=k_per_page, v_per_page=v_per_page)
-    block = (hb, bq * group, head_dim)
+        k_per_page=k_per_page, v_per_page=v_per_page, row_loads=row_loads)
+    block = (num_kv_heads, bq * group, head_dim)
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=len(prefetch),
-        grid=(num_kv_heads // hb, num_tiles),
-        in_specs=[pl.BlockSpec(block, lambda g, t, *_: (g, t, 0)),
+        grid=(num_tiles,),
+        in_specs=[pl.BlockSpec(block, lambda t, *_: (0, t, 0)),
                   pl.BlockSpec(memory_space=pl.ANY)],
-        out_specs=pl.BlockSpec(block, lambda g, t, *_: (g, t, 0)),
+        out_specs=pl.BlockSpec(block, lambda t, *_: (0, t, 0)),
         scratch_shapes=[
-            pltpu.VMEM((2, ppb, page_size, 2 * hb, head_dim), kv_pages.dtype),
+            pltpu.VMEM((2, ppb, page_size, two_h, head_dim), kv_pages.dtype),
             pltpu.SemaphoreType.DMA((2,)),
-            pltpu.VMEM((hb, bq * group, 1), jnp.float32),
-            pltpu.VMEM((hb, bq * group, 1), jnp.float32),
-            pltpu.VMEM((hb, bq * group, head_dim), jnp.float32),
+            pltpu.VMEM((num_kv_heads, bq * group, 1), jnp.float32),
+            pltpu.VMEM((num_kv_heads, bq * group, 1), jnp.float32),
+            pltpu.VMEM((num_kv_heads, bq * group, head_dim), jnp.float32),
         ])
     out = pl.pallas_call(
         kernel,
         grid_spec=grid_spec,
         out_shape=jax.ShapeDtypeStruct(qg.shape, q.dtype),
-        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",)),
         interpret=interpret,
     )(*prefetch, qg, kv_pages)
     out = out.reshape(num_kv_heads, padded_rows, group, head_dim)[:, :num_rows]
