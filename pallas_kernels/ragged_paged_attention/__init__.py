@@ -35,14 +35,19 @@ def _is_nvidia(device) -> bool:
     return "rocm" not in version and "hip" not in version
 
 
+def native_kernel() -> str | None:
+    """The kernel written for this host's accelerator: "tpu", "gpu" (NVIDIA), or None (CPU, ROCm)."""
+    device = jax.devices()[0]
+    return "tpu" if device.platform == "tpu" else "gpu" if _is_nvidia(device) else None
+
+
 def resolve_backend(backend: str = "auto", interpret: bool = False) -> str:
     """The implementation `backend` stands for on this host: "reference", "tpu" or "gpu"."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend != "auto":
         return backend
-    device = jax.devices()[0]
-    kernel = "tpu" if device.platform == "tpu" else "gpu" if _is_nvidia(device) else None
+    kernel = native_kernel()
     if kernel is None:
         return "tpu" if interpret else "reference"
     if not interpret and kernel not in HARDWARE_VERIFIED:
@@ -67,4 +72,5 @@ def ragged_paged_attention(q, kv_pages, kv_lens, page_table, cu_q_lens, num_seqs
     return fn(*args, interpret=interpret, **kwargs, **tuning)
 
 
-__all__ = ["ragged_paged_attention", "reference_attention", "write_kv", "resolve_backend", "BACKENDS"]
+__all__ = ["ragged_paged_attention", "reference_attention", "write_kv", "resolve_backend", "native_kernel",
+           "BACKENDS"]
