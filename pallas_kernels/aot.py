@@ -41,7 +41,11 @@ def tpu_target(chip: str = "v6e"):
     A few Mosaic lowering rules ask the local device which TPU generation they build for; on a CPU
     host that question has no answer, so the host's device kind is mapped to `chip` for the duration.
     """
-    from jax._src.pallas.mosaic import tpu_info  # no public hook for this
+    try:
+        from jax._src.pallas.mosaic import tpu_info  # no public hook for this in jax 0.10
+        tpu_info.registry, tpu_info.get_tpu_info_for_chip, tpu_info.ChipVersion  # noqa: B018
+    except (ImportError, AttributeError) as e:
+        raise NotImplementedError(f"this jax ({jax.__version__}) has moved Mosaic's chip registry: {e}")
 
     kind = jax.devices()[0].device_kind
     if tpu_info.chip_version_from_device_kind(kind) is not None:

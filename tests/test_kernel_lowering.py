@@ -65,9 +65,19 @@ def test_gpu_kernel_lowers_to_triton(config, batch):
     assert kernel.grid[1] == num_kv_heads
 
 
+@pytest.fixture(scope="module")
+def can_target_tpu():
+    """Skip (with jax's reason) where this jax gives Mosaic lowering no way to pick a TPU chip."""
+    try:
+        with aot.tpu_target("v6e"):
+            pass
+    except NotImplementedError as e:
+        pytest.skip(str(e))
+
+
 @pytest.mark.parametrize("batch", BATCHES)
 @pytest.mark.parametrize("config", CONFIGS, ids=_ids)
-def test_tpu_kernel_lowers_to_mosaic(config, batch):
+def test_tpu_kernel_lowers_to_mosaic(config, batch, can_target_tpu):
     options = _options(config)
     with aot.tpu_target("v6e"):
         lowered = aot.lower(lambda *a: tpu.ragged_paged_attention(*a, layer=1, **options),

@@ -9,8 +9,11 @@
                   selects the TPU kernel, so a CPU run still exercises a real kernel end to end.
 Extra keyword arguments (`**tuning`) go to the kernel (block sizes, splits; see tpu.py / gpu.py).
 
-All implementations share reference.py's contract and pool layout; write_kv (an XLA scatter into the
-donated pool) serves every backend.
+All implementations share reference.py's contract and pool layout. write_kv (an XLA scatter into the
+donated pool, in place) serves every backend and runs before attention. It is not fused into the
+kernels: on a GPU, programs of one launch run in no set order, so a program could read keys of its
+sequence that another program has not yet written; on a TPU a fused write (tiles run in order on a
+core) is possible but unmeasured, and the scatter moves only the new tokens' K/V.
 """
 
 from __future__ import annotations
