@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.ragged_paged_attention.tpu import is_quantized, normalize_scale
+from pallas_kernels.ragged_paged_attention.tpu import kernel_scales
 
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
@@ -204,14 +204,10 @@ def ragged_paged_attention(q, kv_pages, kv_lens, page_table, cu_q_lens, num_seqs
     # The pool as a flat list of key slots: a free reshape (no copy), all layers included.
     kv_flat = kv_pages.reshape(-1, two_h, head_dim)
 
-    scaled = is_quantized(kv_pages.dtype) or k_scale is not None or v_scale is not None
+    scales, k_per_page, v_per_page = kernel_scales(kv_pages.dtype, k_scale, v_scale, num_pages, num_kv_heads)
+    scaled = bool(scales)
     meta = [jnp.asarray(kv_lens, jnp.int32), jnp.asarray(page_table, jnp.int32).reshape(-1), cu,
-            item_seq, item_row, jnp.asarray(0 if layer is None else layer, jnp.int32).reshape(1)]
-    k_per_page = v_per_page = False
-    if scaled:
-        ks, k_per_page = normalize_scale(k_scale, num_pages, num_kv_heads)
-        vs, v_per_page = normalize_scale(v_scale, num_pages, num_kv_heads)
-        meta += [ks, vs]
+            item_seq, item_row, jnp.asarray(0 if layer is None else layer, jnp.int32).reshape(1), *scales]
 
     kernel = functools.partial(
         _kernel, block_q=block_q, group=group_p, block_k=block_k, page_size=page_size,

@@ -70,6 +70,15 @@ def normalize_scale(scale, num_pages: int, num_kv_heads: int):
     return jnp.broadcast_to(scale, (num_kv_heads,)), False
 
 
+def kernel_scales(kv_dtype, k_scale, v_scale, num_pages: int, num_kv_heads: int):
+    """(flat [k, v] scale arrays, k_per_page, v_per_page); no arrays for an unscaled float pool."""
+    if not (is_quantized(kv_dtype) or k_scale is not None or v_scale is not None):
+        return [], False, False
+    ks, k_per_page = normalize_scale(k_scale, num_pages, num_kv_heads)
+    vs, v_per_page = normalize_scale(v_scale, num_pages, num_kv_heads)
+    return [ks, vs], k_per_page, v_per_page
+
+
 def unpack_rows(words, dtype, lane: int):
     """Row `lane` of the rows of `dtype` packed in uint32 `words` (a sublane-packed TPU buffer).
 
@@ -313,14 +322,10 @@ def ragged_paged_attention(q, kv_pages, kv_lens, page_table, cu_q_lens, num_seqs
     row_loads = (not interpret and two_h % packing == 0
                  and (words_per_token in (1, 2, 4, 8) or words_per_token % 8 == 0))
 
-    scaled = is_quantized(kv_pages.dtype) or k_scale is not None or v_scale is not None
+    scales, k_per_page, v_per_page = kernel_scales(kv_pages.dtype, k_scale, v_scale, num_pages, num_kv_heads)
+    scaled = bool(scales)
     prefetch = [jnp.asarray(kv_lens, jnp.int32), jnp.asarray(page_table, jnp.int32).reshape(-1), cu,
-                tile_lo, tile_hi, jnp.asarray(0 if layer is None else layer, jnp.int32).reshape(1)]
-    k_per_page = v_per_page = False
-    if scaled:
-        ks, k_per_page = normalize_scale(k_scale, num_pages, num_kv_heads)
-        vs, v_per_page = normalize_scale(v_scale, num_pages, num_kv_heads)
-        prefetch += [ks, vs]
+                tile_lo, tile_hi, jnp.asarray(0 if layer is None else layer, jnp.int32).reshape(1), *scales]
 
     kernel = functools.partial(
         _kernel, bq=bq, group=group, ppb=ppb, page_size=page_size, max_pages=max_pages,
