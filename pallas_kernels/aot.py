@@ -148,7 +148,8 @@ def attention_avals(*, num_rows: int, num_seqs: int, context: int, num_q_heads: 
             i32(num_seqs + 1), i32(1))
 
 
-# The shapes benchmarks/kernels.py measures on a GPU (Llama-3-8B heads, bf16, page 16).
+# Shapes like those benchmarks/kernels.py measures on a GPU, its two targets first (Llama-3-8B heads,
+# bf16, page 16).
 REPORT_SHAPES = {
     "decode b16 ctx4k": dict(num_rows=16, num_seqs=16, context=4096),
     "decode b128 ctx1k": dict(num_rows=128, num_seqs=128, context=1024),
