@@ -29,6 +29,7 @@ class CacheConfig:
     gpu_memory_utilization: float = 0.85  # accelerators: fraction of free device memory after weights
     num_pages: int | None = None  # explicit override (tests use a tiny pool)
     kv_cache_dtype: str = "auto"
+    enable_prefix_caching: bool = True  # reuse the K/V of full pages whose prefix was computed before
 
 
 @dataclass

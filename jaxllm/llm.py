@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 from jaxllm.config import EngineConfig
 from jaxllm.engine.engine import LLMEngine
 from jaxllm.outputs import RequestOutput
-from jaxllm.sampling_params import SamplingParams
+from jaxllm.sampling_params import RequestOutputKind, SamplingParams
 
 PromptType = str | list[int] | dict
 
@@ -39,6 +39,9 @@ class LLM:
         params = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
         if len(params) != len(prompts):
             raise ValueError(f"got {len(params)} sampling_params for {len(prompts)} prompts")
+        # Only final outputs are returned: the engine then builds nothing per step.
+        final = {}
+        params = [final.setdefault(id(p), p.clone(output_kind=RequestOutputKind.FINAL_ONLY)) for p in params]
         ids = []
         for i, (prompt, p) in enumerate(zip(prompts, params)):
             rid = str(next(self._ids))

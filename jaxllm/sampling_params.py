@@ -16,6 +16,7 @@ means the engine draws a random seed for the request once (so all its steps use 
 
 from __future__ import annotations
 
+import enum
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
@@ -33,6 +34,14 @@ def _is_int(x: Any) -> bool:
 
 def _is_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+class RequestOutputKind(enum.Enum):
+    """What each RequestOutput of a request carries (vLLM's names)."""
+
+    CUMULATIVE = 0  # everything so far, every step (a copy: O(length) per step)
+    DELTA = 1  # only what is new since the previous output (streaming servers)
+    FINAL_ONLY = 2  # one output, when the request finishes (offline, non-streaming)
 
 
 @dataclass
@@ -59,6 +68,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     logit_bias: dict[int, float] | None = None
     detokenize: bool = True
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     # Free-form slot for engine-specific extras; never interpreted here.
     extra_args: dict[str, Any] | None = field(default=None, repr=False)
 

@@ -34,7 +34,9 @@ def tiny_llm(**flags):
 def assert_pool_empty(llm):
     pool = llm.engine.pool
     assert pool.num_free == pool.num_pages and (pool.ref_counts == 0).all()
-    assert not llm.engine.scheduler.running and not llm.engine.scheduler.waiting
+    assert not llm.engine.scheduler.running and not llm.engine.scheduler.waiting() and llm.engine.scheduler.num_waiting == 0
+    pool.check()
+    assert sorted(llm.engine.scheduler.free_seats) == list(range(llm.engine.config.scheduler.max_num_seqs))
 
 
 # ---- golden parity on the real model -------------------------------------------------------------

@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxllm.engine.sampler import (RowSpec, SamplingTensors, apply_bias_and_penalties, bucket,
-                                   penalty_arrays, processed_logits, sample)
+from jaxllm.engine.sampler import (PenaltyRows, RowSpec, SamplingTensors, apply_bias_and_penalties, bucket,
+                                   processed_logits, sample)
 from jaxllm.sampling_params import SamplingParams
 
 # ------------------------------------------------------------------------------------------------
@@ -139,14 +139,17 @@ def ref_distribution(logits, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, **p
 
 
 def row_from(cfg, seed=0, step=0, target=-1):
-    ids, cnt, inp = penalty_arrays(cfg.get("prompt", ()), cfg.get("output", ()))
     return RowSpec(temperature=cfg.get("temperature", 1.0), top_k=cfg.get("top_k", 0),
                    top_p=cfg.get("top_p", 1.0), min_p=cfg.get("min_p", 0.0),
                    repetition_penalty=cfg.get("repetition_penalty", 1.0),
                    presence_penalty=cfg.get("presence_penalty", 0.0),
                    frequency_penalty=cfg.get("frequency_penalty", 0.0), seed=seed, step=step,
-                   penalty_ids=ids, penalty_output_counts=cnt, penalty_in_prompt=inp,
                    bias=cfg.get("bias"), target_id=target)
+
+
+def pen_from(cfgs, V, R=None):
+    """Dense penalty rows for the configs (what the engine's per-seat device state holds)."""
+    return PenaltyRows.from_ids([c.get("prompt", ()) for c in cfgs], [c.get("output", ()) for c in cfgs], V, R)
 
 
 def chi2_quantile(df: int, z: float = 3.9) -> float:
@@ -164,39 +167,34 @@ def test_bucket():
     assert bucket(3, minimum=8) == 8
 
 
-def test_penalty_arrays_match_counter():
+def test_penalty_rows_match_counter():
     rng = np.random.default_rng(0)
     prompt, output = rng.integers(0, 50, 40), rng.integers(0, 50, 30)
-    ids, cnt, inp = penalty_arrays(prompt, output)
-    assert list(ids) == sorted(set(prompt) | set(output))
+    pen = PenaltyRows.from_ids([prompt], [output], 50)
     c = Counter(output.tolist())
-    assert [int(x) for x in cnt] == [c[int(i)] for i in ids]
-    assert [bool(x) for x in inp] == [int(i) in set(prompt.tolist()) for i in ids]
-    e = penalty_arrays([], [])
-    assert all(len(a) == 0 for a in e)
+    assert pen.output_counts.shape == (1, 50)
+    assert pen.output_counts[0].tolist() == [c[i] for i in range(50)]
+    assert pen.in_prompt[0].tolist() == [i in set(prompt.tolist()) for i in range(50)]
 
 
 def test_build_pads_and_from_params():
     p = SamplingParams(temperature=0.7, top_k=3, presence_penalty=0.5, logit_bias={4: 2.0}, seed=-1)
-    r = RowSpec.from_params(p, seed=2**32 + 5, step=3, prompt_ids=[1, 1, 2], output_ids=[2, 9, 9],
-                            suppress_ids=[0])
-    t = SamplingTensors.build([r, RowSpec.from_params(SamplingParams(), seed=1, step=0)], R=4)
-    assert t.penalty_ids.shape == (4, 4) and t.bias_ids.shape == (4, 2)
-    np.testing.assert_array_equal(t.penalty_ids[0], [1, 2, 9, -1])
-    np.testing.assert_array_equal(t.penalty_output_counts[0], [0, 1, 2, 0])
-    np.testing.assert_array_equal(t.penalty_in_prompt[0], [True, True, False, False])
+    r = RowSpec.from_params(p, seed=2**32 + 5, step=3, suppress_ids=[0])
+    t = SamplingTensors.build([r, RowSpec.from_params(SamplingParams(logprobs=2), seed=1, step=0)], R=4)
+    assert t.bias_ids.shape == (4, 2)
+    assert t.presence_penalty[0] == 0.5 and t.top_logprobs.tolist() == [False, True, False, False]
     assert dict(zip(t.bias_ids[0].tolist(), t.bias_values[0].tolist())) == {4: 2.0, 0: -np.inf}
     assert t.seeds[0] == 5 and t.steps[0] == 3 and t.top_k[0] == 3
-    # Second row has no penalties (none requested) and padding rows are inert greedy rows.
-    assert (t.penalty_ids[1:] == -1).all() and (t.bias_ids[1:] == -1).all()
+    # Second row has no bias (none requested) and padding rows are inert greedy rows.
+    assert (t.bias_ids[1:] == -1).all()
     np.testing.assert_array_equal(t.temperature[2:], 0.0)
     np.testing.assert_array_equal(t.top_p[2:], 1.0)
     np.testing.assert_array_equal(t.target_ids, -1)
     with pytest.raises(ValueError, match="buckets too small"):
-        SamplingTensors.build([r], R=1, K=2)
-    # A batch without penalties / biases pays for one slot only.
+        SamplingTensors.build([r], R=1, B=1)
+    # A batch without biases pays for one slot only.
     t0 = SamplingTensors.build([RowSpec(temperature=1.0)] * 3)
-    assert t0.penalty_ids.shape == (4, 1) and t0.bias_ids.shape == (4, 1)
+    assert t0.bias_ids.shape == (4, 1)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -217,8 +215,9 @@ def test_bias_and_penalties_match_reference():
             bias={int(k): float(rng.uniform(-5, 5)) for k in rng.choice(V, 3, replace=False)}))
     cfgs[0]["bias"][int(cfgs[0]["output"][0]) if len(cfgs[0]["output"]) else 0] = -np.inf
     cfgs[1] = dict(repetition_penalty=1.3, prompt=[1, 2, 3])  # prompt only: no presence/frequency
-    t = SamplingTensors.build([row_from(c) for c in cfgs], R=8, K=32, B=4)
-    got = np.asarray(apply_bias_and_penalties(jnp.asarray(np.pad(logits, ((0, 2), (0, 0)))), t))
+    t = SamplingTensors.build([row_from(c) for c in cfgs], R=8, B=4)
+    got = np.asarray(apply_bias_and_penalties(jnp.asarray(np.pad(logits, ((0, 2), (0, 0)))), t,
+                                              pen_from(cfgs, V, R=8)))
     for i, c in enumerate(cfgs):
         np.testing.assert_allclose(got[i], ref_penalized(logits[i], **c), rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(got[R:], 0.0)  # padding rows untouched
@@ -240,7 +239,7 @@ def test_truncation_support_matches_reference(trial):
                          prompt=rng.integers(0, V, 5), output=rng.integers(0, V, 5),
                          bias={int(rng.integers(V)): 4.0}))
     t = SamplingTensors.build([row_from(c) for c in cfgs], R=R)
-    _, x = jax.jit(processed_logits)(jnp.asarray(logits), t)
+    _, x = jax.jit(processed_logits)(jnp.asarray(logits), t, pen_from(cfgs, V))
     x = np.asarray(x)
     sizes = []
     for i, c in enumerate(cfgs):
@@ -288,7 +287,7 @@ def test_empirical_frequencies_match_reference(case):
     want = ref_distribution(logits, **cfg)
     # N rows with identical inputs and steps 0..N-1: N independent draws in one call.
     t = SamplingTensors.build([row_from(cfg, seed=1234, step=s) for s in range(N)], R=N)
-    toks = np.asarray(sample(jnp.asarray(np.tile(logits, (N, 1))), t).token_ids)
+    toks = np.asarray(sample(jnp.asarray(np.tile(logits, (N, 1))), t, pen_from([cfg] * N, V)).token_ids)
     obs = np.bincount(toks, minlength=V)
     assert obs[want == 0].sum() == 0, "sampled a token outside the reference support"
     exp = want * N
@@ -309,7 +308,7 @@ def test_greedy_is_argmax_of_penalized_logits_and_mixes_with_random_rows():
             dict(temperature=0.0, repetition_penalty=3.0, prompt=[int(np.argmax(logits[2]))]),
             dict(temperature=0.0, bias={7: 50.0}), dict(temperature=1.0), dict(temperature=0.0)]
     t = SamplingTensors.build([row_from(c, seed=i) for i, c in enumerate(cfgs)], R=R)
-    out = sample(jnp.asarray(logits), t)
+    out = sample(jnp.asarray(logits), t, pen_from(cfgs, V, R))
     toks = np.asarray(out.token_ids)
     for i, c in enumerate(cfgs):
         if c["temperature"] == 0.0:
@@ -319,7 +318,7 @@ def test_greedy_is_argmax_of_penalized_logits_and_mixes_with_random_rows():
     np.testing.assert_array_equal(toks[6:], np.argmax(logits[6:], axis=1))
     all_greedy = [c if c["temperature"] == 0.0 else dict(temperature=0.0) for c in cfgs]
     toks2 = np.asarray(sample(jnp.asarray(logits), SamplingTensors.build(
-        [row_from(c) for c in all_greedy], R=R)).token_ids)
+        [row_from(c) for c in all_greedy], R=R), pen_from(all_greedy, V, R)).token_ids)
     np.testing.assert_array_equal(np.delete(toks2, 4), np.delete(toks, 4))
     assert toks2[4] == int(np.argmax(logits[4]))
 
@@ -333,7 +332,12 @@ def test_logprobs_are_raw_log_softmax_with_ranks_and_targets():
             dict(temperature=1.0), dict(temperature=0.0)]
     rows = [row_from(c, seed=9) for c in cfgs]
     rows[2].target_id = 11  # a prompt-logprob row
-    out = sample(jnp.asarray(logits), SamplingTensors.build(rows, R=R), num_top_logprobs=k)
+    # Top logprobs are computed when any row asks (then for every row), skipped when none does.
+    skipped = sample(jnp.asarray(logits), SamplingTensors.build(rows, R=R), pen_from(cfgs, V), num_top_logprobs=k)
+    assert (np.asarray(skipped.top_ids) == 0).all() and (np.asarray(skipped.top_logprobs) == 0).all()
+    rows[1].top_logprobs = True
+    out = sample(jnp.asarray(logits), SamplingTensors.build(rows, R=R), pen_from(cfgs, V), num_top_logprobs=k)
+    np.testing.assert_array_equal(out.token_ids, skipped.token_ids)
     ref = logits.astype(np.float64) - np.log(np.exp(logits.astype(np.float64)).sum(1, keepdims=True))
     toks = np.asarray(out.token_ids)
     assert toks[0] == 3  # the bias made token 3 near-certain, yet its logprob stays the raw one
@@ -359,7 +363,9 @@ def test_seeded_draws_ignore_batch_position_and_neighbours():
         rows.insert(pos, row_from(me, seed=seed, step=step))
         L = rng.normal(0, 1, (R, V)).astype(np.float32)
         L[pos] = logits
-        out = sample(jnp.asarray(L), SamplingTensors.build(rows, R=R))
+        cfgs = [other_cfg] * n_other
+        cfgs.insert(pos, me)
+        out = sample(jnp.asarray(L), SamplingTensors.build(rows, R=R), pen_from(cfgs, V, R))
         return int(out.token_ids[pos])
 
     for step in range(4):
@@ -378,7 +384,7 @@ def test_suppressed_tokens_never_sampled_and_bf16_inside_jit():
     V, R = 16, 256
     logits = np.zeros((R, V), np.float32)
     logits[:, 2] = 5.0  # token 2 dominates but is suppressed (e.g. EOS before min_tokens)
-    p = SamplingParams(temperature=1.0, min_tokens=4)
+    p = SamplingParams(temperature=1.0, min_tokens=4, logprobs=2)
     rows = [RowSpec.from_params(p, seed=0, step=s, suppress_ids=p.all_stop_token_ids(2)) for s in range(R)]
     t = SamplingTensors.build(rows)
 

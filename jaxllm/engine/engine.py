@@ -19,11 +19,12 @@ import numpy as np
 import models
 from jaxllm.config import EngineConfig, default_cache_dir
 from jaxllm.engine.kv_pages import PagePool
+from jaxllm.engine.output_processor import OutputProcessor
 from jaxllm.engine.request import Request, Sequence
 from jaxllm.engine.runner import LogitsRow, ModelRunner
 from jaxllm.engine.sampler import RowSpec
-from jaxllm.engine.scheduler import ScheduledBatch, Scheduler
-from jaxllm.outputs import CompletionOutput, Logprob, RequestOutput
+from jaxllm.engine.scheduler import Scheduler, SchedulerOutput
+from jaxllm.outputs import RequestOutput
 from jaxllm.sampling_params import SamplingParams
 from jaxllm.tokenizer import IncrementalDetokenizer, load_tokenizer
 
@@ -44,6 +45,9 @@ class EngineStats:
     num_compiles: int
     num_recompiles_after_warmup: int
     warmup_seconds: float
+    prefix_cache_queries: int = 0  # tokens of newly admitted prompts
+    prefix_cache_hits: int = 0  # of which found in the prefix cache
+    healthy: bool = True
 
 
 def enable_persistent_compilation_cache(cache_dir: str | None) -> None:
@@ -96,23 +100,28 @@ class LLMEngine:
         if sched.max_num_batched_tokens < sched.max_num_seqs:
             raise ValueError(f"max_num_batched_tokens ({sched.max_num_batched_tokens}) must be >= max_num_seqs "
                              f"({sched.max_num_seqs}) so every running sequence can decode each step")
-        self.pool = PagePool(num_pages, cache.page_size)
-        self.scheduler = Scheduler(sched, self.pool)
         self.runner = ModelRunner(self.loaded.model, self.model_config, num_pages=num_pages,
                                   page_size=cache.page_size, max_model_len=max_model_len,
                                   max_num_seqs=sched.max_num_seqs,
                                   max_num_batched_tokens=sched.max_num_batched_tokens, kv_dtype=kv_dtype)
+        self.pool = PagePool(num_pages, cache.page_size, enable_prefix_caching=cache.enable_prefix_caching)
+        self.scheduler = Scheduler(sched, self.pool, max_logits_rows=self.runner.shapes.row_buckets[-1])
+        self.processor = OutputProcessor(self.tokenizer, self.eos_token_ids, max_model_len)
         self.load_seconds = time.perf_counter() - t0
         self.warmup_seconds = self.runner.warmup() if config.compile.warmup else 0.0
-        logger.info("engine ready: %s, %d KV pages x %d tokens (%.0f MiB), max_model_len %d, "
-                    "%d programs compiled in %.1fs (load %.1fs)", self.model_name, num_pages, cache.page_size,
-                    self.runner.kv_pages.nbytes / 2**20, max_model_len, len(self.runner.compiled),
+        logger.info("engine ready: %s, %d KV pages x %d tokens (%.0f MiB; %.0f MiB with penalty state), "
+                    "max_model_len %d, prefix caching %s, %d programs compiled in %.1fs (load %.1fs)",
+                    self.model_name, num_pages, cache.page_size, self.runner.kv_pages.nbytes / 2**20,
+                    self.runner.device_bytes / 2**20, max_model_len,
+                    "on" if cache.enable_prefix_caching else "off", len(self.runner.compiled),
                     self.warmup_seconds, self.load_seconds)
 
         self.requests: dict[str, Request] = {}
         self._rng = np.random.default_rng(config.model.seed)
         self._order = 0
         self._aborted_outputs: list[RequestOutput] = []
+        self.healthy = True  # False only while a failed step's device state is being rebuilt
+        self.num_step_failures = 0
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         self.last_iteration_tokens = 0
@@ -134,7 +143,7 @@ class LLMEngine:
 
     def add_request(self, request_id: str, prompt: str | None, params: SamplingParams | None = None, *,
                     prompt_token_ids: list[int] | None = None, priority: int = 0,
-                    arrival_time: float | None = None) -> None:
+                    arrival_time: float | None = None, cache_salt: str | None = None) -> None:
         params = params or SamplingParams()
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -167,8 +176,11 @@ class LLMEngine:
                 raise ValueError(f"token id {p} in stop_token_ids/logit_bias is out of the vocabulary")
         self._order += 1
         seed = params.seed if params.seed is not None else int(self._rng.integers(0, 2**31))
+        if cache_salt is not None and not isinstance(cache_salt, str):
+            raise ValueError("cache_salt must be a string")
         req = Request(request_id, prompt, prompt_token_ids, params, max_tokens, priority,
-                      arrival_time if arrival_time is not None else time.time(), self._order)
+                      arrival_time if arrival_time is not None else time.time(), self._order,
+                      page_size=self.pool.page_size, cache_salt=(cache_salt or "").encode())
         if params.prompt_logprobs is not None:
             req.prompt_logprobs = [None]
         req.sequences.append(self._new_sequence(req, 0, seed, list(prompt_token_ids)))
@@ -192,38 +204,48 @@ class LLMEngine:
                     self.scheduler.finish(seq)
             req.forked = True  # no siblings will be created any more
             req.metrics.finished_time = time.time()
-            self._aborted_outputs.append(self._output(req, finished=True))
+            self._aborted_outputs.append(self.processor.make_output(req, True))
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests) or bool(self._aborted_outputs)
 
+    def reset_prefix_cache(self) -> int:
+        """Forgets every cached page (POST /reset_prefix_cache); returns how many were named."""
+        return self.pool.reset_prefix_cache()
+
     def get_stats(self) -> EngineStats:
+        """O(running): waiting counts sequences not yet running (an n > 1 request's parent counts once)."""
         running = {s.request.request_id for s in self.scheduler.running}
-        waiting = {s.request.request_id for s in self.scheduler.waiting} - running
-        return EngineStats(len(running), len(waiting), self.pool.usage, self.scheduler.num_preemptions,
-                           self.prompt_tokens_total, self.generation_tokens_total, self.last_iteration_tokens,
-                           len(self.runner.compiled), self.runner.num_recompiles, self.warmup_seconds)
+        return EngineStats(len(running), self.scheduler.num_waiting, self.pool.usage,
+                           self.scheduler.num_preemptions, self.prompt_tokens_total, self.generation_tokens_total,
+                           self.last_iteration_tokens, len(self.runner.compiled), self.runner.num_recompiles,
+                           self.warmup_seconds, self.pool.queries, self.pool.hits, self.healthy)
 
     # ---- the step -------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        """schedule -> prepare inputs -> run the model -> apply tokens -> outputs of requests that moved."""
         outputs, self._aborted_outputs = self._aborted_outputs, []
-        batch = self.scheduler.schedule()
-        self.last_iteration_tokens = batch.total_tokens
-        if not batch:
+        sched = self.scheduler.schedule()
+        self.last_iteration_tokens = sched.total_tokens
+        if not sched:
             return outputs
         now = time.time()
-        inputs = self.runner.prepare(batch)
-        rows, owners = self._logits_rows(batch, inputs.row_offsets)
-        result = self.runner.execute(inputs, rows)
+        inputs = self.runner.prepare(sched)
+        rows, owners = self._logits_rows(sched, inputs.row_offsets)
+        try:
+            result = self.runner.execute(inputs, rows)
+        except Exception as exc:  # noqa: BLE001 - a device fault: fail this step's requests, keep serving
+            return outputs + self._recover(sched, exc)
 
         touched: dict[str, Request] = {}
-        for seq, n in zip(batch.seqs, batch.num_tokens):
-            req = seq.request
+        for item in sched.scheduled:
+            seq, req = item.seq, item.seq.request
             if req.metrics.first_scheduled_time is None:
                 req.metrics.first_scheduled_time = now
                 self.prompt_tokens_total += req.num_prompt_tokens
-            seq.num_computed_tokens += n
+            seq.num_computed_tokens += item.num_tokens
+            self.scheduler.register_computed_pages(seq)
             touched[req.request_id] = req
         if result is not None:
             self._apply_samples(owners, result)
@@ -234,151 +256,97 @@ class LLMEngine:
             if finished:
                 req.metrics.finished_time = time.time()
                 del self.requests[req.request_id]
-            outputs.append(self._output(req, finished))
+            out = self.processor.make_output(req, finished)
+            if out is not None:
+                outputs.append(out)
         return outputs
 
-    def _logits_rows(self, batch: ScheduledBatch, offsets: list[int]):
+    def _recover(self, sched: SchedulerOutput, exc: Exception) -> list[RequestOutput]:
+        """After a failed step the donated pool is gone: fail the requests of that step, rebuild the
+        device state, and send every other sequence back to recompute from its tokens."""
+        logger.exception("engine step failed (%s); failing its %d requests and rebuilding the KV pool",
+                         type(exc).__name__, len(sched.scheduled))
+        self.healthy = False
+        self.num_step_failures += 1
+        failed = {item.seq.request.request_id: item.seq.request for item in sched.scheduled}
+        outputs = []
+        for rid, req in failed.items():
+            for seq in req.sequences:
+                if not seq.is_finished:
+                    seq.finish_reason = "abort"
+                    self.scheduler.finish(seq)
+            req.forked = True
+            req.metrics.finished_time = time.time()
+            self.requests.pop(rid, None)
+            outputs.append(self.processor.make_output(req, True, error=f"engine step failed: {exc}"))
+        self.scheduler.preempt_all()
+        self.pool.reset()
+        self.runner.reset_device_state()  # raises if the device is really gone: the caller must exit
+        self.healthy = True
+        return outputs
+
+    def _logits_rows(self, sched: SchedulerOutput, offsets: list[int]):
         """Rows to compute logits for, with who owns each: ('sample', seq, sibling) or ('prompt', req, pos)."""
         rows: list[LogitsRow] = []
         owners: list[tuple] = []
-        for seq, n, start_row in zip(batch.seqs, batch.num_tokens, offsets):
+        for item, start_row in zip(sched.scheduled, offsets):
+            seq = item.seq
             req, p = seq.request, seq.request.params
-            start = seq.num_computed_tokens
-            if req.prompt_logprobs is not None:
-                # Logprob of prompt token pos+1 given tokens up to pos, for positions not yet recorded.
-                first = max(start, len(req.prompt_logprobs) - 1)
-                for pos in range(first, min(start + n, req.num_prompt_tokens - 1)):
-                    rows.append(LogitsRow(start_row + pos - start,
-                                          RowSpec(target_id=req.prompt_token_ids[pos + 1])))
-                    owners.append(("prompt", req, pos + 1))
-            if start + n < len(seq.token_ids):
+            for pos in item.prompt_logprob_positions:
+                # Logprob of prompt token pos+1 given tokens up to pos.
+                rows.append(LogitsRow(start_row + pos - item.start, RowSpec(
+                    target_id=req.prompt_token_ids[pos + 1], top_logprobs=bool(p.prompt_logprobs))))
+                owners.append(("prompt", req, pos + 1))
+            if not item.num_samples:
                 continue  # a prefill chunk that does not reach the end samples nothing
             # n > 1: the prompt's last row samples every sibling's first token; siblings go first so
             # they can share the parent's pages before the parent may finish and free them.
-            siblings = [*range(1, req.num_sequences), 0] if (not req.forked and seq.index == 0) else [seq.index]
+            siblings = [*range(1, item.num_samples), 0] if item.num_samples > 1 else [seq.index]
+            suppress = p.all_stop_token_ids(self.eos_token_ids) if seq.num_output_tokens < p.min_tokens else ()
             for index in siblings:
                 seed = seq.seed if index == seq.index else _sibling_seed(seq.seed, index)
-                suppress = ()
-                if seq.num_output_tokens < p.min_tokens:
-                    suppress = p.all_stop_token_ids(self.eos_token_ids)
-                rows.append(LogitsRow(start_row + n - 1, RowSpec.from_params(
-                    p, seed=seed, step=seq.num_output_tokens, prompt_ids=req.prompt_token_ids,
-                    output_ids=seq.output_token_ids, suppress_ids=suppress)))
+                rows.append(LogitsRow(start_row + item.num_tokens - 1, RowSpec.from_params(
+                    p, seed=seed, step=seq.num_output_tokens, suppress_ids=suppress), seat=seq.seat))
                 owners.append(("sample", seq, index))
         return rows, owners
 
     def _apply_samples(self, owners, result) -> None:
+        proc = self.processor
         for i, owner in enumerate(owners):
+            args = (int(result.token_ids[i]), float(result.token_logprob[i]), int(result.token_rank[i]),
+                    result.top_ids[i], result.top_logprobs[i])
             if owner[0] == "prompt":
                 _, req, pos = owner
-                k = req.params.prompt_logprobs
-                entry = {req.prompt_token_ids[pos]: Logprob(float(result.token_logprob[i]), int(result.token_rank[i]),
-                                 self.tokenizer.id_to_piece_text(req.prompt_token_ids[pos]))}
-                for tid, lp in self._top_logprobs(result, i, k):
-                    entry.setdefault(tid, lp)
-                req.prompt_logprobs.append(entry)
+                target = req.prompt_token_ids[pos]
+                req.prompt_logprobs.append(proc.logprob_entry(target, *args[1:], req.params.prompt_logprobs))
                 continue
             _, seq, index = owner
             req = seq.request
-            if index != seq.index:  # first token of an n > 1 sibling: it shares the prompt's full pages
-                sibling = self._fork(seq, index)
-                self._append_token(sibling, i, result)
-            else:
-                self._append_token(seq, i, result)
+            target = self._fork(seq, index) if index != seq.index else seq
+            self.generation_tokens_total += 1
+            now = time.time()
+            if req.metrics.first_token_time is None:
+                req.metrics.first_token_time = now
+            req.metrics.last_token_time = now
+            if proc.append_token(target, *args):
+                self.scheduler.finish(target)
             if index == 0:
                 req.forked = True
 
     def _fork(self, parent: Sequence, index: int) -> Sequence:
+        """The first token of an n > 1 sibling: it shares the prompt's full pages with its parent."""
         req = parent.request
         seq = self._new_sequence(req, index, _sibling_seed(parent.seed, index), list(req.prompt_token_ids))
         full_pages = req.num_prompt_tokens // self.pool.page_size
         seq.pages = self.pool.share(parent.pages[:full_pages])
+        seq.page_hashes = parent.page_hashes[:full_pages]
+        seq.num_registered_pages = full_pages
         # The partly filled last prompt page cannot be shared (the sibling writes its own tokens there):
         # those few prompt tokens are recomputed into a page of the sibling's own.
         seq.num_computed_tokens = full_pages * self.pool.page_size
         req.sequences.append(seq)
-        self.scheduler.add_running(seq)
+        self.scheduler.add_running(seq, parent)
         return seq
-
-    def _top_logprobs(self, result, i, k: int) -> list[tuple[int, Logprob]]:
-        """Row i's k most likely tokens (built only for requests that asked for logprobs)."""
-        ids, lps = result.top_ids[i][:k], result.top_logprobs[i][:k]
-        return [(int(t), Logprob(float(lp), r + 1, self.tokenizer.id_to_piece_text(int(t))))
-                for r, (t, lp) in enumerate(zip(ids, lps))]
-
-    def _append_token(self, seq: Sequence, i: int, result) -> None:
-        req, p = seq.request, seq.request.params
-        token = int(result.token_ids[i])
-        logprob = float(result.token_logprob[i])
-        seq.token_ids.append(token)
-        seq.cumulative_logprob += logprob
-        self.generation_tokens_total += 1
-        now = time.time()
-        if req.metrics.first_token_time is None:
-            req.metrics.first_token_time = now
-        req.metrics.last_token_time = now
-        if p.logprobs is not None:
-            entry = {token: Logprob(logprob, int(result.token_rank[i]), self.tokenizer.id_to_piece_text(token))}
-            for tid, lp in self._top_logprobs(result, i, p.logprobs):
-                entry.setdefault(tid, lp)
-            seq.logprobs.append(entry)
-
-        n_out = seq.num_output_tokens
-        stop_ids = p.all_stop_token_ids(self.eos_token_ids) if n_out > p.min_tokens - 1 else set()
-        if token in stop_ids:
-            seq.finish_reason = "stop"
-            seq.stop_reason = None if (token in self.eos_token_ids and token not in (p.stop_token_ids or ())) else token
-            if p.include_stop_str_in_output and p.detokenize:
-                seq.text += seq.detokenizer.add(token)
-            self.scheduler.finish(seq)
-            return
-        delta = seq.detokenizer.add(token) if p.detokenize else ""
-        seq.text += delta
-        if p.stop and n_out >= p.min_tokens and self._check_stop_strings(seq, len(delta)):
-            self.scheduler.finish(seq)
-            return
-        if n_out >= req.max_tokens or len(seq.token_ids) >= self.max_model_len:
-            seq.finish_reason = "length"
-            if p.detokenize:
-                seq.text += seq.detokenizer.finish()  # a character cut off by the limit still shows
-            self.scheduler.finish(seq)
-
-    def _check_stop_strings(self, seq: Sequence, new_chars: int) -> bool:
-        p = seq.request.params
-        longest = max(len(s) for s in p.stop)
-        window_start = max(0, len(seq.text) - new_chars - longest + 1)  # only new text can complete one
-        hits = [(seq.text.find(s, window_start), s) for s in p.stop]
-        hits = [(i, s) for i, s in hits if i >= 0]
-        if not hits:
-            return False
-        idx, stop = min(hits)
-        seq.text = seq.text[: idx + (len(stop) if p.include_stop_str_in_output else 0)]
-        seq.finish_reason, seq.stop_reason = "stop", stop
-        return True
-
-    # ---- outputs --------------------------------------------------------------------------------
-
-    def _visible_text(self, seq: Sequence) -> str:
-        """While running, hold back a tail that could still become a stop string (never emit it partly)."""
-        stops = seq.request.params.stop
-        if seq.is_finished or not stops:
-            return seq.text
-        hold = max(len(s) for s in stops) - 1
-        return seq.text[: max(0, len(seq.text) - hold)]
-
-    def _output(self, req: Request, finished: bool) -> RequestOutput:
-        seqs = list(req.sequences)
-        if finished and req.num_sequences > req.params.n:  # best_of: keep the n most likely
-            seqs = sorted(seqs, key=lambda s: -s.cumulative_logprob)[: req.params.n]
-        completions = [
-            CompletionOutput(index=i if req.num_sequences > req.params.n else s.index,
-                             text=self._visible_text(s), token_ids=list(s.output_token_ids),
-                             cumulative_logprob=s.cumulative_logprob,
-                             logprobs=list(s.logprobs) if req.params.logprobs is not None else None,
-                             finish_reason=s.finish_reason, stop_reason=s.stop_reason)
-            for i, s in enumerate(seqs)]
-        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, completions, finished,
-                             prompt_logprobs=req.prompt_logprobs, metrics=req.metrics)
 
 
 def _sibling_seed(seed: int, index: int) -> int:

@@ -11,8 +11,62 @@ import enum
 import time
 from dataclasses import dataclass, field
 
+from jaxllm.engine.kv_pages import page_hash
 from jaxllm.outputs import PositionLogprobs, RequestMetrics
 from jaxllm.sampling_params import SamplingParams
+
+
+class TextBuffer:
+    """Output text that grows by pieces: appends are O(piece), not O(text) (a str += would copy it all)."""
+
+    __slots__ = ("_pieces", "_len", "_joined")
+
+    def __init__(self):
+        self._pieces: list[str] = []
+        self._len = 0
+        self._joined = ""
+
+    def __len__(self) -> int:
+        return self._len
+
+    def append(self, piece: str) -> None:
+        if piece:
+            self._pieces.append(piece)
+            self._len += len(piece)
+
+    def tail(self, n: int) -> str:
+        """The last n characters (stop strings are searched only there)."""
+        out, need = [], n
+        for piece in reversed(self._pieces):
+            if need <= 0:
+                break
+            out.append(piece[-need:])
+            need -= len(piece)
+        return "".join(reversed(out))
+
+    def slice(self, start: int, end: int | None = None) -> str:
+        """Characters [start, end), joining only the pieces that cover them."""
+        end = self._len if end is None else end
+        if start >= end:
+            return ""
+        out, pos = [], self._len
+        for piece in reversed(self._pieces):
+            if pos <= start:
+                break
+            lo = pos - len(piece)
+            out.append(piece[max(0, start - lo): max(0, end - lo)])
+            pos = lo
+        return "".join(reversed(out))
+
+    def truncate(self, n: int) -> None:
+        if n < self._len:
+            self._pieces = [self.slice(0, n)]
+            self._len = n
+
+    def __str__(self) -> str:
+        if len(self._pieces) > 1:
+            self._pieces = ["".join(self._pieces)]
+        return self._pieces[0] if self._pieces else ""
 
 
 class SequenceStatus(enum.Enum):
@@ -32,10 +86,26 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str | None = None
     stop_reason: int | str | None = None
-    text: str = ""  # detokenized output (may hold back a possible stop-string prefix)
+    text: TextBuffer = field(default_factory=TextBuffer)  # detokenized output
     logprobs: list[PositionLogprobs] = field(default_factory=list)
     cumulative_logprob: float = 0.0
     detokenizer: object | None = None
+    seat: int | None = None  # row of the device-side penalty state while running (see scheduler)
+    page_hashes: list[bytes] = field(default_factory=list)  # prefix-cache names of full pages so far
+    num_registered_pages: int = 0  # leading pages already named in the pool
+    # What the last DELTA output reached (tokens, visible characters, logprob positions).
+    emitted_tokens: int = 0
+    emitted_chars: int = 0
+
+    def hashes_for(self, num_pages: int) -> list[bytes]:
+        """The hash chain of the first `num_pages` full pages of token_ids (extended lazily)."""
+        ps = self.request.page_size
+        salt = self.request.cache_salt
+        while len(self.page_hashes) < num_pages:
+            i = len(self.page_hashes)
+            parent = self.page_hashes[-1] if i else None
+            self.page_hashes.append(page_hash(parent, self.token_ids[i * ps:(i + 1) * ps], salt))
+        return self.page_hashes[:num_pages]
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -77,6 +147,11 @@ class Request:
     prompt_logprobs: list[PositionLogprobs | None] | None = None
     forked: bool = False  # n > 1 siblings created after the prompt's prefill
     metrics: RequestMetrics | None = None
+    page_size: int = 16
+    cache_salt: bytes = b""  # extra key of every page hash: salted requests never share pages
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at first admission
+    reserved_seats: list[int] = field(default_factory=list)  # seats held for n > 1 siblings until the fork
+    prompt_logprobs_sent: bool = False
 
     def __post_init__(self):
         if self.metrics is None:

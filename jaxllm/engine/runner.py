@@ -1,11 +1,18 @@
-"""Builds one ragged step's inputs in NumPy, pads them to a compiled bucket, and runs the jitted step.
+"""Builds one ragged step's inputs in NumPy, pads them to a compiled shape, and runs the jitted step.
 
-Two jitted programs per step, both compiled for every bucket at start-up:
-  forward(params, kv_pages, token_ids[T], positions[T], md) -> (hidden[T, H], kv_pages)   T buckets
-  sample(params, hidden, logits_indices[R], SamplingTensors) -> SamplerOutput             R/K/B buckets
-The pool is donated to `forward` and written in place. They are split so the sampler's buckets (rows
-that need logits, penalty and bias slots) do not multiply the model's: the hidden states stay on
-device between the two calls, and only sampled ids and logprobs come back to the host.
+Two jitted programs per step, every shape of both declared in one `ShapeTable` and compiled at start-up:
+  forward(params, kv_pages, penalty_state, token_ids[T], positions[T], md, record)
+      -> (hidden[T_max, H], kv_pages, penalty_state)                                   one per T bucket
+  sample(params, hidden, penalty_state, logits_indices[R], row_seats[R], SamplingTensors)
+      -> SamplerOutput                                                     one per (R bucket, bias lanes)
+The pool and the penalty state are donated to `forward` and updated in place. The programs are split so
+the sampler's shapes do not multiply the model's: the hidden states stay on device between the two
+calls, and only sampled ids and logprobs come back to the host.
+
+Penalty state: per seat (see the scheduler), the output-token counts and prompt-token membership over
+the vocabulary, [max_num_seqs + 1, V] (the last row is scratch for padding and prompt-logprob rows).
+`forward` records every token it computes into its sequence's seat, so it is always current without
+the host ever sending a sequence's history.
 """
 
 from __future__ import annotations
@@ -19,22 +26,73 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxllm.engine.sampler import RowSpec, SamplerOutput, SamplingTensors, bucket, sample
-from jaxllm.engine.scheduler import ScheduledBatch
+from jaxllm.engine.sampler import PenaltyRows, RowSpec, SamplerOutput, SamplingTensors, bucket, sample
+from jaxllm.engine.scheduler import RESET_SEAT, SchedulerOutput
 from models.base import AttentionMetadata
 
 logger = logging.getLogger(__name__)
 
-NUM_TOP_LOGPROBS = 20  # OpenAI's maximum; always computed so any request can ask for up to this many
-_MIN_TOKEN_BUCKET = 16
+NUM_TOP_LOGPROBS = 20  # OpenAI's maximum; computed (only when a row asks) so any request can ask
+MAX_BIAS_SLOTS = 512  # OpenAI allows 300 logit_bias entries; the rest is stop/eos suppression
+
+
+@dataclass(frozen=True)
+class ShapeTable:
+    """Every compiled program shape. The runner pads each step to one of these, warm-up compiles all
+    of them, and any other shape is a bug (counted as a recompile and logged)."""
+
+    token_buckets: tuple[int, ...]  # T of forward
+    row_buckets: tuple[int, ...]  # R of sample
+    bias_slots: tuple[int, ...]  # B of sample: 1 (no row has a bias) or the maximum
+
+    @classmethod
+    def build(cls, max_num_batched_tokens: int, max_num_seqs: int) -> ShapeTable:
+        top = bucket(max_num_batched_tokens)
+        # Rows needing logits: at most one sampled token per seat plus one prompt-logprob row per token.
+        top_rows = bucket(max_num_batched_tokens + max_num_seqs)
+        return cls(token_buckets=tuple(1 << i for i in range(top.bit_length())),
+                   row_buckets=tuple(1 << i for i in range(top_rows.bit_length())),
+                   bias_slots=(1, MAX_BIAS_SLOTS))
+
+    def programs(self) -> list[tuple]:
+        return ([("forward", T) for T in self.token_buckets]
+                + [("sample", R, B) for R in self.row_buckets for B in self.bias_slots])
+
+    @staticmethod
+    def pick(buckets: tuple[int, ...], n: int, what: str) -> int:
+        for b in buckets:
+            if b >= n:
+                return b
+        raise ValueError(f"{n} {what} exceed the largest compiled bucket {buckets[-1]}")
 
 
 @dataclass
 class LogitsRow:
-    """One row of the step that needs logits: `flat_row` indexes the ragged token batch."""
+    """One row of the step that needs logits: `flat_row` indexes the ragged token batch; `seat` is
+    whose penalty state applies (None for prompt-logprob rows)."""
 
     flat_row: int
     spec: RowSpec
+    seat: int | None = None
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class PenaltyRecord:
+    """How a step updates the per-seat penalty state.
+
+    token_seats [T] i32: seat of each token's sequence (out of range, so dropped, for padding)
+    token_is_output [T] bool: generated token (counted) vs prompt token (marked)
+    seat_src [S1] i32: row each seat's state is taken from before recording (itself, or a fork's parent)
+    seat_reset [S1] bool: clear the seat's counts (and, unless copied from a parent, its prompt marks)
+    any_init [] bool: whether seat_src / seat_reset change anything (skips a [S1, V] pass if not)
+    """
+
+    token_seats: np.ndarray
+    token_is_output: np.ndarray
+    seat_src: np.ndarray
+    seat_reset: np.ndarray
+    any_init: np.ndarray
 
 
 @dataclass
@@ -42,7 +100,8 @@ class StepInputs:
     token_ids: np.ndarray  # [T] i32
     positions: np.ndarray  # [T] i32
     md: AttentionMetadata  # NumPy arrays, device_put with the rest
-    row_offsets: list[int]  # first flat row of each scheduled sequence
+    record: PenaltyRecord
+    row_offsets: list[int]  # first flat row of each scheduled sequence, in SchedulerOutput order
 
 
 class ModelRunner:
@@ -51,106 +110,127 @@ class ModelRunner:
         self.page_size = page_size
         self.max_pages_per_seq = -(-max_model_len // page_size)
         self.graphdef, self.params = nnx.split(model)
-        self.kv_pages = jnp.zeros(model_config.kv_pool_shape(num_pages, page_size), kv_dtype)
-        top = bucket(max_num_batched_tokens, _MIN_TOKEN_BUCKET)
-        self.token_buckets = [b for b in (1 << i for i in range(4, 20)) if b <= top]
+        self.kv_dtype = kv_dtype
+        self.pool_shape = model_config.kv_pool_shape(num_pages, page_size)
+        self.num_seats = max_num_seqs
+        self.vocab_size = model_config.vocab_size
+        self.shapes = ShapeTable.build(max_num_batched_tokens, max_num_seqs)
         self.max_seqs = bucket(max_num_seqs)
-        # Rows needing logits: every sequence samples, n > 1 forks sample several times from one row,
-        # and prompt_logprobs adds a row per prompt token of the chunk.
-        self.row_buckets = [1 << i for i in range(3, bucket(max_num_batched_tokens + max_num_seqs).bit_length())]
-        self.max_penalty_slots = bucket(max_model_len)
-        self.max_bias_slots = 512  # OpenAI allows 300 logit_bias entries; the rest is stop/eos suppression
+        self.reset_device_state()
         self.compiled: set[tuple] = set()
         self.warmed_up = False
         self.num_recompiles = 0
         self.compile_seconds = 0.0
-        self._forward = jax.jit(self._forward_impl, donate_argnums=(1,))
+        self._forward = jax.jit(self._forward_impl, donate_argnums=(1, 2))
         self._sample = jax.jit(self._sample_impl)
+
+    def reset_device_state(self) -> None:
+        """(Re)allocates the page pool and the penalty state: at start-up, and after a failed step,
+        whose donated buffers are gone."""
+        self.kv_pages = jnp.zeros(self.pool_shape, self.kv_dtype)
+        S1 = self.num_seats + 1
+        self.penalty_state = PenaltyRows(jnp.zeros((S1, self.vocab_size), jnp.int32),
+                                         jnp.zeros((S1, self.vocab_size), bool))
+
+    @property
+    def device_bytes(self) -> int:
+        return self.kv_pages.nbytes + sum(a.nbytes for a in (self.penalty_state.output_counts,
+                                                              self.penalty_state.in_prompt))
 
     # ---- jitted bodies ------------------------------------------------------------------------
 
-    def _forward_impl(self, params, kv_pages, token_ids, positions, md):
+    def _forward_impl(self, params, kv_pages, state: PenaltyRows, token_ids, positions, md, rec: PenaltyRecord):
         model = nnx.merge(self.graphdef, params)
         hidden, kv_pages = model(token_ids, positions, kv_pages, md)
         # One hidden shape for every token bucket, so sampler programs are shared across them.
-        hidden = jnp.pad(hidden, ((0, self.token_buckets[-1] - hidden.shape[0]), (0, 0)))
-        return hidden, kv_pages
+        hidden = jnp.pad(hidden, ((0, self.shapes.token_buckets[-1] - hidden.shape[0]), (0, 0)))
 
-    def _sample_impl(self, params, hidden, logits_indices, tensors):
+        def init_seats(counts, marks):
+            counts = jnp.where(rec.seat_reset[:, None], 0, counts[rec.seat_src])
+            keep_marks = (~rec.seat_reset | (rec.seat_src != jnp.arange(rec.seat_src.shape[0])))[:, None]
+            return counts, marks[rec.seat_src] & keep_marks
+
+        counts, marks = jax.lax.cond(rec.any_init, init_seats, lambda c, m: (c, m),
+                                     state.output_counts, state.in_prompt)
+        # Padding tokens carry an out-of-range seat and are dropped; so is the other kind of token.
+        S1 = counts.shape[0]
+        counts = counts.at[jnp.where(rec.token_is_output, rec.token_seats, S1), token_ids].add(1, mode="drop")
+        marks = marks.at[jnp.where(rec.token_is_output, S1, rec.token_seats), token_ids].set(True, mode="drop")
+        return hidden, kv_pages, PenaltyRows(counts, marks)
+
+    def _sample_impl(self, params, hidden, state: PenaltyRows, logits_indices, row_seats, tensors):
         model = nnx.merge(self.graphdef, params)
         logits = model.compute_logits(hidden[logits_indices])
-        return sample(logits, tensors, num_top_logprobs=NUM_TOP_LOGPROBS)
+        pen = PenaltyRows(state.output_counts, state.in_prompt, rows=row_seats)
+        return sample(logits, tensors, pen, num_top_logprobs=NUM_TOP_LOGPROBS)
 
     # ---- host side ----------------------------------------------------------------------------
 
-    def token_bucket(self, n: int) -> int:
-        for b in self.token_buckets:
-            if b >= n:
-                return b
-        raise ValueError(f"step of {n} tokens exceeds the largest bucket {self.token_buckets[-1]}")
-
-    def prepare(self, batch: ScheduledBatch) -> StepInputs:
+    def prepare(self, sched: SchedulerOutput) -> StepInputs:
         """Flattens the scheduled sequences into one padded ragged batch.
 
-        Reorders `batch` in place: single-token (decode) rows first, by context length, so that
-        attention tiles hold rows of similar length; then prefill chunks.
+        Single-token (decode) rows go first, by context length, so that attention tiles hold rows of
+        similar length; then prefill chunks. `row_offsets` stays in the scheduler's order.
         """
-        order = sorted(range(len(batch.seqs)), key=lambda i: (batch.num_tokens[i] > 1,
-                                                              batch.seqs[i].num_computed_tokens))
-        batch.seqs[:] = [batch.seqs[i] for i in order]
-        batch.num_tokens[:] = [batch.num_tokens[i] for i in order]
-        T = self.token_bucket(batch.total_tokens)
+        items = sched.scheduled
+        order = sorted(range(len(items)), key=lambda i: (items[i].num_tokens > 1, items[i].start))
+        T = self.shapes.pick(self.shapes.token_buckets, sched.total_tokens, "tokens")
         S = min(T, self.max_seqs)
         token_ids = np.zeros(T, np.int32)
         positions = np.zeros(T, np.int32)
         slots = np.full(T, -1, np.int32)
+        token_seats = np.full(T, self.num_seats + 1, np.int32)
+        token_is_output = np.zeros(T, bool)
         cu = np.zeros(S + 1, np.int32)
         kv_lens = np.zeros(S, np.int32)
         page_table = np.zeros((S, self.max_pages_per_seq), np.int32)
-        offsets, row = [], 0
-        for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_tokens)):
-            start = seq.num_computed_tokens
+        offsets = [0] * len(items)
+        row = 0
+        for i, k in enumerate(order):
+            item = items[k]
+            seq, start, n = item.seq, item.start, item.num_tokens
             pos = np.arange(start, start + n, dtype=np.int32)
             pages = np.asarray(seq.pages, np.int32)
             token_ids[row:row + n] = seq.token_ids[start:start + n]
             positions[row:row + n] = pos
             slots[row:row + n] = pages[pos // self.page_size] * self.page_size + pos % self.page_size
+            token_seats[row:row + n] = seq.seat
+            token_is_output[row:row + n] = pos >= seq.num_prompt_tokens
             page_table[i, :len(pages)] = pages
             kv_lens[i] = start + n
-            offsets.append(row)
+            offsets[k] = row
             row += n
             cu[i + 1] = row
-        cu[len(batch.seqs) + 1:] = row
+        cu[len(items) + 1:] = row
         md = AttentionMetadata(slot_mapping=slots, kv_lens=kv_lens, page_table=page_table, cu_q_lens=cu,
-                               num_seqs=np.array([len(batch.seqs)], np.int32))
-        return StepInputs(token_ids, positions, md, offsets)
+                               num_seqs=np.array([len(items)], np.int32))
+        return StepInputs(token_ids, positions, md, self._record(token_seats, token_is_output, sched.seat_inits),
+                          offsets)
+
+    def _record(self, token_seats, token_is_output, seat_inits: dict[int, int]) -> PenaltyRecord:
+        S1 = self.num_seats + 1
+        src = np.arange(S1, dtype=np.int32)
+        reset = np.zeros(S1, bool)
+        for seat, parent in seat_inits.items():
+            reset[seat] = True
+            if parent != RESET_SEAT:
+                src[seat] = parent
+        return PenaltyRecord(token_seats, token_is_output, src, reset, np.asarray(bool(seat_inits)))
 
     def execute(self, inputs: StepInputs, rows: list[LogitsRow]) -> SamplerOutput | None:
         """Runs the step; returns the sampler's outputs for `rows` (NumPy, in order) or None."""
-        hidden = self._run_forward(inputs.token_ids, inputs.positions, inputs.md)
+        hidden = self._run_forward(inputs)
         if not rows:
             return None
-        R = self._row_bucket(len(rows))
-        tensors = SamplingTensors.build([r.spec for r in rows], R=R, K=self._slots(rows, "penalty"),
-                                        B=self._slots(rows, "bias"))
+        R = self.shapes.pick(self.shapes.row_buckets, len(rows), "logits rows")
+        B = self.shapes.bias_slots[0 if all(not r.spec.bias for r in rows) else -1]
+        tensors = SamplingTensors.build([r.spec for r in rows], R=R, B=B)
         indices = np.zeros(R, np.int32)
         indices[:len(rows)] = [r.flat_row for r in rows]
-        out = self._run_sample(hidden, indices, tensors)
+        seats = np.full(R, self.num_seats, np.int32)
+        seats[:len(rows)] = [self.num_seats if r.seat is None else r.seat for r in rows]
+        out = self._run_sample(hidden, indices, seats, tensors)
         return jax.tree.map(lambda a: np.asarray(a)[:len(rows)], out)
-
-    def _row_bucket(self, n: int) -> int:
-        for b in self.row_buckets:
-            if b >= n:
-                return b
-        raise ValueError(f"{n} logits rows exceed the largest bucket {self.row_buckets[-1]}")
-
-    def _slots(self, rows: list[LogitsRow], kind: str) -> int:
-        """Penalty / bias slots: 1 when no row uses them, else the one compiled maximum."""
-        if kind == "penalty":
-            used = max(len(r.spec.penalty_ids) for r in rows)
-            return 1 if used == 0 else max(self.max_penalty_slots, bucket(used))
-        used = max(len(r.spec.bias or ()) for r in rows)
-        return 1 if used == 0 else max(self.max_bias_slots, bucket(used))
 
     def _track(self, signature: tuple) -> None:
         if signature in self.compiled:
@@ -158,38 +238,41 @@ class ModelRunner:
         self.compiled.add(signature)
         if self.warmed_up:
             self.num_recompiles += 1
-            logger.warning("compiling %s after warm-up (recompile #%d): a bucket was missed", signature,
-                           self.num_recompiles)
+            logger.warning("compiling %s after warm-up (recompile #%d): a shape outside the ShapeTable",
+                           signature, self.num_recompiles)
 
-    def _run_forward(self, token_ids, positions, md):
-        self._track(("forward", len(token_ids)))
-        hidden, self.kv_pages = self._forward(self.params, self.kv_pages, token_ids, positions, md)
+    def _run_forward(self, inputs: StepInputs):
+        self._track(("forward", len(inputs.token_ids)))
+        hidden, self.kv_pages, self.penalty_state = self._forward(
+            self.params, self.kv_pages, self.penalty_state, inputs.token_ids, inputs.positions, inputs.md,
+            inputs.record)
         return hidden
 
-    def _run_sample(self, hidden, indices, tensors):
-        self._track(("sample", len(indices), tensors.penalty_ids.shape[1], tensors.bias_ids.shape[1]))
-        return self._sample(self.params, hidden, indices, tensors)
+    def _run_sample(self, hidden, indices, seats, tensors):
+        self._track(("sample", len(indices), tensors.bias_ids.shape[1]))
+        return self._sample(self.params, hidden, self.penalty_state, indices, seats, tensors)
 
     # ---- warm-up ------------------------------------------------------------------------------
 
     def warmup(self) -> float:
-        """Compiles every bucket with all-padding inputs (they write nothing to the pool)."""
+        """Compiles every program of the ShapeTable with all-padding inputs (they write nothing)."""
         t0 = time.perf_counter()
-        for T in self.token_buckets:
+        scratch = self.num_seats
+        hidden = None
+        for _, T in (p for p in self.shapes.programs() if p[0] == "forward"):
             S = min(T, self.max_seqs)
             md = AttentionMetadata(slot_mapping=np.full(T, -1, np.int32), kv_lens=np.zeros(S, np.int32),
                                    page_table=np.zeros((S, self.max_pages_per_seq), np.int32),
                                    cu_q_lens=np.zeros(S + 1, np.int32), num_seqs=np.zeros(1, np.int32))
-            hidden = self._run_forward(np.zeros(T, np.int32), np.zeros(T, np.int32), md)
-        for R in self.row_buckets:
-            variants = [(1, 1)]
-            if R <= self.max_seqs:  # penalties / logit_bias / min_tokens apply to generated tokens
-                variants += [(self.max_penalty_slots, 1), (1, self.max_bias_slots),
-                             (self.max_penalty_slots, self.max_bias_slots)]
-            for K, B in variants:
-                tensors = SamplingTensors.build([], R=R, K=K, B=B)
-                jax.block_until_ready(self._run_sample(hidden, np.zeros(R, np.int32), tensors))
+            rec = self._record(np.full(T, scratch + 1, np.int32), np.zeros(T, bool), {})
+            inputs = StepInputs(np.zeros(T, np.int32), np.zeros(T, np.int32), md, rec, [])
+            hidden = self._run_forward(inputs)
+        for _, R, B in (p for p in self.shapes.programs() if p[0] == "sample"):
+            tensors = SamplingTensors.build([], R=R, B=B)
+            out = self._run_sample(hidden, np.zeros(R, np.int32), np.full(R, scratch, np.int32), tensors)
+            jax.block_until_ready(out)
         jax.block_until_ready(self.kv_pages)
         self.warmed_up = True
         self.compile_seconds = time.perf_counter() - t0
         return self.compile_seconds
+

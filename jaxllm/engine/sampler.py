@@ -2,15 +2,16 @@
 
 API (all the engine needs):
 
-    rows = [RowSpec.from_params(params, seed=req_seed, step=n_generated,
-                                prompt_ids=..., output_ids=..., suppress_ids=...), ...]
+    rows = [RowSpec.from_params(params, seed=req_seed, step=n_generated, suppress_ids=...), ...]
     t = SamplingTensors.build(rows, R=bucket(len(rows)))  # NumPy pytree; device_put it or pass to jit
-    out = sample(logits, t, num_top_logprobs=20)           # SamplerOutput of [R] / [R, k] arrays
+    out = sample(logits, t, penalties, num_top_logprobs=20)  # SamplerOutput of [R] / [R, k] arrays
 
 * R is the padded row bucket; rows past `len(rows)` are padding (temperature 0, outputs ignored).
-* K (penalty slots) and B (bias slots) are power-of-two buckets >= 1 picked from the rows unless given,
-  so a batch without penalties or biases carries [R, 1] arrays and pays ~nothing. Each distinct
-  (R, K, B, V, num_top_logprobs) compiles once.
+* B (bias slots) is 1 when no row has a logit bias, else a fixed maximum, so a batch without biases
+  carries [R, 1] arrays and pays ~nothing. Each distinct (R, B, V, num_top_logprobs) compiles once.
+* Penalties read dense per-row state (`PenaltyRows`: output-token counts and prompt membership over the
+  vocabulary). The engine keeps that state on device per seat and updates it from the tokens each step
+  computes, so nothing proportional to a sequence's length crosses from the host per step.
 * Randomness: row r uses key `fold_in(key(seeds[r]), steps[r])` and draws Gumbel noise over the whole
   vocabulary, so a seeded request gets the same token whatever its row or batch. The engine passes
   step = number of tokens the sequence has generated so far, and, for `seed=None`, a seed it drew once
@@ -53,23 +54,6 @@ def bucket(n: int, minimum: int = 1) -> int:
 # ------------------------------------------------------------------------------------------------
 
 
-def penalty_arrays(prompt_ids: Sequence[int] | np.ndarray | None,
-                   output_ids: Sequence[int] | np.ndarray | None,
-                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Distinct tokens of prompt ∪ output with their output counts and prompt membership.
-
-    Returns (ids[n] i32 sorted, output_counts[n] i32, in_prompt[n] bool). O(L log L) in NumPy.
-    """
-    p = np.asarray(prompt_ids if prompt_ids is not None else (), dtype=np.int64).ravel()
-    o = np.asarray(output_ids if output_ids is not None else (), dtype=np.int64).ravel()
-    ids, inv = np.unique(np.concatenate([p, o]), return_inverse=True)
-    inv = inv.ravel()
-    counts = np.bincount(inv[len(p):], minlength=len(ids)).astype(np.int32)
-    in_prompt = np.zeros(len(ids), dtype=bool)
-    in_prompt[inv[:len(p)]] = True
-    return ids.astype(np.int32), counts, in_prompt
-
-
 @dataclass
 class RowSpec:
     """One row's sampling inputs (host side, plain Python / NumPy)."""
@@ -83,26 +67,19 @@ class RowSpec:
     frequency_penalty: float = 0.0
     seed: int = 0  # any int; reduced mod 2**32
     step: int = 0  # tokens generated so far by this sequence
-    # Distinct (!) tokens of prompt ∪ output; see `penalty_arrays`. Empty = no penalties.
-    penalty_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
-    penalty_output_counts: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
-    penalty_in_prompt: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
     bias: dict[int, float] | None = None  # token id -> additive logit bias (may be -inf)
     target_id: int = -1  # prompt-logprob rows: token whose logprob is wanted; -1 = the sampled one
+    top_logprobs: bool = False  # report this row's most likely tokens (skipped when no row asks)
 
     @classmethod
-    def from_params(cls, p: SamplingParams, *, seed: int, step: int,
-                    prompt_ids: Sequence[int] | np.ndarray | None = None,
-                    output_ids: Sequence[int] | np.ndarray | None = None,
-                    suppress_ids: Iterable[int] = (), target_id: int = -1) -> RowSpec:
+    def from_params(cls, p: SamplingParams, *, seed: int, step: int, suppress_ids: Iterable[int] = (),
+                    target_id: int = -1) -> RowSpec:
         """Row for a request. `seed` is the request's effective seed (p.seed, or one the engine drew);
         `suppress_ids` get a -inf bias (e.g. EOS / stop ids before min_tokens is reached)."""
         row = cls(temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, min_p=p.min_p,
                   repetition_penalty=p.repetition_penalty, presence_penalty=p.presence_penalty,
-                  frequency_penalty=p.frequency_penalty, seed=seed, step=step, target_id=target_id)
-        if p.needs_penalties:
-            row.penalty_ids, row.penalty_output_counts, row.penalty_in_prompt = penalty_arrays(
-                prompt_ids, output_ids)
+                  frequency_penalty=p.frequency_penalty, seed=seed, step=step, target_id=target_id,
+                  top_logprobs=bool(p.logprobs))
         bias = dict(p.logit_bias or {})
         for tok in suppress_ids:
             bias[int(tok)] = -np.inf
@@ -114,7 +91,7 @@ class RowSpec:
 class SamplingTensors:
     """Per-row sampling inputs for R rows (a pytree; arrays are NumPy from `build`, jax inside jit).
 
-    K = penalty slots, B = bias slots (both padded buckets >= 1; unused slots hold id -1).
+    B = bias slots (a padded bucket >= 1; unused slots hold id -1).
     """
 
     temperature: np.ndarray  # [R] f32; < 1e-5 = greedy (padding rows are 0)
@@ -126,43 +103,30 @@ class SamplingTensors:
     frequency_penalty: np.ndarray  # [R] f32
     seeds: np.ndarray  # [R] uint32
     steps: np.ndarray  # [R] i32
-    penalty_ids: np.ndarray  # [R, K] i32, -1 padded, distinct per row
-    penalty_output_counts: np.ndarray  # [R, K] i32
-    penalty_in_prompt: np.ndarray  # [R, K] bool
     bias_ids: np.ndarray  # [R, B] i32, -1 padded, distinct per row
     bias_values: np.ndarray  # [R, B] f32
     target_ids: np.ndarray  # [R] i32; -1 = report the sampled token
+    top_logprobs: np.ndarray  # [R] bool; top-k logprobs are computed only when some row asks
 
     @staticmethod
-    def build(rows: Sequence[RowSpec], R: int | None = None, K: int | None = None,
-              B: int | None = None) -> SamplingTensors:
-        """Pack rows into padded arrays. R/K/B default to power-of-two buckets of what the rows need;
+    def build(rows: Sequence[RowSpec], R: int | None = None, B: int | None = None) -> SamplingTensors:
+        """Pack rows into padded arrays. R/B default to power-of-two buckets of what the rows need;
         explicit values must be large enough."""
         n = len(rows)
         R = bucket(n) if R is None else R
-        max_k = max((len(r.penalty_ids) for r in rows), default=0)
         max_b = max((len(r.bias) if r.bias else 0 for r in rows), default=0)
-        K = bucket(max_k) if K is None else K
         B = bucket(max_b) if B is None else B
-        if n > R or max_k > K or max_b > B or min(R, K, B) < 1:
-            raise ValueError(f"buckets too small: rows={n}/R={R}, penalty={max_k}/K={K}, bias={max_b}/B={B}")
+        if n > R or max_b > B or min(R, B) < 1:
+            raise ValueError(f"buckets too small: rows={n}/R={R}, bias={max_b}/B={B}")
 
         def col(attr: str, dtype, pad) -> np.ndarray:
             a = np.full(R, pad, dtype=dtype)
             a[:n] = [getattr(r, attr) for r in rows]
             return a
 
-        pen_ids = np.full((R, K), -1, np.int32)
-        pen_cnt = np.zeros((R, K), np.int32)
-        pen_inp = np.zeros((R, K), bool)
         bias_ids = np.full((R, B), -1, np.int32)
         bias_vals = np.zeros((R, B), np.float32)
         for i, r in enumerate(rows):
-            m = len(r.penalty_ids)
-            if m:
-                pen_ids[i, :m] = r.penalty_ids
-                pen_cnt[i, :m] = r.penalty_output_counts
-                pen_inp[i, :m] = r.penalty_in_prompt
             if r.bias:
                 m = len(r.bias)
                 bias_ids[i, :m] = np.fromiter(r.bias.keys(), np.int32, m)
@@ -179,9 +143,9 @@ class SamplingTensors:
             frequency_penalty=col("frequency_penalty", np.float32, 0.0),
             seeds=seeds,
             steps=col("step", np.int32, 0),
-            penalty_ids=pen_ids, penalty_output_counts=pen_cnt, penalty_in_prompt=pen_inp,
             bias_ids=bias_ids, bias_values=bias_vals,
             target_ids=col("target_id", np.int32, -1),
+            top_logprobs=col("top_logprobs", bool, False),
         )
 
 
@@ -207,29 +171,60 @@ jax.tree_util.register_dataclass(
 # ------------------------------------------------------------------------------------------------
 
 
-def apply_bias_and_penalties(logits: jax.Array, t: SamplingTensors) -> jax.Array:
+@dataclass(frozen=True)
+class PenaltyRows:
+    """Dense penalty state: output_counts[N, V] i32 (times each token was generated) and in_prompt[N, V]
+    bool (token occurs in the prompt). `rows` [R] i32 picks each logits row's state (the engine's
+    per-seat state, gathered only when some row has penalties); None = N is R, row for row. Rows
+    without penalties may hold anything."""
+
+    output_counts: jax.Array
+    in_prompt: jax.Array
+    rows: jax.Array | None = None
+
+    @staticmethod
+    def from_ids(prompts: Sequence[Sequence[int]], outputs: Sequence[Sequence[int]], V: int,
+                 R: int | None = None) -> PenaltyRows:
+        """Host-side builder (tests, tools): per-row prompt and output token ids -> dense NumPy rows."""
+        R = len(prompts) if R is None else R
+        counts = np.zeros((R, V), np.int32)
+        in_prompt = np.zeros((R, V), bool)
+        for i, (p, o) in enumerate(zip(prompts, outputs)):
+            in_prompt[i, np.asarray(p, np.int64)] = True
+            np.add.at(counts[i], np.asarray(o, np.int64), 1)
+        return PenaltyRows(counts, in_prompt)
+
+
+jax.tree_util.register_dataclass(PenaltyRows, data_fields=["output_counts", "in_prompt", "rows"],
+                                 meta_fields=[])
+
+
+def _needs_penalties(t: SamplingTensors) -> jax.Array:
+    return jnp.any((t.repetition_penalty != 1.0) | (t.presence_penalty != 0.0) | (t.frequency_penalty != 0.0))
+
+
+def apply_bias_and_penalties(logits: jax.Array, t: SamplingTensors, pen: PenaltyRows | None) -> jax.Array:
     """logit_bias, then repetition / frequency / presence penalties. [R, V] -> [R, V].
 
-    Works in the gathered [R, K] / [R, B] space and scatters back, so its cost is O(R*(K+B)), not
-    O(R*V). Out-of-range scatter indices are dropped, which is how -1 padding becomes a no-op.
+    The bias is a scatter of the [R, B] lanes (out-of-range ids are dropped, which is how -1 padding
+    becomes a no-op); penalties are elementwise over the dense rows of `pen`.
     """
     R, V = logits.shape
     rows = jnp.arange(R)[:, None]
-
     b_ids = jnp.where(t.bias_ids >= 0, t.bias_ids, V)  # V = out of range -> dropped
     logits = logits.at[rows, b_ids].add(t.bias_values.astype(logits.dtype), mode="drop")
-
-    valid = t.penalty_ids >= 0
-    p_ids = jnp.where(valid, t.penalty_ids, 0)
-    vals = jnp.take_along_axis(logits, p_ids, axis=1)  # [R, K]
+    if pen is None:
+        return logits
+    raw_counts, in_prompt = pen.output_counts, pen.in_prompt
+    if pen.rows is not None:
+        raw_counts, in_prompt = raw_counts[pen.rows], in_prompt[pen.rows]
+    counts = raw_counts.astype(logits.dtype)
+    seen = in_prompt | (raw_counts > 0)
     rp = t.repetition_penalty[:, None]
-    seen = valid & (t.penalty_in_prompt | (t.penalty_output_counts > 0))
     # Repetition penalty (CTRL paper): shrink positive logits, push negative ones further down.
-    vals = jnp.where(seen, jnp.where(vals > 0, vals / rp, vals * rp), vals)
-    counts = t.penalty_output_counts.astype(logits.dtype)
-    vals = vals - jnp.where(valid, counts * t.frequency_penalty[:, None], 0.0)
-    vals = vals - jnp.where(valid & (counts > 0), t.presence_penalty[:, None], 0.0)
-    return logits.at[rows, jnp.where(valid, t.penalty_ids, V)].set(vals, mode="drop")
+    logits = jnp.where(seen, jnp.where(logits > 0, logits / rp, logits * rp), logits)
+    logits = logits - counts * t.frequency_penalty[:, None]
+    return logits - jnp.where(counts > 0, t.presence_penalty[:, None], 0.0)
 
 
 def _sortable_bits(x: jax.Array) -> jax.Array:
@@ -286,10 +281,11 @@ def sampling_logits(penalized: jax.Array, t: SamplingTensors) -> jax.Array:
     return jax.lax.cond(need_truncation, _truncate_top_k_top_p, lambda l, k, p: l, x, t.top_k, t.top_p)
 
 
-def processed_logits(logits: jax.Array, t: SamplingTensors) -> tuple[jax.Array, jax.Array]:
+def processed_logits(logits: jax.Array, t: SamplingTensors,
+                     pen: PenaltyRows | None = None) -> tuple[jax.Array, jax.Array]:
     """(penalized[R, V], final[R, V]): logits after bias + penalties (greedy rows argmax these), and
     the `sampling_logits` random rows draw from. For tests and debugging; `sample` fuses the two."""
-    penalized = apply_bias_and_penalties(logits, t)
+    penalized = apply_bias_and_penalties(logits, t, pen)
     return penalized, sampling_logits(penalized, t)
 
 
@@ -307,10 +303,10 @@ def row_keys(seeds: jax.Array, steps: jax.Array) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("num_top_logprobs",))
-def sample(logits: jax.Array, t: SamplingTensors, num_top_logprobs: int = 0) -> SamplerOutput:
+def sample(logits: jax.Array, t: SamplingTensors, pen: PenaltyRows | None = None,
+           num_top_logprobs: int = 0) -> SamplerOutput:
     """Sample one token per row. logits[R, V] (any float dtype) -> SamplerOutput (see its fields).
-
-    Safe to call inside another jit (it is inlined there).
+    `pen` = None: no row has penalties. Safe to call inside another jit (it is inlined there).
     """
     logits = logits.astype(jnp.float32)
     R, V = logits.shape
@@ -319,8 +315,10 @@ def sample(logits: jax.Array, t: SamplingTensors, num_top_logprobs: int = 0) -> 
     lse = x_max + jnp.log(jnp.sum(jnp.exp(logits - x_max), axis=-1, keepdims=True))
 
     # Most batches have no bias / penalty at all: skip the [R, V] scatters (and their copies) then.
-    any_adjustment = jnp.any(t.bias_ids >= 0) | jnp.any(t.penalty_ids >= 0)
-    penalized = jax.lax.cond(any_adjustment, apply_bias_and_penalties, lambda l, _: l, logits, t)
+    any_adjustment = jnp.any(t.bias_ids >= 0)
+    if pen is not None:
+        any_adjustment |= _needs_penalties(t)
+    penalized = jax.lax.cond(any_adjustment, apply_bias_and_penalties, lambda l, *_: l, logits, t, pen)
     greedy = t.temperature < _GREEDY_EPS
     greedy_ids = _argmax(penalized)
 
@@ -339,8 +337,14 @@ def sample(logits: jax.Array, t: SamplingTensors, num_top_logprobs: int = 0) -> 
     token_logprob = (wanted_logit - lse)[:, 0]
     token_rank = 1 + jnp.sum(logits > wanted_logit, axis=-1).astype(jnp.int32)
     if num_top_logprobs > 0:
-        top_logits, top_ids = jax.lax.top_k(logits, min(num_top_logprobs, V))
-        top_logprobs = top_logits - lse
+        k = min(num_top_logprobs, V)
+
+        def top(logits):
+            top_logits, top_ids = jax.lax.top_k(logits, k)
+            return top_logits - lse, top_ids
+
+        none = lambda _: (jnp.zeros((R, k), jnp.float32), jnp.zeros((R, k), jnp.int32))
+        top_logprobs, top_ids = jax.lax.cond(jnp.any(t.top_logprobs), top, none, logits)
     else:
         top_logprobs = jnp.zeros((R, 0), jnp.float32)
         top_ids = jnp.zeros((R, 0), jnp.int32)
