@@ -1,4 +1,6 @@
-"""What the engine hands back per request, shaped like vLLM's outputs (cumulative, not deltas)."""
+"""What the engine hands back per request, shaped like vLLM's outputs. Each RequestOutput is a snapshot
+that shares no mutable state with the engine; its completions are cumulative or deltas as the request's
+SamplingParams.output_kind says."""
 
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ class RequestMetrics:
     last_token_time: float | None = None
     finished_time: float | None = None
     num_preemptions: int = 0
+    num_generation_tokens: int = 0  # tokens sampled so far, all of the request's sequences together
 
 
 @dataclass

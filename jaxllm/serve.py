@@ -137,10 +137,19 @@ async def serve(config: EngineConfig, args: argparse.Namespace, *, engine_factor
             exit_code = 1
             stop.set()
             return
+        loop.create_task(exit_when_dead())
         stats = engine.stats
         logger.info("serving %s on http://%s:%d (max_model_len=%s, compiled %s programs in %.1f s)",
                     state.served_model_names()[0], args.host, args.port, engine.engine.max_model_len,
                     getattr(stats, "num_compiles", "?"), getattr(stats, "warmup_seconds", 0.0) or 0.0)
+
+    async def exit_when_dead() -> None:
+        nonlocal exit_code
+        exc = await engine.dead_future
+        logger.error("engine died (%r); exiting non-zero so a supervisor restarts the server", exc)
+        exit_code = 1
+        state.draining = True
+        stop.set()
 
     watcher = loop.create_task(watch_engine())
     logger.info("binding %s:%d; building the engine in the background (/health is 503 until ready)",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -12,10 +13,10 @@ from server import sse
 from server.errors import APIError
 from server.generation import (ChoiceState, add_request, chat_logprobs, check_logprobs, check_model,
                                check_stream_options, engine_error, make_sampling_params, merge,
-                               parse_body, resolve_max_tokens, state)
+                               parse_body, reject_unsupported, resolve_max_tokens, state)
 from server.protocol import (ChatChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
                              ChatLogprobs, ChatMessage, ChatResponseMessage, ChatStreamChoice, DeltaMessage,
-                             ErrorResponse, UsageInfo, random_id)
+                             ErrorResponse, PromptTokensDetails, UsageInfo, random_id)
 
 bp = Blueprint("chat", __name__)
 
@@ -40,15 +41,19 @@ def messages_to_dicts(messages: list[ChatMessage]) -> list[dict[str, Any]]:
     return out
 
 
-def render_chat(messages: list[ChatMessage], *, add_generation_prompt: bool, continue_final_message: bool,
-                tools=None, template_kwargs: dict | None = None) -> tuple[str, list[int]]:
+async def render_chat(messages: list[ChatMessage], **kwargs) -> tuple[str, list[int]]:
+    """The template render and tokenization run off the event loop: long histories take a while."""
+    return await asyncio.to_thread(_render_chat, state().tokenizer(), messages, **kwargs)
+
+
+def _render_chat(tok, messages: list[ChatMessage], *, add_generation_prompt: bool, continue_final_message: bool,
+                 tools=None, template_kwargs: dict | None = None) -> tuple[str, list[int]]:
     if add_generation_prompt and continue_final_message:
         raise APIError("add_generation_prompt and continue_final_message cannot both be true", 400,
                        param="continue_final_message")
     dicts = messages_to_dicts(messages)
     if continue_final_message and dicts[-1]["role"] != "assistant":
         raise APIError("continue_final_message needs a final assistant message", 400, param="messages")
-    tok = state().tokenizer()
     try:
         text = tok.apply_chat_template(dicts, add_generation_prompt=add_generation_prompt,
                                        continue_final_message=continue_final_message, tools=tools,
@@ -69,11 +74,12 @@ async def create_chat_completion():
     req: ChatCompletionRequest = await parse_body(ChatCompletionRequest)
     model = check_model(req.model)
     check_stream_options(req)
+    reject_unsupported(req)
     check_logprobs(req.top_logprobs, "top_logprobs")
     if req.top_logprobs and not req.logprobs:
         raise APIError("top_logprobs needs logprobs to be true", 400, param="top_logprobs")
     check_logprobs(req.prompt_logprobs, "prompt_logprobs")
-    text, ids = render_chat(req.messages, add_generation_prompt=req.add_generation_prompt,
+    text, ids = await render_chat(req.messages, add_generation_prompt=req.add_generation_prompt,
                             continue_final_message=req.continue_final_message, tools=req.tools,
                             template_kwargs=req.chat_template_kwargs)
     param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
@@ -83,7 +89,7 @@ async def create_chat_completion():
     params = make_sampling_params(req, max_tokens=max_tokens, logprobs=top_k, prompt_logprobs=req.prompt_logprobs,
                                   max_tokens_param=param)
     request_id = random_id("chatcmpl")
-    stream = await add_request(request_id, text, params, ids, req.priority)
+    stream = await add_request(request_id, text, params, ids, req.priority, req.cache_salt)
     if req.stream:
         body = _stream(req, model, request_id, len(ids), stream, state().tokenizer())
         resp = Response(body, mimetype="text/event-stream", headers=sse.HEADERS)
@@ -108,7 +114,8 @@ async def create_chat_completion():
     completion = sum(len(c.token_ids) for c in final.outputs)
     return ChatCompletionResponse(
         id=request_id, model=model, choices=choices,
-        usage=UsageInfo(prompt_tokens=len(ids), completion_tokens=completion, total_tokens=len(ids) + completion),
+        usage=UsageInfo(prompt_tokens=len(ids), completion_tokens=completion, total_tokens=len(ids) + completion,
+                        prompt_tokens_details=PromptTokensDetails(cached_tokens=final.num_cached_tokens)),
     ).model_dump(mode="json")
 
 
@@ -119,10 +126,12 @@ async def _stream(req: ChatCompletionRequest, model: str, request_id: str, n_pro
     continuous = bool(opts and opts.continuous_usage_stats)
     states: dict[int, ChoiceState] = {}
     tokens: dict[int, int] = {}
+    cached = 0
 
     def usage() -> UsageInfo:
         c = sum(tokens.values())
-        return UsageInfo(prompt_tokens=n_prompt, completion_tokens=c, total_tokens=n_prompt + c)
+        return UsageInfo(prompt_tokens=n_prompt, completion_tokens=c, total_tokens=n_prompt + c,
+                         prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))
 
     def chunk(choices: list[ChatStreamChoice]) -> str:
         return sse.event(ChatCompletionChunk(id=request_id, created=created, model=model, choices=choices,
@@ -133,17 +142,17 @@ async def _stream(req: ChatCompletionRequest, model: str, request_id: str, n_pro
         yield chunk([ChatStreamChoice(index=j, delta=DeltaMessage(role="assistant", content=""))
                      for j in range(req.n)])
         async for _, out in merge([stream]):
+            cached = out.num_cached_tokens
             for comp in out.outputs:
                 st = states.setdefault(comp.index, ChoiceState())
-                tokens[comp.index] = len(comp.token_ids)
                 d = st.delta(comp)
+                tokens[comp.index] = st.num_tokens
                 if d is None:
                     continue
                 text, start, finish = d
                 lp = None
                 if top_k is not None:
-                    positions = comp.logprobs[start:] if comp.logprobs is not None else None
-                    lp = ChatLogprobs(content=chat_logprobs(tok, comp.token_ids[start:], positions, top_k))
+                    lp = ChatLogprobs(content=chat_logprobs(tok, comp.token_ids, comp.logprobs, top_k))
                 yield chunk([ChatStreamChoice(index=comp.index, delta=DeltaMessage(content=text), logprobs=lp,
                                               finish_reason=finish, stop_reason=comp.stop_reason if finish else None)])
         if opts and opts.include_usage:

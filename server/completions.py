@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -12,16 +13,16 @@ from server import sse
 from server.errors import APIError
 from server.generation import (ChoiceState, add_request, check_logprobs, check_model, check_stream_options,
                                check_token_ids, close_all, completion_logprobs, engine_error, make_sampling_params,
-                               merge, parse_body, resolve_max_tokens, state)
-from server.protocol import (CompletionChoice, CompletionRequest, CompletionResponse, ErrorResponse, UsageInfo,
-                             random_id)
+                               merge, parse_body, reject_unsupported, resolve_max_tokens, state)
+from server.protocol import (CompletionChoice, CompletionRequest, CompletionResponse, ErrorResponse,
+                             PromptTokensDetails, UsageInfo, random_id)
 
 bp = Blueprint("completions", __name__)
 
 
-def _prompts(req: CompletionRequest) -> list[tuple[str | None, list[int]]]:
-    """Normalizes the four prompt forms to (text or None, token ids)."""
-    tok = state().tokenizer()
+def _prompts(req: CompletionRequest, tok) -> list[tuple[str | None, list[int]]]:
+    """Normalizes the four prompt forms to (text or None, token ids). Runs off the event loop: long
+    prompts take a while to tokenize and must not stall every stream."""
     p = req.prompt
     if isinstance(p, str):
         items: list = [p]
@@ -53,6 +54,7 @@ async def create_completion():
     req: CompletionRequest = await parse_body(CompletionRequest)
     model = check_model(req.model)
     check_stream_options(req)
+    reject_unsupported(req)
     if req.suffix:
         raise APIError("suffix is not supported by this server", 400, param="suffix")
     check_logprobs(req.logprobs, "logprobs")
@@ -62,7 +64,7 @@ async def create_completion():
             raise APIError(f"best_of ({req.best_of}) must be at least n ({req.n})", 400, param="best_of")
         if req.stream and req.best_of != req.n:
             raise APIError("best_of must equal n when streaming", 400, param="best_of")
-    prompts = _prompts(req)
+    prompts = await asyncio.to_thread(_prompts, req, state().tokenizer())
     max_len = state().max_model_len()
     params = []
     for _, ids in prompts:
@@ -74,7 +76,7 @@ async def create_completion():
     streams = []
     try:
         for i, ((text, ids), sp) in enumerate(zip(prompts, params)):
-            streams.append(await add_request(f"{base_id}-{i}", text, sp, ids, req.priority))
+            streams.append(await add_request(f"{base_id}-{i}", text, sp, ids, req.priority, req.cache_salt))
     except BaseException:
         close_all(streams)
         raise
@@ -130,9 +132,11 @@ def _response(req, model, base_id, prompts, finals) -> CompletionResponse:
                                             prompt_logprobs=_prompt_lp_json(out) if req.prompt_logprobs else None))
     choices.sort(key=lambda c: c.index)
     prompt_tokens = sum(len(ids) for _, ids in prompts)
+    cached = sum(out.num_cached_tokens for out in finals.values())
     return CompletionResponse(id=base_id, model=model, choices=choices,
                               usage=UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                                              total_tokens=prompt_tokens + completion_tokens))
+                                              total_tokens=prompt_tokens + completion_tokens,
+                                              prompt_tokens_details=PromptTokensDetails(cached_tokens=cached)))
 
 
 def _prompt_lp_json(out) -> list | None:
@@ -149,13 +153,15 @@ async def _stream(req: CompletionRequest, model: str, base_id: str, prompts, str
     states: dict[int, ChoiceState] = {}
     offsets: dict[int, int] = {}
     completion_tokens: dict[int, int] = {}
+    cached_tokens: dict[int, int] = {}
     prompt_tokens = sum(len(ids) for _, ids in prompts)
     opts = req.stream_options
     continuous = bool(opts and opts.continuous_usage_stats)
 
     def usage() -> UsageInfo:
         c = sum(completion_tokens.values())
-        return UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=c, total_tokens=prompt_tokens + c)
+        return UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=c, total_tokens=prompt_tokens + c,
+                         prompt_tokens_details=PromptTokensDetails(cached_tokens=sum(cached_tokens.values())))
 
     def chunk(choice: CompletionChoice) -> str:
         return sse.event(CompletionResponse(id=base_id, created=created, model=model, choices=[choice],
@@ -164,9 +170,10 @@ async def _stream(req: CompletionRequest, model: str, base_id: str, prompts, str
     echoed: set[int] = set()
     try:
         async for i, out in merge(streams):
+            cached_tokens[i] = out.num_cached_tokens
             if req.echo and i not in echoed:
                 # The prompt goes out before the first generated text, with its logprobs when asked
-                # (they arrive with the request's first output).
+                # (they arrive, complete, with the request's first output).
                 echoed.add(i)
                 text, ids = prompts[i]
                 echo = _echo_text(tok, text, ids)
@@ -181,14 +188,13 @@ async def _stream(req: CompletionRequest, model: str, base_id: str, prompts, str
                 idx = i * n + comp.index
                 st = states.setdefault(idx, ChoiceState())
                 d = st.delta(comp)
-                completion_tokens[idx] = len(comp.token_ids)
+                completion_tokens[idx] = st.num_tokens
                 if d is None:
                     continue
                 text, start, finish = d
                 logprobs = None
                 if req.logprobs is not None:
-                    positions = comp.logprobs[start:] if comp.logprobs is not None else None
-                    logprobs, offsets[idx] = completion_logprobs(tok, comp.token_ids[start:], positions,
+                    logprobs, offsets[idx] = completion_logprobs(tok, comp.token_ids, comp.logprobs,
                                                                  req.logprobs, offsets.get(idx, 0))
                 yield chunk(CompletionChoice(index=idx, text=text, logprobs=logprobs, finish_reason=finish,
                                              stop_reason=comp.stop_reason if finish else None))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import math
 import re
 from collections.abc import AsyncIterator
@@ -18,6 +19,7 @@ from server.errors import APIError, from_validation_error
 from server.protocol import MAX_LOGPROBS, ChatTokenLogprob, CompletionLogprobs, SamplingFields, TopLogprob
 
 _LOGPROB_FLOOR = -9999.0  # OpenAI's stand-in for "very unlikely"; JSON has no -inf
+logger = logging.getLogger(__name__)
 
 
 def state():
@@ -32,10 +34,41 @@ async def parse_body(model_cls: type[BaseModel]) -> Any:
         raise APIError(f"malformed JSON body: {exc}", 400) from None
     if not isinstance(data, dict):
         raise APIError("the request body must be a JSON object", 400)
+    ignored = sorted(set(data) - set(model_cls.model_fields))
+    if ignored:
+        logger.warning("The following fields were present in the request but ignored: %s", ignored)
+    # OpenAI's spec makes most fields nullable: null means "the default", not a type error.
+    data = {k: v for k, v in data.items() if v is not None or _nullable(model_cls, k)}
     try:
         return model_cls.model_validate(data)
     except ValidationError as exc:
         raise from_validation_error(exc) from None
+
+
+def _nullable(model_cls: type[BaseModel], name: str) -> bool:
+    field = model_cls.model_fields.get(name)
+    return field is None or field.default is None or field.is_required()
+
+
+_UNSUPPORTED = ("response_format", "tools", "tool_choice", "structured_outputs", "guided_json", "guided_regex",
+                "guided_choice", "guided_grammar", "guided_decoding_backend")
+
+
+def reject_unsupported(req: BaseModel) -> None:
+    """Structured outputs and tool calling are not built yet: refuse them by name instead of
+    answering 200 with unconstrained text a client would trust."""
+    for name in _UNSUPPORTED:
+        value = getattr(req, name, None)
+        if value is None:
+            continue
+        if name == "response_format" and isinstance(value, dict) and value.get("type", "text") == "text":
+            continue
+        if name == "tool_choice" and value == "none":
+            continue
+        if name == "tools" and (not value or getattr(req, "tool_choice", None) == "none"):
+            continue
+        raise APIError(f"{name} is not supported by this server yet (structured outputs and tool calling "
+                       f"are not implemented)", 400, param=name)
 
 
 def _reject_constant(name: str):
@@ -90,7 +123,10 @@ _PARAM_NAMES = ("n", "best_of", "temperature", "top_p", "top_k", "min_p", "seed"
 def make_sampling_params(req: SamplingFields, *, max_tokens: int, logprobs: int | None,
                          prompt_logprobs: int | None, best_of: int | None = None,
                          max_tokens_param: str = "max_tokens") -> Any:
-    kw: dict[str, Any] = {"n": req.n, "max_tokens": max_tokens}
+    from jaxllm.sampling_params import RequestOutputKind
+    # Streams consume deltas, other requests only the final output: no per-step copies either way.
+    kind = RequestOutputKind.DELTA if req.stream else RequestOutputKind.FINAL_ONLY
+    kw: dict[str, Any] = {"n": req.n, "max_tokens": max_tokens, "output_kind": kind}
     for name in ("temperature", "top_p", "top_k", "min_p", "seed", "repetition_penalty", "presence_penalty",
                  "frequency_penalty"):
         if getattr(req, name) is not None:
@@ -141,10 +177,10 @@ def check_logprobs(value: int | None, param: str) -> None:
 
 
 async def add_request(request_id: str, prompt: str | None, params: Any, token_ids: list[int],
-                      priority: int) -> RequestStream:
+                      priority: int, cache_salt: str | None = None) -> RequestStream:
     try:
         return await state().engine.add_request(request_id, prompt, params, prompt_token_ids=token_ids,
-                                                priority=priority)
+                                                priority=priority, cache_salt=cache_salt)
     except EngineOverloaded as exc:
         raise APIError(f"server overloaded: {exc}; retry later", 503, headers={"Retry-After": "1"}) from None
     except EngineNotReady as exc:
@@ -156,7 +192,7 @@ async def add_request(request_id: str, prompt: str | None, params: Any, token_id
 
 
 async def merge(streams: list[RequestStream]) -> AsyncIterator[tuple[int, Any]]:
-    """Yields (stream index, cumulative output) from several requests as they progress."""
+    """Yields (stream index, output) from several requests as they progress."""
     if len(streams) == 1:
         async for out in streams[0]:
             yield 0, out
@@ -260,26 +296,25 @@ def chat_logprobs(tok: Any, token_ids: list[int], positions: list[dict] | None, 
 
 
 class ChoiceState:
-    """Turns one choice's cumulative outputs into deltas; finish_reason is reported exactly once."""
+    """One streamed choice: the token count so far (for logprob offsets and usage); finish_reason is
+    reported exactly once."""
 
-    __slots__ = ("text_len", "num_tokens", "finish_sent")
+    __slots__ = ("num_tokens", "finish_sent")
 
     def __init__(self):
-        self.text_len = 0
         self.num_tokens = 0
         self.finish_sent = False
 
     def delta(self, comp: Any) -> tuple[str, int, str | None] | None:
-        """(new text, index of the first new token, finish reason) or None when nothing to send."""
+        """For a DELTA output of the choice: (new text, index of its first token, finish reason), or
+        None when there is nothing to send."""
         if self.finish_sent:
             return None
-        text = comp.text[self.text_len:] if len(comp.text) >= self.text_len else ""
         start = self.num_tokens
         finish = comp.finish_reason
-        if not text and len(comp.token_ids) == start and finish is None:
+        if not comp.text and not comp.token_ids and finish is None:
             return None
-        self.text_len = max(self.text_len, len(comp.text))
-        self.num_tokens = len(comp.token_ids)
+        self.num_tokens += len(comp.token_ids)
         if finish is not None:
             self.finish_sent = True
-        return text, start, finish
+        return comp.text, start, finish

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from quart import Blueprint, Response
 from quart_schema import document_request, document_response
 
@@ -37,10 +39,11 @@ async def tokenize():
     if req.messages is not None:
         if not req.messages:
             raise APIError("messages is empty", 400, param="messages")
-        _, ids = render_chat(req.messages, add_generation_prompt=req.add_generation_prompt,
+        _, ids = await render_chat(req.messages, add_generation_prompt=req.add_generation_prompt,
                              continue_final_message=req.continue_final_message)
     else:
-        ids = state().tokenizer().encode(req.prompt, add_special_tokens=req.add_special_tokens)
+        ids = await asyncio.to_thread(state().tokenizer().encode, req.prompt,
+                                      add_special_tokens=req.add_special_tokens)
     return TokenizeResponse(count=len(ids), max_model_len=state().max_model_len(), tokens=ids).model_dump()
 
 
@@ -76,7 +79,18 @@ async def health():
     if s.draining:
         raise APIError("the server is shutting down", 503)
     s.require_engine()  # 503 until warm-up has finished
+    if not s.engine.healthy:
+        raise APIError("the engine is rebuilding its device state after a failed step", 503,
+                       headers={"Retry-After": "1"})
     return Response("", status=200)
+
+
+@bp.post("/reset_prefix_cache")
+async def reset_prefix_cache():
+    """vLLM's endpoint: forget every cached prefix (e.g. after swapping weights or for benchmarks)."""
+    state().require_engine()
+    dropped = await state().engine.reset_prefix_cache()
+    return {"status": "ok", "pages_dropped": dropped}
 
 
 @bp.get("/ping")

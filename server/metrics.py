@@ -63,6 +63,10 @@ class _EngineCollector:
         yield counter("vllm:num_preemptions", "Preemptions since start.", get("num_preemptions_total"))
         yield counter("vllm:prompt_tokens", "Prefill tokens processed.", get("prompt_tokens_total"))
         yield counter("vllm:generation_tokens", "Tokens generated.", get("generation_tokens_total"))
+        yield counter("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
+                      get("prefix_cache_queries"))
+        yield counter("vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache.",
+                      get("prefix_cache_hits"))
         yield gauge("jaxllm:num_compiles", "XLA programs compiled (warm-up included).", get("num_compiles"))
         yield gauge("jaxllm:num_recompiles_after_warmup", "Compiles after warm-up (should stay 0).",
                     get("num_recompiles_after_warmup"))
@@ -123,18 +127,23 @@ class Metrics:
             live = self._live[out.request_id] = _Live(m.arrival_time if m and m.arrival_time else now)
             if m is not None and m.first_scheduled_time:
                 self._labels(self.queue_time).observe(max(0.0, m.first_scheduled_time - live.arrival))
-        n_tokens = sum(len(c.token_ids) for c in out.outputs)
+        # Outputs may be deltas or final-only: the request's own count is what is cumulative.
+        n_tokens = m.num_generation_tokens if m is not None else sum(len(c.token_ids) for c in out.outputs)
         if n_tokens > live.num_tokens:
+            # Outputs may come every step (streams) or once at the end (final-only): the gaps are
+            # spread over the tokens produced since the previous output, from the engine's timestamps.
+            new = n_tokens - live.num_tokens
+            last = m.last_token_time if m is not None and m.last_token_time else now
             if live.last_time is None:
                 first = m.first_token_time if m is not None and m.first_token_time else now
                 self._labels(self.ttft).observe(max(0.0, first - live.arrival))
-            else:
-                # One observation per newly produced token (decode gives one per step per sequence).
-                new = n_tokens - live.num_tokens
-                gap = max(0.0, now - live.last_time) / new
+                live.last_time = first
+                new -= 1
+            if new > 0:
+                gap = max(0.0, last - live.last_time) / new
                 for _ in range(new):
                     self._labels(self.itl).observe(gap)
-            live.last_time = now
+            live.last_time = last
             live.num_tokens = n_tokens
         if out.finished:
             del self._live[out.request_id]

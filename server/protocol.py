@@ -56,6 +56,15 @@ class SamplingFields(_Request):
     prompt_logprobs: StrictInt | None = None
     priority: StrictInt = 0
     echo: StrictBool = False
+    cache_salt: StrictStr | None = None  # requests share cached prefixes only with the same salt
+    # Structured outputs (not built yet): accepted here so they can be refused by name, never ignored.
+    response_format: Any = None
+    structured_outputs: Any = None
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
+    guided_decoding_backend: Any = None
 
     @field_validator("n")
     @classmethod
@@ -117,10 +126,15 @@ class DetokenizeRequest(_Request):
 # ---------------------------------------------------------------- responses
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0
+
+
 class UsageInfo(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    prompt_tokens_details: PromptTokensDetails | None = None
 
 
 class CompletionLogprobs(BaseModel):

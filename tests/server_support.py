@@ -1,6 +1,6 @@
 """Helpers for the server tests: a subprocess server on a free port, SSE parsing, and a fake engine.
 
-The fake engine honours LLMEngine's contract (add_request / step / abort_request / get_stats, cumulative
+The fake engine honours LLMEngine's contract (add_request / step / abort_request / get_stats, outputs by output_kind
 RequestOutputs) with a byte tokenizer and canned text, so failure paths that the real model cannot
 trigger on demand (a step that raises, a full waiting queue, draining) are testable in seconds.
 Run it as a server: `python -m tests.server_support [serve flags]`.
@@ -150,6 +150,9 @@ class FakeStats:
     num_compiles: int = 3
     num_recompiles_after_warmup: int = 0
     warmup_seconds: float = 0.1
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+    healthy: bool = True
 
 
 class FakeEngine:
@@ -165,10 +168,13 @@ class FakeEngine:
         self.max_running = config.scheduler.max_num_seqs
         self.requests: dict[str, dict] = {}
         self.stats = FakeStats()
+        self.healthy = True
+        self._aborted = []
         # "Compiling": the server must answer /health 503 meanwhile.
         time.sleep(float(os.environ.get("FAKE_WARMUP_S", "1.0")))
 
-    def add_request(self, request_id, prompt, params, *, prompt_token_ids=None, priority=0, arrival_time=None):
+    def add_request(self, request_id, prompt, params, *, prompt_token_ids=None, priority=0, arrival_time=None,
+                    cache_salt=None):
         from jaxllm.outputs import RequestMetrics
         ids = prompt_token_ids if prompt_token_ids is not None else self.tokenizer.encode(prompt)
         if not ids:
@@ -181,11 +187,35 @@ class FakeEngine:
                                      "metrics": RequestMetrics(arrival_time or time.time())}
 
     def abort_request(self, request_ids):
+        # As the real engine: a final output with finish_reason "abort" for each request still known.
         for rid in [request_ids] if isinstance(request_ids, str) else request_ids:
-            self.requests.pop(rid, None)
+            r = self.requests.pop(rid, None)
+            if r is not None:
+                self._aborted.append(self._output(rid, r, "abort"))
+
+    def reset_prefix_cache(self) -> int:
+        return 0
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.requests)
+        return bool(self.requests) or bool(self._aborted)
+
+    def _output(self, rid, r, finish):
+        """The output a real engine gives for this request's output_kind (deltas only carry what is new)."""
+        import dataclasses
+
+        from jaxllm.outputs import CompletionOutput, RequestOutput
+        from jaxllm.sampling_params import RequestOutputKind
+        n_out, p = r["n_out"], r["params"]
+        done = finish is not None
+        if p.output_kind is RequestOutputKind.FINAL_ONLY and not done:
+            return None
+        first = n_out - 1 if (p.output_kind is RequestOutputKind.DELTA and n_out) else 0
+        if p.output_kind is RequestOutputKind.DELTA and finish == "abort":
+            first = n_out
+        tokens = [ord("a") + i % 26 for i in range(first, n_out)]
+        outs = [CompletionOutput(j, self.tokenizer.decode(tokens), list(tokens), finish_reason=finish)
+                for j in range(p.n)]
+        return RequestOutput(rid, r["prompt"], r["ids"], outs, done, metrics=dataclasses.replace(r["metrics"]))
 
     def get_stats(self):
         running = min(len(self.requests), self.max_running)
@@ -195,9 +225,8 @@ class FakeEngine:
         return FakeStats(**vars(s))
 
     def step(self):
-        from jaxllm.outputs import CompletionOutput, RequestOutput
         time.sleep(self.STEP_S)
-        outputs = []
+        outputs, self._aborted = self._aborted, []
         now = time.time()
         running = list(self.requests.items())[: self.max_running]
         self.stats.last_iteration_tokens = len(running)
@@ -210,17 +239,16 @@ class FakeEngine:
                 self.stats.prompt_tokens_total += len(r["ids"])
             r["n_out"] += 1
             self.stats.generation_tokens_total += r["params"].n
+            m.num_generation_tokens += r["params"].n
             m.first_token_time = m.first_token_time or now
             m.last_token_time = now
-            n_out, p = r["n_out"], r["params"]
-            tokens = [ord("a") + i % 26 for i in range(n_out)]
-            done = n_out >= p.max_tokens
+            done = r["n_out"] >= r["params"].max_tokens
             if done:
                 m.finished_time = now
                 del self.requests[rid]
-            outs = [CompletionOutput(j, self.tokenizer.decode(tokens), list(tokens),
-                                     finish_reason="length" if done else None) for j in range(p.n)]
-            outputs.append(RequestOutput(rid, r["prompt"], r["ids"], outs, done, metrics=m))
+            out = self._output(rid, r, "length" if done else None)
+            if out is not None:
+                outputs.append(out)
         return outputs
 
 

@@ -45,7 +45,8 @@ class Observer(Protocol):
 
 
 class RequestStream:
-    """The outputs of one request, cumulative, in order; iterate with `async for`, `close()` aborts."""
+    """The outputs of one request, in order (each shaped by its params' output_kind); iterate with
+    `async for`, `close()` aborts."""
 
     def __init__(self, engine: "AsyncEngine", request_id: str):
         self.request_id = request_id
@@ -99,6 +100,7 @@ class AsyncEngine:
         self._ready = threading.Event()
         self._stopped = False
         self.ready_future: asyncio.Future | None = None
+        self.dead_future: asyncio.Future | None = None  # set when the engine thread dies after start-up
 
     # ------------------------------------------------------------------ lifecycle (event loop side)
 
@@ -106,12 +108,18 @@ class AsyncEngine:
         """Starts the engine thread, which builds the engine (loading + compiling) and then serves."""
         self._loop = asyncio.get_running_loop()
         self.ready_future = self._loop.create_future()
+        self.dead_future = self._loop.create_future()
         self._thread = threading.Thread(target=self._run, name="jaxllm-engine", daemon=True)
         self._thread.start()
 
     @property
     def ready(self) -> bool:
         return self._ready.is_set() and self.error is None
+
+    @property
+    def healthy(self) -> bool:
+        """Ready, and not rebuilding its device state after a failed step."""
+        return self.ready and getattr(self.stats, "healthy", True)
 
     def shutdown(self, timeout: float = 10.0) -> None:
         self._stopped = True
@@ -137,7 +145,8 @@ class AsyncEngine:
     # ------------------------------------------------------------------ requests (event loop side)
 
     async def add_request(self, request_id: str, prompt: str | None, params: Any, *,
-                          prompt_token_ids: list[int] | None = None, priority: int = 0) -> RequestStream:
+                          prompt_token_ids: list[int] | None = None, priority: int = 0,
+                          cache_salt: str | None = None) -> RequestStream:
         """Hands the request to the engine thread and waits for it to be accepted.
 
         Raises ValueError (bad input, from the engine), EngineNotReady, EngineOverloaded.
@@ -152,7 +161,7 @@ class AsyncEngine:
         stream = RequestStream(self, request_id)
         self._streams[request_id] = stream
         ack: concurrent.futures.Future = concurrent.futures.Future()
-        self._commands.put(("add", request_id, prompt, params, prompt_token_ids, priority, ack))
+        self._commands.put(("add", request_id, prompt, params, prompt_token_ids, priority, cache_salt, ack))
         try:
             await asyncio.wrap_future(ack)
         except BaseException:
@@ -160,6 +169,15 @@ class AsyncEngine:
             stream.close()
             raise
         return stream
+
+    async def reset_prefix_cache(self) -> int:
+        """Forgets the engine's cached pages (on the engine thread); returns how many were named."""
+        if not self.ready:
+            raise EngineNotReady("the model is still loading" if self.error is None else
+                                 f"the engine failed: {self.error}")
+        done: concurrent.futures.Future = concurrent.futures.Future()
+        self._commands.put(("reset_prefix_cache", done))
+        return await asyncio.wrap_future(done)
 
     def _forget(self, request_id: str) -> None:
         self._streams.pop(request_id, None)
@@ -199,18 +217,34 @@ class AsyncEngine:
             return
         self._ready.set()
         self._post(self._resolve_ready, None)
-        while not self._stopped:
-            try:
-                if not self._iterate():
-                    break
-            except Exception as exc:  # noqa: BLE001 - one bad step must not kill the server
-                # Only the requests inside the engine now are failed (and aborted, so the next step does
-                # not hit the same fault); requests still queued are untouched.
-                logger.exception("engine step failed; failing the requests in flight")
-                failed = list(self._in_engine)
-                for request_id in failed:
-                    self._abort(request_id)
-                self._post(self._fail, failed, EngineDeadError(f"engine step failed: {exc}"))
+        try:
+            while not self._stopped:
+                try:
+                    if not self._iterate():
+                        break
+                except Exception as exc:  # noqa: BLE001 - one bad step must not kill the server
+                    if not getattr(self.engine, "healthy", True):
+                        raise  # the device state could not be rebuilt: nothing more can run
+                    # A host-side fault (the engine recovers device faults itself): only the requests
+                    # inside the engine now are failed (and aborted, so the next step does not hit the
+                    # same fault); requests still queued are untouched.
+                    logger.exception("engine step failed; failing the requests in flight")
+                    failed = list(self._in_engine)
+                    for request_id in failed:
+                        self._abort(request_id)
+                    self._post(self._fail, failed, EngineDeadError(f"engine step failed: {exc}"))
+        except BaseException as exc:  # noqa: BLE001 - the thread dies: nobody may be left waiting
+            logger.exception("engine thread died")
+            self.error = exc
+            self._post(self._die, exc)
+            if not isinstance(exc, Exception):
+                raise
+
+    def _die(self, exc: BaseException) -> None:
+        """Event-loop side of a dead engine: every open stream fails, and the server is told to exit."""
+        self._fail(list(self._streams), EngineDeadError(f"the engine died: {exc!r}"))
+        if self.dead_future is not None and not self.dead_future.done():
+            self.dead_future.set_result(exc)
 
     def _iterate(self) -> bool:
         """Applies queued commands, then runs one step if there is work; False once stopped."""
@@ -252,17 +286,22 @@ class AsyncEngine:
                 return False
             changed = True
             if cmd[0] == "add":
-                _, request_id, prompt, params, token_ids, priority, ack = cmd
+                _, request_id, prompt, params, token_ids, priority, cache_salt, ack = cmd
                 if ack.set_running_or_notify_cancel():
                     try:
                         self.engine.add_request(request_id, prompt, params, prompt_token_ids=token_ids,
-                                                priority=priority)
+                                                priority=priority, cache_salt=cache_salt)
                         self._in_engine.add(request_id)
                         ack.set_result(None)
                     except Exception as exc:  # noqa: BLE001 - ValueError for bad input, passed back
                         ack.set_exception(exc)
             elif cmd[0] == "abort":
                 self._abort(cmd[1])
+            elif cmd[0] == "reset_prefix_cache":
+                try:
+                    cmd[1].set_result(self.engine.reset_prefix_cache())
+                except Exception as exc:  # noqa: BLE001
+                    cmd[1].set_exception(exc)
             try:
                 cmd = self._commands.get_nowait()
             except queue.Empty:

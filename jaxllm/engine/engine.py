@@ -324,6 +324,7 @@ class LLMEngine:
             req = seq.request
             target = self._fork(seq, index) if index != seq.index else seq
             self.generation_tokens_total += 1
+            req.metrics.num_generation_tokens += 1
             now = time.time()
             if req.metrics.first_token_time is None:
                 req.metrics.first_token_time = now

@@ -9,6 +9,8 @@ per step is proportional to the new tokens (DELTA / FINAL_ONLY), never to a sequ
 
 from __future__ import annotations
 
+import dataclasses
+
 from jaxllm.engine.request import Request, Sequence
 from jaxllm.outputs import CompletionOutput, Logprob, RequestOutput
 from jaxllm.sampling_params import RequestOutputKind
@@ -103,7 +105,7 @@ class OutputProcessor:
             return None
         req.prompt_logprobs_sent |= prompt_logprobs is not None
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, completions, finished,
-                             prompt_logprobs=prompt_logprobs, metrics=req.metrics,
+                             prompt_logprobs=prompt_logprobs, metrics=dataclasses.replace(req.metrics),
                              num_cached_tokens=req.num_cached_tokens, error=error)
 
     def _cumulative(self, seq: Sequence, index: int) -> CompletionOutput:

@@ -1,0 +1,241 @@
+"""The engine's typed stages: budgets the scheduler owns, the declared shape table, output kinds that
+never alias engine state, device-fault recovery, per-seat penalty state, and automatic prefix caching."""
+
+import random
+
+import numpy as np
+import pytest
+
+import models
+from jaxllm import LLM, SamplingParams
+from jaxllm.engine.engine import _sibling_seed
+from jaxllm.sampling_params import RequestOutputKind
+from tests.test_engine import TINY_LLAMA, assert_pool_empty
+
+
+def tiny_llm(**flags):
+    return LLM(TINY_LLAMA, tokenizer=models.default_model_path(), **flags)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_llm(max_num_seqs=8, max_num_batched_tokens=32, max_model_len=96, page_size=4, num_pages=64)
+
+
+def token_ids(outs):
+    return [[c.token_ids for c in o.outputs] for o in outs]
+
+
+def assert_same_logprobs(a, b, tol=1e-4):
+    """Position by position: the same tokens and ranks; values equal up to batching's float noise
+    (the three requests were computed in different batch layouts)."""
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert (x is None) == (y is None)
+        if x is not None:
+            assert list(x) == list(y) and [v.rank for v in x.values()] == [v.rank for v in y.values()]
+            np.testing.assert_allclose([v.logprob for v in x.values()], [v.logprob for v in y.values()], atol=tol)
+
+
+def run_engine(eng, max_steps=5000):
+    """Steps until idle; returns every output per request id, in order."""
+    got: dict[str, list] = {}
+    for _ in range(max_steps):
+        if not eng.has_unfinished_requests():
+            return got
+        for out in eng.step():
+            got.setdefault(out.request_id, []).append(out)
+    raise AssertionError("engine did not finish")
+
+
+def test_shape_table_is_exactly_what_warmup_compiles(tiny):
+    runner = tiny.engine.runner
+    assert runner.compiled == set(runner.shapes.programs())
+    assert runner.shapes.token_buckets[0] == 1  # single-stream decode runs a 1-row program
+    assert runner.shapes.row_buckets[-1] >= 32 + 8  # every token's prompt logprob + every seat's sample
+
+
+def test_fan_out_beyond_the_row_bucket_does_not_fail_the_batch(tiny):
+    # Defect: 9 short n=8 requests finished their prompts in one step and asked for 72 sampled rows;
+    # the runner raised and the engine failed every request in flight.
+    params = SamplingParams(n=8, temperature=0.8, seed=1, max_tokens=3, ignore_eos=True)
+    outs = tiny.generate([[5 + i, 6, 7] for i in range(9)], params, use_tqdm=False)
+    assert [len(o.outputs) for o in outs] == [8] * 9
+    assert all(len(c.token_ids) == 3 for o in outs for c in o.outputs)
+    assert tiny.engine.get_stats().num_recompiles_after_warmup == 0
+    assert_pool_empty(tiny)
+
+
+def test_prompt_logprobs_with_penalties_bias_and_min_tokens_never_recompile(tiny):
+    # Defect: prompt_logprobs rows (R > max_num_seqs) plus a penalty / bias / min_tokens row asked for a
+    # sampler shape that warm-up never compiled.
+    rng = random.Random(3)
+    prompts = [[rng.randrange(3, 512) for _ in range(rng.randint(20, 60))] for _ in range(6)]
+    params = [SamplingParams(temperature=0.7, seed=i, max_tokens=6, prompt_logprobs=2, logprobs=3,
+                             repetition_penalty=1.3 if i % 2 else 1.0, logit_bias={7: 3.0} if i % 3 == 0 else None,
+                             min_tokens=4 if i == 4 else 0) for i in range(6)]
+    outs = tiny.generate(prompts, params, use_tqdm=False)
+    assert all(len(o.prompt_logprobs) == len(p) for o, p in zip(outs, prompts))
+    assert all(o.prompt_logprobs[0] is None and all(pos for pos in o.prompt_logprobs[1:]) for o in outs)
+    assert tiny.engine.get_stats().num_recompiles_after_warmup == 0
+    assert tiny.engine.runner.compiled == set(tiny.engine.runner.shapes.programs())
+
+
+def test_delta_outputs_add_up_to_the_final_output_and_never_alias(tiny):
+    eng = tiny.engine
+    prompt = list(range(10, 80))  # 70 tokens: three 32-token steps of prefill
+    base = dict(temperature=0.9, seed=5, max_tokens=12, logprobs=2, prompt_logprobs=1, ignore_eos=True, n=2)
+    kinds = {"d": RequestOutputKind.DELTA, "f": RequestOutputKind.FINAL_ONLY, "c": RequestOutputKind.CUMULATIVE}
+    for rid, kind in kinds.items():
+        eng.add_request(rid, None, SamplingParams(output_kind=kind, **base), prompt_token_ids=prompt)
+    got = run_engine(eng)
+    final = got["f"][-1]
+    assert len(got["f"]) == 1 and final.finished
+    # Prompt logprobs arrive complete, exactly once, in the first delta.
+    with_plp = [o for o in got["d"] if o.prompt_logprobs is not None]
+    assert len(with_plp) == 1 and with_plp[0] is got["d"][0]
+    assert len(with_plp[0].prompt_logprobs) == len(prompt) == len(final.prompt_logprobs)
+    assert_same_logprobs(with_plp[0].prompt_logprobs, final.prompt_logprobs)
+    for comp in final.outputs:
+        deltas = [c for o in got["d"] for c in o.outputs if c.index == comp.index]
+        assert sum((c.token_ids for c in deltas), []) == comp.token_ids and len(comp.token_ids) == 12
+        assert "".join(c.text for c in deltas) == comp.text
+        assert_same_logprobs(sum((c.logprobs for c in deltas), []), comp.logprobs)
+        assert all(len(c.token_ids) <= 1 for c in deltas)  # decode deltas carry only the new token
+        assert [c.finish_reason for c in deltas].count("length") == 1
+    # Cumulative outputs are snapshots: an early one does not grow as the engine moves on.
+    assert got["c"][0].outputs[0].token_ids == [] and got["c"][0].prompt_logprobs is None  # mid-prefill
+    early = next(o for o in got["c"] if o.outputs[0].token_ids)
+    assert [len(c.token_ids) for c in early.outputs] == [1, 1]
+    assert token_ids([got["c"][-1]]) == token_ids([final])
+
+
+def test_a_failed_step_fails_its_requests_rebuilds_the_pool_and_serving_goes_on(tiny):
+    eng = tiny.engine
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    prompts = [[20 + i] * (5 + i) for i in range(4)]
+    expected = token_ids(tiny.generate(prompts, params, use_tqdm=False))
+
+    real = eng.runner._forward
+    calls = {"n": 0}
+
+    def faulty(params_, kv_pages, *args):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            kv_pages.delete()  # as after a real device fault: the donated buffer is gone
+            raise RuntimeError("injected device fault")
+        return real(params_, kv_pages, *args)
+
+    eng.runner._forward = faulty
+    try:
+        eng.add_request("victim", None, params, prompt_token_ids=[9] * 30)
+        failed = [o for _ in range(3) for o in eng.step()]
+        assert calls["n"] == 3 and [o.request_id for o in failed if o.finished] == ["victim"]
+        for i, p in enumerate(prompts):
+            eng.add_request(f"later{i}", None, params, prompt_token_ids=p)
+        got = run_engine(eng)
+        got["victim"] = [o for o in failed if o.finished]
+    finally:
+        eng.runner._forward = real
+    assert got["victim"][-1].error and "injected device fault" in got["victim"][-1].error
+    assert got["victim"][-1].finished and eng.num_step_failures == 1 and eng.healthy
+    later = [got[f"later{i}"][-1] for i in range(4)]
+    assert all(o.error is None for o in later) and token_ids(later) == expected
+    assert_pool_empty(tiny)
+
+
+def test_forked_siblings_copy_the_prompt_penalty_state():
+    # Sibling i of a seeded n > 1 request samples with _sibling_seed(seed, i); with the prompt marks
+    # copied from its parent's seat it must equal an n = 1 request with that seed.
+    llm = tiny_llm(max_num_seqs=4, max_num_batched_tokens=32, max_model_len=64, page_size=4)
+    prompt = {"prompt_token_ids": [11, 12, 13, 11, 14, 15, 16, 12, 17, 18]}
+    p = dict(temperature=1.0, max_tokens=10, repetition_penalty=1.8, presence_penalty=0.6, ignore_eos=True)
+    fan = llm.generate(prompt, SamplingParams(n=3, seed=42, **p), use_tqdm=False)[0]
+    singles = [llm.generate(prompt, SamplingParams(seed=_sibling_seed(42, i), **p), use_tqdm=False)[0]
+               for i in range(3)]
+    assert [c.token_ids for c in fan.outputs] == [s.outputs[0].token_ids for s in singles]
+    # And the penalties act: without them the same seeds give other tokens.
+    plain = llm.generate(prompt, SamplingParams(n=3, seed=42, temperature=1.0, max_tokens=10, ignore_eos=True),
+                         use_tqdm=False)[0]
+    assert [c.token_ids for c in plain.outputs] != [c.token_ids for c in fan.outputs]
+
+
+# ---- automatic prefix caching ----------------------------------------------------------------------
+
+
+def _shared_prefix_workload(seed=0, n=24):
+    rng = random.Random(seed)
+    systems = [[rng.randrange(3, 512) for _ in range(rng.randint(9, 30))] for _ in range(3)]
+    prompts, params = [], []
+    for i in range(n):
+        prompts.append({"prompt_token_ids": systems[i % 3] + [rng.randrange(3, 512) for _ in range(rng.randint(1, 9))]})
+        kind = i % 3
+        if kind == 0:
+            params.append(SamplingParams(temperature=0, max_tokens=rng.randint(1, 16), ignore_eos=True))
+        elif kind == 1:
+            params.append(SamplingParams(temperature=0.9, top_p=0.9, seed=i, max_tokens=rng.randint(1, 16),
+                                         ignore_eos=True, n=2 if i % 4 == 1 else 1))
+        else:
+            params.append(SamplingParams(temperature=1.1, top_k=30, seed=i, frequency_penalty=0.4,
+                                         max_tokens=rng.randint(1, 16), ignore_eos=True))
+    return prompts, params
+
+
+def test_prefix_caching_on_and_off_give_identical_outputs_under_eviction_and_preemption():
+    prompts, params = _shared_prefix_workload()
+    off = tiny_llm(max_num_seqs=4, max_num_batched_tokens=64, max_model_len=64, page_size=4,
+                   enable_prefix_caching=False)
+    alone = [token_ids(off.generate(p, sp, use_tqdm=False))[0] for p, sp in zip(prompts, params)]
+    # 20 pages of 4 tokens for 24 concurrent requests: cached pages are evicted and requests preempted.
+    on = tiny_llm(max_num_seqs=8, max_num_batched_tokens=16, max_model_len=64, page_size=4, num_pages=20)
+    together = token_ids(on.generate(prompts, params, use_tqdm=False))
+    stats = on.engine.get_stats()
+    assert together == alone
+    assert stats.num_preemptions_total > 0 and stats.prefix_cache_hits > 0
+    assert stats.num_recompiles_after_warmup == 0
+    assert_pool_empty(on)
+    # Run again on the warm cache, batched: still identical.
+    assert token_ids(on.generate(prompts, params, use_tqdm=False)) == alone
+    assert_pool_empty(on)
+
+
+@pytest.fixture(scope="module")
+def smol():
+    return LLM(max_num_seqs=4, max_num_batched_tokens=64, max_model_len=256)
+
+
+def test_smollm2_prefix_hit_accounting_and_salt(smol):
+    eng = smol.engine
+    assert eng.pool.page_size == 16
+    system = "You are a helpful assistant who answers every question in one short sentence. " * 6
+    prefix = eng.tokenizer.encode(system)[:48]
+    assert len(prefix) == 48  # exactly 3 pages
+    params = SamplingParams(temperature=0, max_tokens=8)
+    q1, q2 = eng.tokenizer.encode(" What is 2+2?"), eng.tokenizer.encode(" Name a colour.")
+    first = smol.generate({"prompt_token_ids": prefix + q1}, params, use_tqdm=False)[0]
+    eng.add_request("second", None, params, prompt_token_ids=prefix + q2)
+    eng.add_request("salted", None, params, prompt_token_ids=prefix + q2, cache_salt="tenant-b")
+    got = run_engine(eng)
+    assert first.num_cached_tokens == 0
+    assert got["second"][-1].num_cached_tokens == 48
+    assert got["salted"][-1].num_cached_tokens == 0
+    assert token_ids([got["second"][-1]]) == token_ids([got["salted"][-1]])
+    # Identical to an uncached run of the same prompt.
+    eng.reset_prefix_cache()
+    fresh = smol.generate({"prompt_token_ids": prefix + q2}, params, use_tqdm=False)[0]
+    assert fresh.num_cached_tokens == 0 and token_ids([fresh]) == token_ids([got["second"][-1]])
+    stats = eng.get_stats()
+    assert stats.prefix_cache_hits >= 48 and stats.prefix_cache_queries >= 4 * 48
+    assert_pool_empty(smol)
+
+
+def test_prompt_logprobs_requests_compute_the_positions_they_need(smol):
+    eng = smol.engine
+    prefix = list(np.arange(100, 148))
+    params = SamplingParams(temperature=0, max_tokens=2)
+    smol.generate({"prompt_token_ids": prefix + [5]}, params, use_tqdm=False)
+    out = smol.generate({"prompt_token_ids": prefix + [6]}, params.clone(prompt_logprobs=1), use_tqdm=False)[0]
+    assert out.num_cached_tokens == 0  # positions 1..48 need logits: nothing could be skipped
+    assert len(out.prompt_logprobs) == 49 and all(out.prompt_logprobs[1:])
+    assert_pool_empty(smol)
+    del eng
