@@ -74,3 +74,31 @@ def sample_random(vocab_size: int, num_prompts: int, input_len: int, output_len:
         n = length(input_len)
         reqs.append(BenchRequest([rng.randrange(100, vocab_size) for _ in range(n)], n, length(output_len)))
     return reqs
+
+
+def sample_shared_prefix(tokenizer, num_prompts: int, *, prefix_len: int = 1000, output_len: int = 64,
+                         seed: int = 0) -> list[BenchRequest]:
+    """A ~prefix_len-token system prompt (ShareGPT text) shared by every request, each followed by a
+    distinct ShareGPT question: the workload prefix caching is for (RAG / agents / long system prompts)."""
+    records = [r for r in iter_sharegpt_records(load_sharegpt_text()) if len(r.get("conversations", [])) >= 2]
+    random.Random(seed).shuffle(records)
+    system, n = [], 0
+    for r in records:
+        if n >= prefix_len:
+            break
+        text = r["conversations"][1]["value"]
+        system.append(text)
+        n += len(tokenizer.encode(text))
+    prefix = "Use the following notes to answer.\n\n" + "\n\n".join(system)
+    ids = tokenizer.encode(prefix)[:prefix_len]
+    prefix = tokenizer.decode(ids) if hasattr(tokenizer, "decode") else prefix
+    out = []
+    for r in records[len(system):]:
+        if len(out) == num_prompts:
+            break
+        question = r["conversations"][0]["value"][:300]
+        if len(question) < 8:
+            continue
+        prompt = f"{prefix}\n\nQuestion: {question}\nAnswer:"
+        out.append(BenchRequest(prompt, len(tokenizer.encode(prompt)), output_len))
+    return out

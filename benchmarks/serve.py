@@ -27,7 +27,8 @@ import aiohttp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.datasets import BenchRequest, sample_random, sample_sharegpt  # noqa: E402
+from benchmarks.datasets import (BenchRequest, sample_random, sample_shared_prefix,  # noqa: E402
+                                 sample_sharegpt)
 
 
 @dataclass
@@ -56,6 +57,11 @@ class RemoteTokenizer:
         r = self.client.post("/tokenize", json=body)
         r.raise_for_status()
         return r.json()["tokens"]
+
+    def decode(self, ids: list[int]) -> str:
+        r = self.client.post("/detokenize", json={"tokens": ids, **({"model": self.model} if self.model else {})})
+        r.raise_for_status()
+        return r.json()["prompt"]
 
 
 async def one_request(session: aiohttp.ClientSession, url: str, model: str | None, req: BenchRequest,
@@ -160,7 +166,11 @@ def main(argv=None) -> int:
     p.add_argument("--base-url", default="http://127.0.0.1:8000")
     p.add_argument("--model", default=None, help="model name to send (default: the server's default)")
     p.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY") or os.environ.get("JAXLLM_API_KEY"))
-    p.add_argument("--dataset", choices=["sharegpt", "random"], default="sharegpt")
+    p.add_argument("--dataset", choices=["sharegpt", "random", "prefix"], default="sharegpt",
+                   help="prefix: one ~--prefix-len token system prompt shared by every request")
+    p.add_argument("--prefix-len", type=int, default=1000)
+    p.add_argument("--preset", choices=["decode-heavy"], default=None,
+                   help="decode-heavy: ShareGPT prompts <= 128 tokens, 256 output tokens, ignore_eos")
     p.add_argument("--num-prompts", type=int, default=100)
     p.add_argument("--request-rate", type=float, default=float("inf"), help="requests/s, Poisson (default inf)")
     p.add_argument("--max-concurrency", type=int, default=None)
@@ -175,6 +185,9 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--result-json", default=None)
     args = p.parse_args(argv)
+    max_prompt_len = min(1024, args.max_model_len // 2)
+    if args.preset == "decode-heavy":
+        args.dataset, args.sharegpt_output_len, args.ignore_eos, max_prompt_len = "sharegpt", 256, True, 128
 
     if args.dataset == "random":
         requests = sample_random(args.random_vocab_size, args.num_prompts, args.random_input_len,
@@ -185,8 +198,12 @@ def main(argv=None) -> int:
             tok = load_tokenizer(args.tokenizer)
         else:
             tok = RemoteTokenizer(args.base_url, args.model, args.api_key)
-        requests = sample_sharegpt(tok, args.num_prompts, output_len=args.sharegpt_output_len, seed=args.seed,
-                                   max_prompt_len=min(1024, args.max_model_len // 2), max_total_len=args.max_model_len)
+        if args.dataset == "prefix":
+            requests = sample_shared_prefix(tok, args.num_prompts, prefix_len=args.prefix_len,
+                                            output_len=args.sharegpt_output_len or 64, seed=args.seed)
+        else:
+            requests = sample_sharegpt(tok, args.num_prompts, output_len=args.sharegpt_output_len, seed=args.seed,
+                                       max_prompt_len=max_prompt_len, max_total_len=args.max_model_len)
     random.Random(args.seed).shuffle(requests)
     results, duration = asyncio.run(run(args, requests))
     summary = summarize(results, duration)

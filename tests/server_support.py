@@ -233,6 +233,8 @@ class FakeEngine:
         for rid, r in running:
             if "FAIL" in r["prompt"] and r["n_out"] >= 2:
                 raise RuntimeError("injected engine failure")
+            if "DIE" in r["prompt"] and r["n_out"] >= 2:
+                raise SystemExit("injected death of the engine thread")
             m = r["metrics"]
             if m.first_scheduled_time is None:
                 m.first_scheduled_time = now

@@ -50,8 +50,10 @@ def test_smollm2_greedy_and_logprobs_match_hf(smol):
                             SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, logprobs=5),
                             use_tqdm=False)[0].outputs[0]
         assert out.token_ids == case["output_ids"]
+        assert len(out.logprobs) == len(case["top_logprobs"]) == n
         for step, (ours, theirs) in enumerate(zip(out.logprobs, case["top_logprobs"])):
             ours_top = sorted(((lp.logprob, t) for t, lp in ours.items() if lp.rank <= 5), reverse=True)
+            assert len(ours_top) == 5 and len(theirs) >= 5
             for (lp, tid), (tid_hf, lp_hf) in zip(ours_top, theirs[:5]):
                 assert tid == tid_hf and abs(lp - lp_hf) < 1e-3, (step, tid, tid_hf, lp, lp_hf)
     assert smol.engine.get_stats().num_recompiles_after_warmup == 0
@@ -79,8 +81,9 @@ def test_chat_matches_template_golden(smol):
     assert out.prompt_token_ids == g["cases"][1]["prompt_ids"]
     expected = g["cases"][1]["output_ids"]
     got = out.outputs[0].token_ids
-    assert got == expected[:len(got)]
-    assert out.outputs[0].finish_reason in ("stop", "length")
+    assert got and got == expected[:len(got)]
+    # Either all 32 tokens, or it stopped on the EOS the golden also produced at that point.
+    assert len(got) == 32 or (out.outputs[0].finish_reason == "stop" and got[-1] in smol.engine.eos_token_ids)
 
 
 # ---- stop conditions ------------------------------------------------------------------------------
@@ -108,7 +111,7 @@ def test_stop_strings_are_cut_and_never_emitted_partially(smol):
     while eng.has_unfinished_requests():
         for o in eng.step():
             seen.append(o.outputs[0].text)
-    assert all(t.startswith(p) for p, t in zip(seen, seen[1:]))  # text only grows
+    assert len(seen) > 5 and all(t.startswith(p) for p, t in zip(seen, seen[1:]))  # text only grows
     assert seen[-1] == cut.text and all(stop[:3] not in t for t in seen)
 
 

@@ -211,10 +211,12 @@ def test_echo_logprobs_loglikelihood(client, http):
                                                    temperature=0, stream=True) if c.choices]
     assert "".join(c.choices[0].text for c in chunks) == c.text
     assert [t for ch in chunks for t in ch.choices[0].logprobs.token_logprobs] == lp.token_logprobs
-    # The echoed prompt's logprobs agree with generating that token: " Paris" after "... is".
-    head = client.completions.create(model="smol", prompt=ids[:-1], logprobs=1, max_tokens=1, temperature=0)
-    if head.choices[0].logprobs.tokens[0] == lp.tokens[len(ids) - 1]:
-        assert abs(head.choices[0].logprobs.token_logprobs[0] - lp.token_logprobs[len(ids) - 1]) < 1e-3
+    # The echoed prompt's logprobs agree with generating that token: " Paris" after "... is". A logit
+    # bias forces the token; reported logprobs are of the raw (unbiased) logits, so they must agree.
+    head = client.completions.create(model="smol", prompt=ids[:-1], logprobs=1, max_tokens=1, temperature=0,
+                                     logit_bias={str(ids[-1]): 100})
+    assert head.choices[0].logprobs.tokens[0] == lp.tokens[len(ids) - 1]
+    assert abs(head.choices[0].logprobs.token_logprobs[0] - lp.token_logprobs[len(ids) - 1]) < 1e-3
 
 
 def test_vllm_extras_accepted(client):
@@ -282,7 +284,7 @@ def test_chat_logprobs_n_usage(client, http):
     assert out.usage.prompt_tokens == n_prompt and out.usage.completion_tokens == 8
 
 
-def test_chat_continue_final_message_and_tool_role(client):
+def test_chat_continue_final_message_and_tool_role(client, http):
     msgs = [{"role": "user", "content": "Say the alphabet."}, {"role": "assistant", "content": "A, B, C,"}]
     out = client.chat.completions.create(model="smol", messages=msgs, max_tokens=6, temperature=0,
                                          extra_body={"continue_final_message": True, "add_generation_prompt": False})
@@ -291,7 +293,11 @@ def test_chat_continue_final_message_and_tool_role(client):
             {"role": "assistant", "content": "Calling the tool."},
             {"role": "tool", "content": "sunny, 21C", "tool_call_id": "call_1"}]
     out = client.chat.completions.create(model="smol", messages=tool, max_tokens=4, temperature=0)
-    assert out.choices[0].finish_reason in ("stop", "length")
+    assert out.choices[0].finish_reason in ("stop", "length") and out.usage.completion_tokens >= 1
+    # The tool result really reached the model: the rendered prompt holds it, and its tokens are counted.
+    rendered = http.post("/tokenize", json={"messages": tool}).json()
+    text = http.post("/detokenize", json={"tokens": rendered["tokens"]}).json()["prompt"]
+    assert "sunny, 21C" in text and out.usage.prompt_tokens == rendered["count"]
 
 
 def test_chat_stream_include_usage(client):
@@ -434,6 +440,31 @@ def test_100_disconnects_free_everything(server, http):
 
 
 @pytest.mark.slow
+def test_prefix_cache_hits_show_in_usage_metrics_and_reset(client, http):
+    system = "You are a terse assistant. Answer with one word only, never more. " * 8
+    ask = lambda q, **kw: client.chat.completions.create(  # noqa: E731
+        model="smol", max_tokens=3, temperature=0, **kw,
+        messages=[{"role": "system", "content": system}, {"role": "user", "content": q}])
+    text = http.get("/metrics").text
+    hits0 = metric_value(text, "vllm:prefix_cache_hits_total", model_name="smol")
+    first = ask("Sky colour?")
+    second = ask("Grass colour?")
+    salted = ask("Grass colour?", extra_body={"cache_salt": "other-tenant"})
+    n_prompt = second.usage.prompt_tokens
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    # Every full 16-token page of the shared system prompt is reused; the last token is always recomputed.
+    shared = len(tokenize(http, system))
+    assert shared - 32 <= cached <= n_prompt - 1 and cached % 16 == 0
+    assert first.usage.prompt_tokens_details.cached_tokens < cached  # (earlier tests may have cached a bit)
+    assert salted.usage.prompt_tokens_details.cached_tokens == 0
+    assert salted.choices[0].message.content == second.choices[0].message.content
+    hits = metric_value(http.get("/metrics").text, "vllm:prefix_cache_hits_total", model_name="smol")
+    assert hits - hits0 >= cached
+    r = http.post("/reset_prefix_cache")
+    assert r.status_code == 200 and r.json()["pages_dropped"] > 0
+    assert ask("Grass colour?").usage.prompt_tokens_details.cached_tokens == 0
+
+
 def test_metrics_add_up(client, http):
     names = ["vllm:prompt_tokens_total", "vllm:generation_tokens_total", "vllm:e2e_request_latency_seconds_count",
              "vllm:time_to_first_token_seconds_count", "vllm:inter_token_latency_seconds_count",

@@ -114,6 +114,39 @@ def test_engine_failure_mid_stream(server):
     assert r.status_code == 200 and r.json()["choices"][0]["text"] == "abc"
 
 
+def test_structured_outputs_and_tools_are_refused_by_name(server):
+    url = server.base_url
+    cases = [("/v1/chat/completions", {"response_format": {"type": "json_object"}}, "response_format"),
+             ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+             ("/v1/chat/completions", {"tool_choice": "required"}, "tool_choice"),
+             ("/v1/completions", {"guided_json": {"type": "object"}}, "guided_json"),
+             ("/v1/completions", {"response_format": {"type": "json_schema", "json_schema": {}}}, "response_format")]
+    for path, extra, param in cases:
+        body = {"max_tokens": 2, **extra}
+        body.update({"messages": [{"role": "user", "content": "hi"}]} if "chat" in path else {"prompt": "hi"})
+        r = httpx.post(url + path, json=body, headers=auth())
+        assert r.status_code == 400, (param, r.text)
+        assert r.json()["error"]["param"] == param
+    # What stays allowed: plain text format, tool_choice "none", and null for nullable fields.
+    r = httpx.post(url + "/v1/chat/completions", headers=auth(), json={
+        "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "response_format": {"type": "text"},
+        "tool_choice": "none", "stream": None, "n": None, "temperature": None, "stop": None})
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "ab"
+
+
+def test_engine_thread_death_fails_streams_and_exits_nonzero():
+    srv = ServerProcess([], module="tests.server_support", env={"FAKE_WARMUP_S": "0.2"})
+    try:
+        srv.wait_ready(60)
+        with httpx.stream("POST", srv.base_url + "/v1/completions", timeout=30,
+                          json={"prompt": "please DIE", "max_tokens": 10, "stream": True}) as r:
+            events = sse_payloads(r.iter_lines())
+        assert events[-1] == "[DONE]" and "engine died" in events[-2]["error"]["message"]
+        assert srv.proc.wait(20) == 1  # a supervisor sees the failure and restarts the server
+    finally:
+        srv.stop()
+
+
 def test_metrics_from_fake_engine(server):
     text = httpx.get(server.base_url + "/metrics").text
     assert metric_value(text, "jaxllm:num_compiles", model_name="fake-model") == 3
