@@ -195,12 +195,14 @@ def _workload(n=36, seed=0):
     return prompts, params
 
 
-def test_batch_invariance_with_chunked_prefill_and_preemption():
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_batch_invariance_with_chunked_prefill_and_preemption(async_scheduling):
     prompts, params = _workload()
     alone_llm = tiny_llm(max_num_seqs=4, max_num_batched_tokens=64, max_model_len=80, page_size=4)
     alone = [alone_llm.generate(p, sp, use_tqdm=False)[0].outputs[0].token_ids for p, sp in zip(prompts, params)]
     # 24 pages of 4 tokens: far less than 36 concurrent requests need, and a 16-token step budget.
-    busy_llm = tiny_llm(max_num_seqs=16, max_num_batched_tokens=16, max_model_len=64, page_size=4, num_pages=24)
+    busy_llm = tiny_llm(max_num_seqs=16, max_num_batched_tokens=16, max_model_len=64, page_size=4, num_pages=24,
+                        async_scheduling=async_scheduling)
     together = [o.outputs[0].token_ids for o in busy_llm.generate(prompts, params, use_tqdm=False)]
     stats = busy_llm.engine.get_stats()
     assert stats.num_preemptions_total > 0

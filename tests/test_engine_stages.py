@@ -17,9 +17,10 @@ def tiny_llm(**flags):
     return LLM(TINY_LLAMA, tokenizer=models.default_model_path(), **flags)
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    return tiny_llm(max_num_seqs=8, max_num_batched_tokens=32, max_model_len=96, page_size=4, num_pages=64)
+@pytest.fixture(scope="module", params=[False, True], ids=["sync", "async"])
+def tiny(request):
+    return tiny_llm(max_num_seqs=8, max_num_batched_tokens=32, max_model_len=96, page_size=4, num_pages=64,
+                    async_scheduling=request.param)
 
 
 def token_ids(outs):
@@ -129,7 +130,7 @@ def test_a_failed_step_fails_its_requests_rebuilds_the_pool_and_serving_goes_on(
     eng.runner._forward = faulty
     try:
         eng.add_request("victim", None, params, prompt_token_ids=[9] * 30)
-        failed = [o for _ in range(3) for o in eng.step()]
+        failed = [o for _ in range(4) for o in eng.step()]
         assert calls["n"] == 3 and [o.request_id for o in failed if o.finished] == ["victim"]
         for i, p in enumerate(prompts):
             eng.add_request(f"later{i}", None, params, prompt_token_ids=p)
@@ -144,10 +145,12 @@ def test_a_failed_step_fails_its_requests_rebuilds_the_pool_and_serving_goes_on(
     assert_pool_empty(tiny)
 
 
-def test_forked_siblings_copy_the_prompt_penalty_state():
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_forked_siblings_copy_the_prompt_penalty_state(async_scheduling):
     # Sibling i of a seeded n > 1 request samples with _sibling_seed(seed, i); with the prompt marks
     # copied from its parent's seat it must equal an n = 1 request with that seed.
-    llm = tiny_llm(max_num_seqs=4, max_num_batched_tokens=32, max_model_len=64, page_size=4)
+    llm = tiny_llm(max_num_seqs=4, max_num_batched_tokens=32, max_model_len=64, page_size=4,
+                   async_scheduling=async_scheduling)
     prompt = {"prompt_token_ids": [11, 12, 13, 11, 14, 15, 16, 12, 17, 18]}
     p = dict(temperature=1.0, max_tokens=10, repetition_penalty=1.8, presence_penalty=0.6, ignore_eos=True)
     fan = llm.generate(prompt, SamplingParams(n=3, seed=42, **p), use_tqdm=False)[0]
@@ -181,13 +184,15 @@ def _shared_prefix_workload(seed=0, n=24):
     return prompts, params
 
 
-def test_prefix_caching_on_and_off_give_identical_outputs_under_eviction_and_preemption():
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_prefix_caching_on_and_off_give_identical_outputs_under_eviction_and_preemption(async_scheduling):
     prompts, params = _shared_prefix_workload()
     off = tiny_llm(max_num_seqs=4, max_num_batched_tokens=64, max_model_len=64, page_size=4,
                    enable_prefix_caching=False)
     alone = [token_ids(off.generate(p, sp, use_tqdm=False))[0] for p, sp in zip(prompts, params)]
     # 20 pages of 4 tokens for 24 concurrent requests: cached pages are evicted and requests preempted.
-    on = tiny_llm(max_num_seqs=8, max_num_batched_tokens=16, max_model_len=64, page_size=4, num_pages=20)
+    on = tiny_llm(max_num_seqs=8, max_num_batched_tokens=16, max_model_len=64, page_size=4, num_pages=20,
+                  async_scheduling=async_scheduling)
     together = token_ids(on.generate(prompts, params, use_tqdm=False))
     stats = on.engine.get_stats()
     assert together == alone

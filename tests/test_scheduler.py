@@ -24,15 +24,16 @@ def make_seq(i, prompt_len, max_tokens=8, priority=0, tokens=None, page_size=4, 
 
 
 def advance(sched, out):
-    """What the engine does after a step: computed tokens advance, full pages get named, a token is
-    appended when a sequence's last token was computed, and it finishes after max_tokens outputs."""
+    """What the engine does after a step (the scheduler already counted the tokens as computed): full
+    pages get named, the sampled token is appended, and a sequence finishes after max_tokens outputs."""
     for item in out.scheduled:
         seq = item.seq
-        assert item.start == seq.num_computed_tokens and item.num_tokens >= 1
-        assert len(seq.pages) * sched.pool.page_size >= seq.num_computed_tokens + item.num_tokens
-        seq.num_computed_tokens += item.num_tokens
-        sched.register_computed_pages(seq)
-        if seq.num_computed_tokens == len(seq.token_ids):
+        assert item.start + item.num_tokens <= seq.num_computed_tokens and item.num_tokens >= 1
+        assert len(seq.pages) * sched.pool.page_size >= seq.num_computed_tokens
+        sched.register_computed_pages(seq, item.start + item.num_tokens)
+        if item.num_samples:
+            assert seq.num_inflight >= 1
+            seq.num_inflight -= 1
             seq.token_ids.append(0)
             if seq.num_output_tokens >= seq.request.max_tokens:
                 sched.finish(seq)
@@ -61,8 +62,7 @@ def test_chunked_prefill_respects_token_budget():
     while seq.num_computed_tokens < 40:
         out = sched.schedule()
         chunks.append(out.scheduled[0].num_tokens)
-        assert out.scheduled[0].num_samples == (1 if seq.num_computed_tokens + chunks[-1] == 40 else 0)
-        seq.num_computed_tokens += out.scheduled[0].num_tokens
+        assert out.scheduled[0].num_samples == (1 if seq.num_computed_tokens == 40 else 0)
     assert chunks == [16, 16, 8]
 
 
@@ -129,7 +129,6 @@ def test_prompt_logprob_rows_are_budgeted_by_shortening_the_chunk():
     out = sched.schedule()
     item = out.scheduled[0]
     assert item.num_tokens == 8 and item.prompt_logprob_positions == range(0, 8) and out.num_rows == 8
-    seq.num_computed_tokens += 8
     seq.request.prompt_logprobs += [None] * 8  # the engine records those positions
     out = sched.schedule()
     assert out.scheduled[0].prompt_logprob_positions == range(8, 16)
@@ -179,6 +178,23 @@ def test_cached_pages_are_evicted_lru_and_reset_forgets_them():
     assert pool.num_cached_free == 5  # big's own full pages; a's are gone
     assert pool.reset_prefix_cache() > 0 and pool.num_cached_free == 0
     pool.check()
+
+
+def test_async_scheduling_counts_the_inflight_token():
+    # The next step is scheduled before the previous one's sampled token is on the host.
+    pool = PagePool(16, 4)
+    sched = Scheduler(SchedulerConfig(max_num_seqs=2, max_num_batched_tokens=16), pool, max_model_len=64)
+    seq = make_seq(0, 6, max_tokens=2)
+    sched.add(seq)
+    first = sched.schedule()
+    assert first.scheduled[0].num_samples == 1 and seq.num_inflight == 1 and seq.num_tokens == 7
+    second = sched.schedule()  # decode of the in-flight token, which it will read on the device
+    item = second.scheduled[0]
+    assert (item.start, item.num_tokens, item.num_samples) == (6, 1, 1)
+    advance(sched, first)  # the first token lands; the second is in flight and is the last one
+    assert not sched.schedule()  # max_tokens is reached when it lands: no step for it
+    advance(sched, second)
+    assert seq.is_finished
 
 
 def test_pool_refcounts():

@@ -105,7 +105,8 @@ class LLMEngine:
                                   max_num_seqs=sched.max_num_seqs,
                                   max_num_batched_tokens=sched.max_num_batched_tokens, kv_dtype=kv_dtype)
         self.pool = PagePool(num_pages, cache.page_size, enable_prefix_caching=cache.enable_prefix_caching)
-        self.scheduler = Scheduler(sched, self.pool, max_logits_rows=self.runner.shapes.row_buckets[-1])
+        self.scheduler = Scheduler(sched, self.pool, max_logits_rows=self.runner.shapes.row_buckets[-1],
+                                   max_model_len=max_model_len)
         self.processor = OutputProcessor(self.tokenizer, self.eos_token_ids, max_model_len)
         self.load_seconds = time.perf_counter() - t0
         self.warmup_seconds = self.runner.warmup() if config.compile.warmup else 0.0
@@ -122,6 +123,8 @@ class LLMEngine:
         self._aborted_outputs: list[RequestOutput] = []
         self.healthy = True  # False only while a failed step's device state is being rebuilt
         self.num_step_failures = 0
+        self._inflight: _Launched | None = None  # async scheduling: the step on the device
+        self.timing = StepTiming()
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         self.last_iteration_tokens = 0
@@ -207,7 +210,7 @@ class LLMEngine:
             self._aborted_outputs.append(self.processor.make_output(req, True))
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.requests) or bool(self._aborted_outputs)
+        return bool(self.requests) or bool(self._aborted_outputs) or self._inflight is not None
 
     def reset_prefix_cache(self) -> int:
         """Forgets every cached page (POST /reset_prefix_cache); returns how many were named."""
@@ -224,31 +227,62 @@ class LLMEngine:
     # ---- the step -------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """schedule -> prepare inputs -> run the model -> apply tokens -> outputs of requests that moved."""
+        """schedule -> prepare -> dispatch to the device -> apply tokens -> outputs of requests that moved.
+
+        With async scheduling the step dispatched here runs on the device while the host applies the
+        previous step's tokens; its own tokens are applied (and its outputs returned) by the next call.
+        """
         outputs, self._aborted_outputs = self._aborted_outputs, []
+        t0 = time.perf_counter()
         sched = self.scheduler.schedule()
         self.last_iteration_tokens = sched.total_tokens
-        if not sched:
-            return outputs
-        now = time.time()
-        inputs = self.runner.prepare(sched)
-        rows, owners = self._logits_rows(sched, inputs.row_offsets)
-        try:
-            result = self.runner.execute(inputs, rows)
-        except Exception as exc:  # noqa: BLE001 - a device fault: fail this step's requests, keep serving
-            return outputs + self._recover(sched, exc)
+        launched = None
+        if sched:
+            try:
+                launched = self._launch(sched)
+            except Exception as exc:  # noqa: BLE001 - a device fault: fail its requests, keep serving
+                return outputs + self._recover(exc, [sched] + ([self._inflight.sched] if self._inflight else []))
+        if self.config.scheduler.async_scheduling:
+            done, self._inflight = self._inflight, launched
+        else:
+            done = launched
+        if done is not None:
+            t1 = time.perf_counter()
+            try:
+                result = self.runner.fetch(done.pending)
+            except Exception as exc:  # noqa: BLE001
+                return outputs + self._recover(exc, [done.sched] + ([launched.sched] if self._inflight else []))
+            t2 = time.perf_counter()
+            outputs += self._process(done, result)
+            self.timing.record(host=(t1 - t0) + (time.perf_counter() - t2), wait=t2 - t1)
+        return outputs
 
-        touched: dict[str, Request] = {}
+    def _launch(self, sched: SchedulerOutput) -> _Launched:
+        now = time.time()
         for item in sched.scheduled:
-            seq, req = item.seq, item.seq.request
+            req = item.seq.request
             if req.metrics.first_scheduled_time is None:
                 req.metrics.first_scheduled_time = now
                 self.prompt_tokens_total += req.num_prompt_tokens
-            seq.num_computed_tokens += item.num_tokens
-            self.scheduler.register_computed_pages(seq)
-            touched[req.request_id] = req
+        prev = self._inflight
+        prev_rows = prev.own_rows if prev is not None else None
+        inputs = self.runner.prepare(sched, prev_rows)
+        rows, owners = self._logits_rows(sched, inputs.row_offsets)
+        pending = self.runner.dispatch(inputs, rows, prev.pending if prev is not None else None)
+        own_rows = {id(o[1]): i for i, o in enumerate(owners) if o[0] == "sample" and o[2] == o[1].index}
+        return _Launched(sched, owners, pending, [item.seq.epoch for item in sched.scheduled], own_rows)
+
+    def _process(self, done: _Launched, result) -> list[RequestOutput]:
+        """Applies a finished step: names the pages it filled, appends its tokens, builds outputs."""
+        touched: dict[str, Request] = {}
+        for item, epoch in zip(done.sched.scheduled, done.epochs):
+            seq = item.seq
+            if seq.epoch == epoch:  # still owns the pages this step wrote
+                self.scheduler.register_computed_pages(seq, item.start + item.num_tokens)
+            touched[seq.request.request_id] = seq.request
         if result is not None:
-            self._apply_samples(owners, result)
+            self._apply_samples(done.owners, result)
+        outputs = []
         for req in touched.values():
             if req.request_id not in self.requests:
                 continue
@@ -261,24 +295,30 @@ class LLMEngine:
                 outputs.append(out)
         return outputs
 
-    def _recover(self, sched: SchedulerOutput, exc: Exception) -> list[RequestOutput]:
-        """After a failed step the donated pool is gone: fail the requests of that step, rebuild the
-        device state, and send every other sequence back to recompute from its tokens."""
+    def _recover(self, exc: Exception, failed_steps: list[SchedulerOutput]) -> list[RequestOutput]:
+        """After a failed step the donated pool is gone: fail the requests of the steps on the device,
+        rebuild the device state, and send every other sequence back to recompute from its tokens."""
+        failed = {item.seq.request.request_id: item.seq.request for s in failed_steps for item in s.scheduled}
         logger.exception("engine step failed (%s); failing its %d requests and rebuilding the KV pool",
-                         type(exc).__name__, len(sched.scheduled))
+                         type(exc).__name__, len(failed))
         self.healthy = False
         self.num_step_failures += 1
-        failed = {item.seq.request.request_id: item.seq.request for item in sched.scheduled}
+        self._inflight = None
         outputs = []
         for rid, req in failed.items():
+            if rid not in self.requests:
+                continue
             for seq in req.sequences:
                 if not seq.is_finished:
                     seq.finish_reason = "abort"
                     self.scheduler.finish(seq)
             req.forked = True
             req.metrics.finished_time = time.time()
-            self.requests.pop(rid, None)
+            del self.requests[rid]
             outputs.append(self.processor.make_output(req, True, error=f"engine step failed: {exc}"))
+        for req in self.requests.values():  # sampled tokens of the lost step will never arrive
+            for seq in req.sequences:
+                seq.num_inflight = 0
         self.scheduler.preempt_all()
         self.pool.reset()
         self.runner.reset_device_state()  # raises if the device is really gone: the caller must exit
@@ -302,11 +342,13 @@ class LLMEngine:
             # n > 1: the prompt's last row samples every sibling's first token; siblings go first so
             # they can share the parent's pages before the parent may finish and free them.
             siblings = [*range(1, item.num_samples), 0] if item.num_samples > 1 else [seq.index]
-            suppress = p.all_stop_token_ids(self.eos_token_ids) if seq.num_output_tokens < p.min_tokens else ()
+            # Output tokens before this sample (an in-flight one included): the PRNG step and min_tokens.
+            n_out = item.start + item.num_tokens - seq.num_prompt_tokens
+            suppress = p.all_stop_token_ids(self.eos_token_ids) if n_out < p.min_tokens else ()
             for index in siblings:
                 seed = seq.seed if index == seq.index else _sibling_seed(seq.seed, index)
                 rows.append(LogitsRow(start_row + item.num_tokens - 1, RowSpec.from_params(
-                    p, seed=seed, step=seq.num_output_tokens, suppress_ids=suppress), seat=seq.seat))
+                    p, seed=seed, step=n_out, suppress_ids=suppress), seat=seq.seat))
                 owners.append(("sample", seq, index))
         return rows, owners
 
@@ -322,6 +364,10 @@ class LLMEngine:
                 continue
             _, seq, index = owner
             req = seq.request
+            if seq.is_finished:
+                continue  # stopped (or aborted) while this step was in flight: its sample is void
+            if index == seq.index:
+                seq.num_inflight -= 1
             target = self._fork(seq, index) if index != seq.index else seq
             self.generation_tokens_total += 1
             req.metrics.num_generation_tokens += 1
@@ -338,16 +384,51 @@ class LLMEngine:
         """The first token of an n > 1 sibling: it shares the prompt's full pages with its parent."""
         req = parent.request
         seq = self._new_sequence(req, index, _sibling_seed(parent.seed, index), list(req.prompt_token_ids))
+        req.sequences.append(seq)
+        if parent.seat is None:  # the parent was preempted while this step was in flight: start over
+            self.scheduler.add(seq)
+            return seq
         full_pages = req.num_prompt_tokens // self.pool.page_size
         seq.pages = self.pool.share(parent.pages[:full_pages])
         seq.page_hashes = parent.page_hashes[:full_pages]
-        seq.num_registered_pages = full_pages
+        seq.num_registered_pages = min(full_pages, parent.num_registered_pages)
         # The partly filled last prompt page cannot be shared (the sibling writes its own tokens there):
         # those few prompt tokens are recomputed into a page of the sibling's own.
         seq.num_computed_tokens = full_pages * self.pool.page_size
-        req.sequences.append(seq)
         self.scheduler.add_running(seq, parent)
         return seq
+
+
+@dataclass
+class _Launched:
+    """A step on the device: what was scheduled, who owns each logits row, and its pending results."""
+
+    sched: SchedulerOutput
+    owners: list[tuple]
+    pending: object  # runner.PendingStep
+    epochs: list[int]  # each scheduled sequence's epoch when dispatched
+    own_rows: dict[int, int]  # id(seq) -> row that samples the sequence's own next token
+
+
+class StepTiming:
+    """Host time per step (scheduling, input building, applying tokens) and time spent waiting for
+    the device, as running means over a window of steps."""
+
+    def __init__(self, window: int = 256):
+        self.window = window
+        self.host: list[float] = []
+        self.wait: list[float] = []
+
+    def record(self, host: float, wait: float) -> None:
+        self.host.append(host)
+        self.wait.append(wait)
+        if len(self.host) > 2 * self.window:
+            del self.host[:-self.window], self.wait[:-self.window]
+
+    def summary(self) -> dict[str, float]:
+        h, w = self.host[-self.window:], self.wait[-self.window:]
+        return {"host_ms_per_step": 1e3 * sum(h) / max(1, len(h)),
+                "device_wait_ms_per_step": 1e3 * sum(w) / max(1, len(w))}
 
 
 def _sibling_seed(seed: int, index: int) -> int:

@@ -1,8 +1,10 @@
 """A request (one prompt, one SamplingParams) and its sequences (the n completions being generated).
 
 A sequence is what the scheduler schedules: `token_ids` is prompt + output so far, of which the first
-`num_computed_tokens` have K/V in the pool. Prefill, decode and recompute after preemption are all the
-same thing: compute the remaining tokens, and sample when the last one is computed.
+`num_computed_tokens` have K/V in the pool (counted when a step is scheduled: the device computes them
+in order). Prefill, decode and recompute after preemption are all the same thing: compute the remaining
+tokens, and sample when the last one is computed. With async scheduling a sampled token may still be
+on the device (`num_inflight`) while the next step that consumes it is scheduled.
 """
 
 from __future__ import annotations
@@ -82,6 +84,8 @@ class Sequence:
     token_ids: list[int]
     seed: int
     num_computed_tokens: int = 0
+    num_inflight: int = 0  # sampled on device, not yet appended (briefly 2 while two steps overlap)
+    epoch: int = 0  # bumped when the sequence loses its pages (preempted, finished)
     pages: list[int] = field(default_factory=list)
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str | None = None
@@ -120,8 +124,13 @@ class Sequence:
         return len(self.token_ids) - self.num_prompt_tokens
 
     @property
+    def num_tokens(self) -> int:
+        """Tokens so far, the in-flight one included."""
+        return len(self.token_ids) + self.num_inflight
+
+    @property
     def num_uncomputed_tokens(self) -> int:
-        return len(self.token_ids) - self.num_computed_tokens
+        return self.num_tokens - self.num_computed_tokens
 
     @property
     def is_finished(self) -> bool:

@@ -1,10 +1,14 @@
 """Builds one ragged step's inputs in NumPy, pads them to a compiled shape, and runs the jitted step.
 
 Two jitted programs per step, every shape of both declared in one `ShapeTable` and compiled at start-up:
-  forward(params, kv_pages, penalty_state, token_ids[T], positions[T], md, record)
+  forward(params, kv_pages, penalty_state, prev_sampled[R_max], token_ids[T], positions[T], md, record)
       -> (hidden[T_max, H], kv_pages, penalty_state)                                   one per T bucket
   sample(params, hidden, penalty_state, logits_indices[R], row_seats[R], SamplingTensors)
-      -> SamplerOutput                                                     one per (R bucket, bias lanes)
+      -> (SamplerOutput, sampled[R_max])                                   one per (R bucket, bias lanes)
+`dispatch` only enqueues them (JAX runs them asynchronously) and `fetch` waits for the results, so the
+host can schedule and prepare the next step meanwhile (async scheduling): a decode row whose input token
+is still on the device names its row in the previous step's `sampled` (`from_prev`), and the forward
+program reads it there.
 The pool and the penalty state are donated to `forward` and updated in place. The programs are split so
 the sampler's shapes do not multiply the model's: the hidden states stay on device between the two
 calls, and only sampled ids and logprobs come back to the host.
@@ -98,10 +102,21 @@ class PenaltyRecord:
 @dataclass
 class StepInputs:
     token_ids: np.ndarray  # [T] i32
+    from_prev: np.ndarray  # [T] i32: row of the previous step's samples holding this token, or -1
     positions: np.ndarray  # [T] i32
     md: AttentionMetadata  # NumPy arrays, device_put with the rest
     record: PenaltyRecord
     row_offsets: list[int]  # first flat row of each scheduled sequence, in SchedulerOutput order
+
+
+@dataclass
+class PendingStep:
+    """A dispatched step: device arrays that are not necessarily computed yet."""
+
+    out: SamplerOutput | None
+    sampled: jax.Array  # [R_max] i32 sampled ids, what the next step's `from_prev` indexes
+    num_rows: int
+    hidden: jax.Array  # the forward's output: ready when the step's model part is done
 
 
 class ModelRunner:
@@ -117,6 +132,7 @@ class ModelRunner:
         self.shapes = ShapeTable.build(max_num_batched_tokens, max_num_seqs)
         self.max_seqs = bucket(max_num_seqs)
         self.reset_device_state()
+        self.no_samples = jnp.zeros(self.shapes.row_buckets[-1], jnp.int32)
         self.compiled: set[tuple] = set()
         self.warmed_up = False
         self.num_recompiles = 0
@@ -139,8 +155,10 @@ class ModelRunner:
 
     # ---- jitted bodies ------------------------------------------------------------------------
 
-    def _forward_impl(self, params, kv_pages, state: PenaltyRows, token_ids, positions, md, rec: PenaltyRecord):
+    def _forward_impl(self, params, kv_pages, state: PenaltyRows, prev_sampled, token_ids, from_prev, positions,
+                      md, rec: PenaltyRecord):
         model = nnx.merge(self.graphdef, params)
+        token_ids = jnp.where(from_prev >= 0, prev_sampled[jnp.maximum(from_prev, 0)], token_ids)
         hidden, kv_pages = model(token_ids, positions, kv_pages, md)
         # One hidden shape for every token bucket, so sampler programs are shared across them.
         hidden = jnp.pad(hidden, ((0, self.shapes.token_buckets[-1] - hidden.shape[0]), (0, 0)))
@@ -162,12 +180,14 @@ class ModelRunner:
         model = nnx.merge(self.graphdef, params)
         logits = model.compute_logits(hidden[logits_indices])
         pen = PenaltyRows(state.output_counts, state.in_prompt, rows=row_seats)
-        return sample(logits, tensors, pen, num_top_logprobs=NUM_TOP_LOGPROBS)
+        out = sample(logits, tensors, pen, num_top_logprobs=NUM_TOP_LOGPROBS)
+        return out, jnp.pad(out.token_ids, (0, self.shapes.row_buckets[-1] - out.token_ids.shape[0]))
 
     # ---- host side ----------------------------------------------------------------------------
 
-    def prepare(self, sched: SchedulerOutput) -> StepInputs:
-        """Flattens the scheduled sequences into one padded ragged batch.
+    def prepare(self, sched: SchedulerOutput, prev_rows: dict[int, int] | None = None) -> StepInputs:
+        """Flattens the scheduled sequences into one padded ragged batch. `prev_rows` maps id(seq) to
+        the row of the in-flight step that sampled its still-unknown last token.
 
         Single-token (decode) rows go first, by context length, so that attention tiles hold rows of
         similar length; then prefill chunks. `row_offsets` stays in the scheduler's order.
@@ -177,6 +197,7 @@ class ModelRunner:
         T = self.shapes.pick(self.shapes.token_buckets, sched.total_tokens, "tokens")
         S = min(T, self.max_seqs)
         token_ids = np.zeros(T, np.int32)
+        from_prev = np.full(T, -1, np.int32)
         positions = np.zeros(T, np.int32)
         slots = np.full(T, -1, np.int32)
         token_seats = np.full(T, self.num_seats + 1, np.int32)
@@ -191,7 +212,10 @@ class ModelRunner:
             seq, start, n = item.seq, item.start, item.num_tokens
             pos = np.arange(start, start + n, dtype=np.int32)
             pages = np.asarray(seq.pages, np.int32)
-            token_ids[row:row + n] = seq.token_ids[start:start + n]
+            known = seq.token_ids[start:start + n]
+            token_ids[row:row + len(known)] = known
+            if len(known) < n:  # the last token was sampled by the step still on the device
+                from_prev[row + n - 1] = prev_rows[id(seq)]
             positions[row:row + n] = pos
             slots[row:row + n] = pages[pos // self.page_size] * self.page_size + pos % self.page_size
             token_seats[row:row + n] = seq.seat
@@ -204,8 +228,8 @@ class ModelRunner:
         cu[len(items) + 1:] = row
         md = AttentionMetadata(slot_mapping=slots, kv_lens=kv_lens, page_table=page_table, cu_q_lens=cu,
                                num_seqs=np.array([len(items)], np.int32))
-        return StepInputs(token_ids, positions, md, self._record(token_seats, token_is_output, sched.seat_inits),
-                          offsets)
+        return StepInputs(token_ids, from_prev, positions, md,
+                          self._record(token_seats, token_is_output, sched.seat_inits), offsets)
 
     def _record(self, token_seats, token_is_output, seat_inits: dict[int, int]) -> PenaltyRecord:
         S1 = self.num_seats + 1
@@ -217,11 +241,23 @@ class ModelRunner:
                 src[seat] = parent
         return PenaltyRecord(token_seats, token_is_output, src, reset, np.asarray(bool(seat_inits)))
 
-    def execute(self, inputs: StepInputs, rows: list[LogitsRow]) -> SamplerOutput | None:
-        """Runs the step; returns the sampler's outputs for `rows` (NumPy, in order) or None."""
-        hidden = self._run_forward(inputs)
-        if not rows:
+    def execute(self, inputs: StepInputs, rows: list[LogitsRow], prev: PendingStep | None = None
+                ) -> SamplerOutput | None:
+        """Runs the step and waits: the sampler's outputs for `rows` (NumPy, in order) or None."""
+        return self.fetch(self.dispatch(inputs, rows, prev))
+
+    def fetch(self, pending: PendingStep) -> SamplerOutput | None:
+        """Waits for a dispatched step; device errors surface here."""
+        if pending.out is None:
+            jax.block_until_ready(pending.hidden)  # a forward-only step's faults show up here
             return None
+        return jax.tree.map(lambda a: np.asarray(a)[:pending.num_rows], pending.out)
+
+    def dispatch(self, inputs: StepInputs, rows: list[LogitsRow], prev: PendingStep | None = None) -> PendingStep:
+        """Enqueues the step on the device and returns at once."""
+        hidden = self._run_forward(inputs, self.no_samples if prev is None else prev.sampled)
+        if not rows:
+            return PendingStep(None, self.no_samples, 0, hidden)
         R = self.shapes.pick(self.shapes.row_buckets, len(rows), "logits rows")
         B = self.shapes.bias_slots[0 if all(not r.spec.bias for r in rows) else -1]
         tensors = SamplingTensors.build([r.spec for r in rows], R=R, B=B)
@@ -229,8 +265,8 @@ class ModelRunner:
         indices[:len(rows)] = [r.flat_row for r in rows]
         seats = np.full(R, self.num_seats, np.int32)
         seats[:len(rows)] = [self.num_seats if r.seat is None else r.seat for r in rows]
-        out = self._run_sample(hidden, indices, seats, tensors)
-        return jax.tree.map(lambda a: np.asarray(a)[:len(rows)], out)
+        out, sampled = self._run_sample(hidden, indices, seats, tensors)
+        return PendingStep(out, sampled, len(rows), hidden)
 
     def _track(self, signature: tuple) -> None:
         if signature in self.compiled:
@@ -241,11 +277,11 @@ class ModelRunner:
             logger.warning("compiling %s after warm-up (recompile #%d): a shape outside the ShapeTable",
                            signature, self.num_recompiles)
 
-    def _run_forward(self, inputs: StepInputs):
+    def _run_forward(self, inputs: StepInputs, prev_sampled):
         self._track(("forward", len(inputs.token_ids)))
         hidden, self.kv_pages, self.penalty_state = self._forward(
-            self.params, self.kv_pages, self.penalty_state, inputs.token_ids, inputs.positions, inputs.md,
-            inputs.record)
+            self.params, self.kv_pages, self.penalty_state, prev_sampled, inputs.token_ids, inputs.from_prev,
+            inputs.positions, inputs.md, inputs.record)
         return hidden
 
     def _run_sample(self, hidden, indices, seats, tensors):
@@ -265,8 +301,8 @@ class ModelRunner:
                                    page_table=np.zeros((S, self.max_pages_per_seq), np.int32),
                                    cu_q_lens=np.zeros(S + 1, np.int32), num_seqs=np.zeros(1, np.int32))
             rec = self._record(np.full(T, scratch + 1, np.int32), np.zeros(T, bool), {})
-            inputs = StepInputs(np.zeros(T, np.int32), np.zeros(T, np.int32), md, rec, [])
-            hidden = self._run_forward(inputs)
+            inputs = StepInputs(np.zeros(T, np.int32), np.full(T, -1, np.int32), np.zeros(T, np.int32), md, rec, [])
+            hidden = self._run_forward(inputs, self.no_samples)
         for _, R, B in (p for p in self.shapes.programs() if p[0] == "sample"):
             tensors = SamplingTensors.build([], R=R, B=B)
             out = self._run_sample(hidden, np.zeros(R, np.int32), np.full(R, scratch, np.int32), tensors)

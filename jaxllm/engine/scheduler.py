@@ -63,9 +63,11 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, pool: PagePool, max_logits_rows: int | None = None):
+    def __init__(self, config: SchedulerConfig, pool: PagePool, max_logits_rows: int | None = None,
+                 max_model_len: int | None = None):
         self.config = config
         self.pool = pool
+        self.max_model_len = max_model_len
         self.max_logits_rows = max_logits_rows or config.max_num_batched_tokens + config.max_num_seqs
         if self.max_logits_rows < config.max_num_seqs:
             raise ValueError(f"max_logits_rows ({self.max_logits_rows}) < max_num_seqs ({config.max_num_seqs})")
@@ -150,6 +152,7 @@ class Scheduler:
         seq.pages = []
         seq.num_computed_tokens = 0
         seq.num_registered_pages = 0
+        seq.epoch += 1  # results of steps still in flight must not name these pages any more
 
     def _use_cached_prefix(self, seq: Sequence) -> None:
         """Starts a sequence with nothing computed from its longest cached prefix of full pages."""
@@ -173,9 +176,11 @@ class Scheduler:
             req.num_cached_tokens = seq.num_computed_tokens
             self.pool.record_query(len(seq.token_ids), seq.num_computed_tokens)
 
-    def register_computed_pages(self, seq: Sequence) -> None:
-        """Names the sequence's pages that became full and computed (called after each step)."""
-        full = min(seq.num_computed_tokens // self.pool.page_size, len(seq.pages))
+    def register_computed_pages(self, seq: Sequence, computed: int) -> None:
+        """Names the sequence's pages that are full of tokens a finished step computed (`computed`:
+        that step's end; only tokens already on the host can be hashed)."""
+        full = min(computed, len(seq.token_ids)) // self.pool.page_size
+        full = min(full, len(seq.pages))
         if full > seq.num_registered_pages:
             hashes = seq.hashes_for(full)
             for i in range(seq.num_registered_pages, full):
@@ -194,7 +199,9 @@ class Scheduler:
             if req.prompt_logprobs is not None:
                 first = max(start, len(req.prompt_logprobs) - 1)
                 positions = range(first, max(first, min(end, req.num_prompt_tokens - 1)))
-            samples = self._seats_needed(seq) if end == len(seq.token_ids) else 0
+            # The first token of an unforked n > 1 request is sampled once per sibling.
+            fan_out = self._seats_needed(seq) if seq.num_tokens == seq.num_prompt_tokens else 1
+            samples = fan_out if end == seq.num_tokens else 0
             over = len(positions) + samples - rows_left
             if over <= 0:
                 return ScheduledSeq(seq, start, n, samples, positions)
@@ -222,6 +229,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0 and len(out.scheduled) < max_seqs:
             seq = self.running[i]
+            if self._done_when_inflight_lands(seq):
+                i += 1
+                continue
             plan = self._plan(seq, min(seq.num_uncomputed_tokens, budget), rows_left)
             if plan is None:
                 i += 1
@@ -259,7 +269,21 @@ class Scheduler:
             budget -= plan.num_tokens
             rows_left -= plan.num_rows
         out.seat_inits, self._seat_inits = self._seat_inits, {}
+        # The device computes the scheduled tokens in step order, so count them now: the next step
+        # (async scheduling: before this one's results are back) continues from there.
+        for item in out.scheduled:
+            item.seq.num_computed_tokens += item.num_tokens
+            if item.num_samples:
+                item.seq.num_inflight += 1
         return out
+
+    def _done_when_inflight_lands(self, seq: Sequence) -> bool:
+        """A sequence whose in-flight token is its last (max_tokens / max_model_len) needs no step."""
+        if not seq.num_inflight:
+            return False
+        n = seq.num_tokens
+        return (n - seq.num_prompt_tokens >= seq.request.max_tokens
+                or (self.max_model_len is not None and n >= self.max_model_len))
 
     def preempt_all(self) -> None:
         """Sends every running sequence back to recompute (the device pool was lost)."""
@@ -276,5 +300,6 @@ class Scheduler:
             self.num_waiting -= 1  # its heap entry is skipped when it surfaces
         self.pool.free(seq.pages)
         seq.pages = []
+        seq.epoch += 1
         self._release_seats(seq)
         seq.status = SequenceStatus.FINISHED
