@@ -10,6 +10,7 @@ import signal
 import time
 
 import httpx
+import numpy as np
 import openai
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -217,6 +218,23 @@ def test_echo_logprobs_loglikelihood(client, http):
                                      logit_bias={str(ids[-1]): 100})
     assert head.choices[0].logprobs.tokens[0] == lp.tokens[len(ids) - 1]
     assert abs(head.choices[0].logprobs.token_logprobs[0] - lp.token_logprobs[len(ids) - 1]) < 1e-3
+
+
+def test_streamed_echo_logprobs_of_a_prompt_longer_than_one_step(client, http):
+    """The server's step budget is 128 tokens: a 300-token prompt is prefilled over three steps, and its
+    echoed logprobs must arrive complete in the stream, equal to the non-streamed answer."""
+    ids = tokenize(http, " ".join(f"word{i}" for i in range(150)))[:300]
+    assert len(ids) == 300
+    kw = dict(model="smol", prompt=ids, echo=True, logprobs=2, max_tokens=3, temperature=0)
+    whole = client.completions.create(**kw).choices[0]
+    chunks = [c for c in client.completions.create(stream=True, **kw) if c.choices]
+    assert chunks[0].choices[0].logprobs.token_logprobs[0] is None
+    assert len(chunks[0].choices[0].logprobs.tokens) == 300  # the whole prompt, in its first chunk
+    streamed = [x for c in chunks for x in c.choices[0].logprobs.token_logprobs]
+    assert len(streamed) == len(whole.logprobs.token_logprobs) == 303
+    assert streamed[0] is None and all(x is not None for x in streamed[1:])
+    np.testing.assert_allclose(streamed[1:], whole.logprobs.token_logprobs[1:], atol=1e-4)
+    assert "".join(c.choices[0].text for c in chunks) == whole.text
 
 
 def test_vllm_extras_accepted(client):
