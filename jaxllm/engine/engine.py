@@ -1,7 +1,9 @@
 """LLMEngine: add_request / step / abort_request over the scheduler and the model runner.
 
-One `step()` = schedule -> build the ragged batch -> jitted forward + sampling -> append tokens, check
-stop conditions, detokenize, free finished sequences' pages -> RequestOutputs for requests that moved.
+One `step()` runs the typed stages: Scheduler -> SchedulerOutput -> ModelRunner (ragged batch, jitted
+forward + sampling) -> sampled tokens -> OutputProcessor (stop conditions, detokenization) ->
+RequestOutputs for requests that moved. With async scheduling the device runs one step behind the host.
+A failed step fails its own requests and the device state is rebuilt (`_recover`).
 Not thread-safe: the server's AsyncEngine drives it from one engine thread.
 """
 
