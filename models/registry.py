@@ -3,43 +3,55 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import importlib
 import importlib.util
 import os
 from typing import Any, Callable, Mapping
 
 import jax.numpy as jnp
 
-from models import llama
 from models.config import TransformerConfig
 from models.loading.errors import CheckpointError, CheckpointNotFoundError
+from models.transformer import DecoderLM, param_specs
 
 
 @dataclasses.dataclass(frozen=True)
 class Family:
-    """A model implementation and how checkpoints name its weights."""
+    """A family: which architectures it serves, the config fields only it sets, and its checkpoint names.
+
+    hf_config / gguf_config: config.json dict / GGUF metadata -> TransformerConfig fields (beyond the
+    common ones TransformerConfig.from_hf_config / from_gguf read).
+    hf_weights / gguf_weights: config -> canonical weight name -> loading.weights.Source (or template).
+    """
 
     name: str
-    model_cls: type
-    weight_shapes: Callable[[TransformerConfig], dict[str, tuple[int, ...]]]
     hf_architectures: tuple[str, ...]
     gguf_architectures: tuple[str, ...]
-    hf_names: Mapping[str, str]
-    gguf_names: Mapping[str, str]
-    gguf_permuted_qk: bool  # llama.cpp's converter reorders q/k rows for these architectures
+    hf_weights: Callable[[TransformerConfig], Mapping[str, Any]]
+    gguf_weights: Callable[[TransformerConfig], Mapping[str, Any]] | None = None
+    hf_config: Callable[[Mapping[str, Any]], dict] = lambda cfg: {}
+    gguf_config: Callable[[Mapping[str, Any]], dict] = lambda meta: {}
+    model_cls: type = DecoderLM
 
 
-FAMILIES = (
-    Family("llama", llama.LlamaForCausalLM, llama.weight_shapes,
-           hf_architectures=("LlamaForCausalLM", "MistralForCausalLM"), gguf_architectures=("llama",),
-           hf_names=llama.HF_NAMES, gguf_names=llama.GGUF_NAMES, gguf_permuted_qk=True),
-)
+# A family is one file in models/ defining FAMILY; registering it is adding its module name here.
+FAMILY_MODULES = ("llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "mixtral", "qwen3_moe")
+
+
+@functools.cache
+def families() -> tuple[Family, ...]:
+    return tuple(importlib.import_module(f"models.{m}").FAMILY for m in FAMILY_MODULES)
 
 
 def family_for(architecture: str, *, gguf: bool, source: str) -> Family:
-    for fam in FAMILIES:
+    for fam in families():
         if architecture in (fam.gguf_architectures if gguf else fam.hf_architectures):
+            if gguf and fam.gguf_weights is None:
+                break
             return fam
-    known = sorted(a for f in FAMILIES for a in (f.gguf_architectures if gguf else f.hf_architectures))
+    known = sorted(a for f in families() for a in (f.gguf_architectures if gguf and f.gguf_weights
+                                                   else () if gguf else f.hf_architectures))
     raise CheckpointError(f"{source}: unsupported architecture {architecture!r} (supported: {', '.join(known)})")
 
 
@@ -86,12 +98,11 @@ def load_gguf(path: str, *, dtype="float32", **runtime) -> LoadedModel:
     freq = names.get("rope_freqs.weight")
     freq_factors = None if freq is None else gguf_loading.dequantize(freq, path)
     if f"{arch}.vocab_size" not in meta:
-        embed = names.get(fam.gguf_names["embed_tokens"])
+        embed = names.get("token_embd.weight")
         meta[f"{arch}.vocab_size"] = len(meta.get("tokenizer.ggml.tokens", ())) or (embed and embed.shape[-1])
-    config = dataclasses.replace(TransformerConfig.from_gguf(meta, tied=fam.gguf_names["lm_head"] not in names,
-                                                             freq_factors=freq_factors), **runtime)
-    weights = gguf_loading.load_weights(file, config, fam.weight_shapes(config), fam.gguf_names, dt,
-                                        permuted_qk=fam.gguf_permuted_qk)
+    config = TransformerConfig.from_gguf(meta, tied="output.weight" not in names, freq_factors=freq_factors)
+    config = dataclasses.replace(config, **fam.gguf_config(meta), **runtime)
+    weights = gguf_loading.load_weights(file, config, param_specs(config), fam.gguf_weights(config), dt)
     model = fam.model_cls(config, dtype=dt, weights=weights)
     return LoadedModel(model, config, path, path, path)
 
@@ -103,8 +114,8 @@ def load_hf_dir(path: str, *, dtype="float32", **runtime) -> LoadedModel:
     archs = cfg.get("architectures") or []
     fam = family_for(archs[0] if archs else str(cfg.get("model_type")), gguf=False,
                      source=os.path.join(path, "config.json"))
-    config = dataclasses.replace(TransformerConfig.from_hf_config(cfg), **runtime)
-    weights = st_loading.load_weights(path, config, fam.weight_shapes(config), fam.hf_names, dt)
+    config = dataclasses.replace(TransformerConfig.from_hf_config(cfg), **fam.hf_config(cfg), **runtime)
+    weights = st_loading.load_weights(path, config, param_specs(config), fam.hf_weights(config), dt)
     model = fam.model_cls(config, dtype=dt, weights=weights)
     return LoadedModel(model, config, path, None, path)
 
