@@ -102,6 +102,9 @@ def load_gguf(path: str, *, dtype="float32", **runtime) -> LoadedModel:
         meta[f"{arch}.vocab_size"] = len(meta.get("tokenizer.ggml.tokens", ())) or (embed and embed.shape[-1])
     config = TransformerConfig.from_gguf(meta, tied="output.weight" not in names, freq_factors=freq_factors)
     config = dataclasses.replace(config, **fam.gguf_config(meta), **runtime)
+    if config.num_experts:  # llama.cpp marks dense layers of an MoE model by their lack of a router
+        dense = tuple(i for i in range(config.num_layers) if f"blk.{i}.ffn_gate_inp.weight" not in names)
+        config = dataclasses.replace(config, mlp_only_layers=dense)
     weights = gguf_loading.load_weights(file, config, param_specs(config), fam.gguf_weights(config), dt)
     model = fam.model_cls(config, dtype=dt, weights=weights)
     return LoadedModel(model, config, path, path, path)
