@@ -33,13 +33,22 @@ def hf_config(cfg) -> dict:
             "final_logit_softcap": cfg.get("final_logit_softcapping")}
 
 
+def chat_eos(meta) -> dict:
+    """Gemma's chat turns end with <end_of_turn>, not <eos>: both stop generation (HF's
+    generation_config lists both; GGUF metadata only <eos>)."""
+    tokens = meta.get("tokenizer.ggml.tokens") or []
+    eos = meta.get("tokenizer.ggml.eos_token_id")
+    turn = [i for i, t in enumerate(tokens[:1024]) if t == "<end_of_turn>"]
+    return {"eos_token_id": tuple(dict.fromkeys([eos, *turn]))} if eos is not None and turn else {}
+
+
 def gguf_config(meta) -> dict:
     n = int(meta["gemma2.block_count"])
     # llama.cpp: even layers slide, odd ones are global; the attention scale is 1/sqrt(head_dim).
     return {**COMMON, "layer_types": tuple("sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n)),
             "query_pre_attn_scalar": float(meta["gemma2.attention.key_length"]),
             "attn_logit_softcap": meta.get("gemma2.attn_logit_softcapping"),
-            "final_logit_softcap": meta.get("gemma2.final_logit_softcapping")}
+            "final_logit_softcap": meta.get("gemma2.final_logit_softcapping"), **chat_eos(meta)}
 
 
 FAMILY = Family("gemma2", hf_architectures=("Gemma2ForCausalLM",), gguf_architectures=("gemma2",),

@@ -26,9 +26,15 @@ def gguf_config(meta) -> dict:
     n = int(meta["gemma3.block_count"])
     return {**gemma2.COMMON, "qk_norm": True, "local_rope_theta": 10000.0,
             "layer_types": tuple("full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(n)),
-            "query_pre_attn_scalar": float(meta["gemma3.attention.key_length"])}
+            "query_pre_attn_scalar": float(meta["gemma3.attention.key_length"]), **gemma2.chat_eos(meta)}
 
 
-FAMILY = Family("gemma3", hf_architectures=("Gemma3ForCausalLM",), gguf_architectures=("gemma3",),
-                hf_weights=lambda c: dict(gemma2.HF_NAMES), gguf_weights=gemma2.gguf_weights,
+def hf_weights(c) -> dict:
+    return dict(gemma2.HF_NAMES)
+
+
+# Gemma3ForConditionalGeneration checkpoints: the text model's config is config["text_config"] and its
+# tensors sit under another prefix (models.registry.load_hf_dir finds which); the vision tower is ignored.
+FAMILY = Family("gemma3", hf_architectures=("Gemma3ForCausalLM", "Gemma3ForConditionalGeneration"), gguf_architectures=("gemma3",),
+                hf_weights=hf_weights, gguf_weights=gemma2.gguf_weights,
                 hf_config=hf_config, gguf_config=gguf_config)

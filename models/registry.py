@@ -117,10 +117,33 @@ def load_hf_dir(path: str, *, dtype="float32", **runtime) -> LoadedModel:
     archs = cfg.get("architectures") or []
     fam = family_for(archs[0] if archs else str(cfg.get("model_type")), gguf=False,
                      source=os.path.join(path, "config.json"))
+    sources = fam.hf_weights
+    if "text_config" in cfg:  # a multimodal checkpoint (Gemma3ForConditionalGeneration): its text model
+        cfg = {**cfg["text_config"], "architectures": archs}
+        sources = _text_model_sources(path, fam.hf_weights)
     config = dataclasses.replace(TransformerConfig.from_hf_config(cfg), **fam.hf_config(cfg), **runtime)
-    weights = st_loading.load_weights(path, config, param_specs(config), fam.hf_weights(config), dt)
+    weights = st_loading.load_weights(path, config, param_specs(config), sources(config), dt)
     model = fam.model_cls(config, dtype=dt, weights=weights)
     return LoadedModel(model, config, path, None, path)
+
+
+def _text_model_sources(path: str, hf_weights):
+    """The text model's tensors under the prefix this checkpoint uses: transformers 5 saves
+    "model.language_model.*", 4.x "language_model.model.*"; the head stays "lm_head" (5) or moves."""
+    from models.loading import safetensors as st_loading
+    names = st_loading.weight_files(path)
+    for new, head in (("model.language_model.", "lm_head."), ("language_model.model.", "language_model.lm_head.")):
+        if f"{new}embed_tokens.weight" in names:
+            break
+
+    def sources(config):
+        out = {}
+        for key, src in hf_weights(config).items():
+            template = src if isinstance(src, str) else src.template
+            template = template.replace("model.", new, 1) if template.startswith("model.") else template.replace("lm_head.", head, 1)
+            out[key] = template if isinstance(src, str) else dataclasses.replace(src, template=template)
+        return out
+    return sources
 
 
 def load_model(source: str | None = None, *, dtype="float32", **runtime) -> LoadedModel:

@@ -112,3 +112,25 @@ def test_gguf_family_matches_safetensors(tmp_path, name):
     prompt = [3, 17, 99, 120, 5, 61, 7, 200, 11, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50]  # > window
     np.testing.assert_allclose(PagedRunner(gg.model).step([(0, prompt, 0)])[0],
                                PagedRunner(ref).step([(0, prompt, 0)])[0], atol=1e-4, rtol=1e-4)
+
+
+def test_gemma3_multimodal_checkpoint_loads_its_text_model(tmp_path):
+    """Gemma3ForConditionalGeneration: config.text_config + tensors under model.language_model.*
+    (transformers 5's layout); vision tensors are ignored."""
+    from safetensors.numpy import save_file
+    src = os.path.join(DATA, "tiny-gemma3")
+    cfg = json.load(open(os.path.join(src, "config.json")))
+    wrapped = {"architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3",
+               "text_config": {**cfg, "architectures": None}, "vision_config": {"hidden_size": 8}}
+    os.makedirs(tmp_path / "mm")
+    json.dump(wrapped, open(tmp_path / "mm" / "config.json", "w"))
+    tensors = {k.replace("model.", "model.language_model.", 1) if k.startswith("model.") else k: v
+               for k, v in load_file(os.path.join(src, "model.safetensors")).items()}
+    tensors["model.vision_tower.patch.weight"] = np.zeros((2, 2), np.float32)
+    save_file(tensors, str(tmp_path / "mm" / "model.safetensors"))
+    mm = models.load_model(str(tmp_path / "mm"))
+    text = models.load_model(src)
+    assert mm.config.layer_windows() == text.config.layer_windows()
+    prompt = [3, 17, 99, 120, 5]
+    np.testing.assert_allclose(PagedRunner(mm.model).step([(0, prompt, 0)])[0],
+                               PagedRunner(text.model).step([(0, prompt, 0)])[0], atol=1e-6)
