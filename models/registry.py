@@ -85,9 +85,8 @@ def _np_dtype(dtype):
     return dt
 
 
-def load_gguf(path: str, *, dtype="float32", **runtime) -> LoadedModel:
+def _convert_gguf(path: str, dt) -> tuple[TransformerConfig, dict]:
     from models.loading import gguf as gguf_loading
-    dt = _np_dtype(dtype)
     file = gguf_loading.open_gguf(path)
     meta = dict(file.metadata)
     arch = meta.get("general.architecture")
@@ -101,18 +100,15 @@ def load_gguf(path: str, *, dtype="float32", **runtime) -> LoadedModel:
         embed = names.get("token_embd.weight")
         meta[f"{arch}.vocab_size"] = len(meta.get("tokenizer.ggml.tokens", ())) or (embed and embed.shape[-1])
     config = TransformerConfig.from_gguf(meta, tied="output.weight" not in names, freq_factors=freq_factors)
-    config = dataclasses.replace(config, **fam.gguf_config(meta), **runtime)
+    config = dataclasses.replace(config, **fam.gguf_config(meta))
     if config.num_experts:  # llama.cpp marks dense layers of an MoE model by their lack of a router
         dense = tuple(i for i in range(config.num_layers) if f"blk.{i}.ffn_gate_inp.weight" not in names)
         config = dataclasses.replace(config, mlp_only_layers=dense)
-    weights = gguf_loading.load_weights(file, config, param_specs(config), fam.gguf_weights(config), dt)
-    model = fam.model_cls(config, dtype=dt, weights=weights)
-    return LoadedModel(model, config, path, path, path)
+    return config, gguf_loading.load_weights(file, config, param_specs(config), fam.gguf_weights(config), dt)
 
 
-def load_hf_dir(path: str, *, dtype="float32", **runtime) -> LoadedModel:
+def _convert_hf(path: str, dt) -> tuple[TransformerConfig, dict]:
     from models.loading import safetensors as st_loading
-    dt = _np_dtype(dtype)
     cfg = st_loading.read_hf_config(path)
     archs = cfg.get("architectures") or []
     fam = family_for(archs[0] if archs else str(cfg.get("model_type")), gguf=False,
@@ -121,10 +117,36 @@ def load_hf_dir(path: str, *, dtype="float32", **runtime) -> LoadedModel:
     if "text_config" in cfg:  # a multimodal checkpoint (Gemma3ForConditionalGeneration): its text model
         cfg = {**cfg["text_config"], "architectures": archs}
         sources = _text_model_sources(path, fam.hf_weights)
-    config = dataclasses.replace(TransformerConfig.from_hf_config(cfg), **fam.hf_config(cfg), **runtime)
-    weights = st_loading.load_weights(path, config, param_specs(config), sources(config), dt)
+    config = dataclasses.replace(TransformerConfig.from_hf_config(cfg), **fam.hf_config(cfg))
+    return config, st_loading.load_weights(path, config, param_specs(config), sources(config), dt)
+
+
+def _load(path: str, gguf: bool, dtype, param_cache: str | None, runtime) -> LoadedModel:
+    """Convert (or restore from the param cache), then build the model with the runtime options."""
+    dt = _np_dtype(dtype)
+    hit = None
+    if param_cache:
+        from models.loading import param_cache as cache
+        key = cache.cache_key(cache.source_files(path), dt)
+        hit = cache.load(param_cache, key)
+    if hit is not None:
+        config, weights = hit
+    else:
+        config, weights = (_convert_gguf if gguf else _convert_hf)(path, dt)
+        if param_cache:
+            cache.save(param_cache, key, config, weights)
+    fam = family_for(config.architecture, gguf=gguf, source=path)
+    config = dataclasses.replace(config, **runtime)
     model = fam.model_cls(config, dtype=dt, weights=weights)
-    return LoadedModel(model, config, path, None, path)
+    return LoadedModel(model, config, path, path if gguf else None, path)
+
+
+def load_gguf(path: str, *, dtype="float32", param_cache: str | None = None, **runtime) -> LoadedModel:
+    return _load(path, True, dtype, param_cache, runtime)
+
+
+def load_hf_dir(path: str, *, dtype="float32", param_cache: str | None = None, **runtime) -> LoadedModel:
+    return _load(path, False, dtype, param_cache, runtime)
 
 
 def _text_model_sources(path: str, hf_weights):
@@ -146,24 +168,27 @@ def _text_model_sources(path: str, hf_weights):
     return sources
 
 
-def load_model(source: str | None = None, *, dtype="float32", **runtime) -> LoadedModel:
+def load_model(source: str | None = None, *, dtype="float32", param_cache: str | None = None,
+               **runtime) -> LoadedModel:
     """source: None (the default SmolLM2 GGUF), a .gguf file, a HF checkpoint directory (config.json +
     safetensors), a directory holding one .gguf, or a hub id ("org/name", downloaded when online).
+    param_cache: a directory for orbax checkpoints of the converted parameters (see
+    loading/param_cache.py); None converts every time.
     `runtime`: TransformerConfig fields that choose how, not what, to run (attention_backend=...)."""
     if source is None:
         source = default_model_path()
     source = os.path.expanduser(str(source))
     if os.path.isfile(source):
-        return load_gguf(source, dtype=dtype, **runtime)
+        return load_gguf(source, dtype=dtype, param_cache=param_cache, **runtime)
     if os.path.isdir(source):
         if os.path.isfile(os.path.join(source, "config.json")):
-            return load_hf_dir(source, dtype=dtype, **runtime)
+            return load_hf_dir(source, dtype=dtype, param_cache=param_cache, **runtime)
         ggufs = sorted(f for f in os.listdir(source) if f.endswith(".gguf"))
         if len(ggufs) == 1:
-            return load_gguf(os.path.join(source, ggufs[0]), dtype=dtype, **runtime)
+            return load_gguf(os.path.join(source, ggufs[0]), dtype=dtype, param_cache=param_cache, **runtime)
         raise CheckpointNotFoundError(f"{source}: neither config.json nor a single .gguf file found "
                                       f"(.gguf files: {ggufs})")
     from models.loading import hub
     if hub.looks_like_hub_id(source):
-        return load_model(hub.download(source), dtype=dtype, **runtime)
+        return load_model(hub.download(source), dtype=dtype, param_cache=param_cache, **runtime)
     raise CheckpointNotFoundError(f"model not found: {source} (no such file or directory)")
