@@ -90,6 +90,8 @@ def _inv_freq(head_dim: int, theta: float, scaling: tuple | None) -> np.ndarray:
     kind = s.get("rope_type", s.get("type", "default"))
     if kind == "default":
         return inv_freq
+    if kind in ("longrope", "su"):  # the short factors; rope_cos_sin switches to the long ones
+        return (inv_freq / np.asarray(s["short_factor"], np.float32)).astype(np.float32)
     if kind == "linear":
         return (inv_freq / np.float32(s["factor"])).astype(np.float32)
     if kind == "freq_factors":
@@ -104,7 +106,7 @@ def _inv_freq(head_dim: int, theta: float, scaling: tuple | None) -> np.ndarray:
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = (wavelen >= old_ctx / high) & (wavelen <= old_ctx / low)
         return np.where(medium, smoothed, scaled).astype(np.float32)
-    raise NotImplementedError(f"rope scaling type {kind!r} is not supported (have: linear, llama3)")
+    raise NotImplementedError(f"rope scaling type {kind!r} is not supported (have: linear, llama3, longrope)")
 
 
 def rope_inv_freq(config: TransformerConfig) -> np.ndarray:
@@ -129,14 +131,61 @@ def rope_tables(config: TransformerConfig) -> tuple[np.ndarray, tuple[int, ...]]
 def apply_rope(x: jax.Array, positions: jax.Array, inv_freq) -> jax.Array:
     """HF's rotate-half convention: the first and second halves of head_dim are the pair's two parts.
 
-    x: [T, heads, head_dim]; positions: [T] int32; inv_freq [head_dim // 2] (may be traced).
-    Angles in float32, result in x's dtype.
+    x: [T, heads, head_dim]; positions: [T] int32; inv_freq [head_dim // 2].
     """
     angles = positions.astype(jnp.float32)[:, None] * jnp.asarray(inv_freq)[None, :]  # [T, D/2]
-    cos = jnp.cos(angles).astype(x.dtype)[:, None, :]
-    sin = jnp.sin(angles).astype(x.dtype)[:, None, :]
+    return rotate(x, jnp.cos(angles), jnp.sin(angles))
+
+
+def rotate(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x [T, heads, head_dim] rotated by float32 cos, sin [T, head_dim // 2]; result in x's dtype."""
+    cos = cos.astype(x.dtype)[:, None, :]
+    sin = sin.astype(x.dtype)[:, None, :]
     x1, x2 = jnp.split(x, 2, axis=-1)
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+def longrope(config: TransformerConfig):
+    """Phi-3's LongRoPE ("longrope" / "su"): (short inv_freq, long inv_freq, cos/sin scale, original
+    context). Frequencies are divided per dimension by short_factor or long_factor."""
+    s = config.rope_scaling
+    orig = int(s["original_max_position_embeddings"])
+    base = _inv_freq(config.head_dim, float(config.rope_theta), None)
+    short = (base / np.asarray(s["short_factor"], np.float32)).astype(np.float32)
+    long = (base / np.asarray(s["long_factor"], np.float32)).astype(np.float32)
+    scale = s.get("attention_factor")
+    if scale is None:
+        factor = float(s.get("factor") or config.max_position_embeddings / orig)
+        scale = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(orig))
+    return short, long, float(scale), orig
+
+
+def rope_cos_sin(config: TransformerConfig, positions: jax.Array, md: AttentionMetadata):
+    """cos, sin [n_tables, T, head_dim // 2] float32 for this step, computed once for all layers.
+
+    LongRoPE picks the long factors for every row of a sequence longer than the original context
+    (its length after this step, md.kv_lens), the short ones otherwise: per sequence, so a request's
+    result does not depend on what it is batched with (vLLM decides per batch). HF recomputes the
+    whole sequence with the long factors once it crosses; a paged cache keeps keys rotated as they
+    were, so outputs agree with HF while a sequence stays on one side of the original context.
+    """
+    tables, _ = rope_tables(config)
+    pos = positions.astype(jnp.float32)
+    angles = pos[None, :, None] * jnp.asarray(tables)[:, None, :]
+    scale = 1.0
+    if _rope_kind(config) == "longrope":
+        _, long, scale, orig = longrope(config)
+        t = positions.shape[0]
+        seq = jnp.clip(jnp.searchsorted(md.cu_q_lens[1:], jnp.arange(t), side="right"), 0, md.kv_lens.shape[0] - 1)
+        use_long = md.kv_lens[seq] > orig
+        angles = jnp.where(use_long[None, :, None], (pos[:, None] * jnp.asarray(long)[None, :])[None], angles)
+    return jnp.cos(angles) * scale, jnp.sin(angles) * scale
+
+
+def _rope_kind(config: TransformerConfig) -> str:
+    s = config.rope_scaling or {}
+    kind = s.get("rope_type", s.get("type", "default"))
+    return "longrope" if kind in ("longrope", "su") else kind
 
 
 # ------------------------------------------------------------------------------------------ MLP
@@ -234,10 +283,10 @@ class Attention(nnx.Module):
         self.k_norm = None if k_norm is None else RMSNorm(k_norm, eps, off)
 
     def __call__(self, x: jax.Array, positions: jax.Array, kv_pages: jax.Array, md: AttentionMetadata,
-                 layer: jax.Array, inv_freq, window) -> tuple[jax.Array, jax.Array]:
+                 layer: jax.Array, rope, window) -> tuple[jax.Array, jax.Array]:
         """x: [T, H] -> ([T, H], kv_pages with this layer's new K/V written at md.slot_mapping).
 
-        inv_freq: this layer's rope table; window: this layer's sliding window, see attention_window.
+        rope: this layer's (cos, sin) [T, head_dim // 2]; window: its sliding window, see attention_windows.
         """
         c = self.config
         t = x.shape[0]
@@ -246,7 +295,7 @@ class Attention(nnx.Module):
         v = self.v_proj(x).reshape(t, c.num_kv_heads, c.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+        q, k = rotate(q, *rope), rotate(k, *rope)
         # Write first: the new rows must attend to themselves and to earlier rows of the same step.
         kv_pages = pallas_kernels.write_kv(kv_pages, k, v, md.slot_mapping, layer=layer)
         scale = (c.query_pre_attn_scalar or c.head_dim) ** -0.5

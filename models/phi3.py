@@ -21,13 +21,16 @@ def _split(c, hf: bool) -> dict:
 
 
 def hf_config(cfg) -> dict:
-    rope = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
-    kind = rope.get("rope_type", rope.get("type", "default"))
-    if kind in ("longrope", "su"):
-        raise NotImplementedError("Phi-3 LongRoPE (su) scaling is not supported yet")
-    if float(cfg.get("partial_rotary_factor", 1.0)) != 1.0:
+    rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+    if float(rope.pop("partial_rotary_factor", None) or cfg.get("partial_rotary_factor") or 1.0) != 1.0:
         raise NotImplementedError("partial rotary embeddings (Phi-4-mini) are not supported yet")
-    return {}
+    if rope.get("rope_type", rope.get("type")) not in ("longrope", "su"):
+        return {}
+    # LongRoPE (Phi-3-128k, Phi-3.5): the original context lives at the top level of the config.
+    rope.pop("rope_theta", None)
+    orig = rope.get("original_max_position_embeddings") or cfg["original_max_position_embeddings"]
+    return {"rope_scaling": {**rope, "rope_type": "longrope", "original_max_position_embeddings": int(orig),
+                             "short_factor": tuple(rope["short_factor"]), "long_factor": tuple(rope["long_factor"])}}
 
 
 FAMILY = Family("phi3", hf_architectures=("Phi3ForCausalLM",), gguf_architectures=("phi3",),

@@ -32,7 +32,7 @@ from flax import nnx
 
 from models.base import AttentionMetadata
 from models.config import TransformerConfig
-from models.layers import MoE, Attention, GatedMLP, RMSNorm, attention_windows, rope_tables
+from models.layers import MoE, Attention, GatedMLP, RMSNorm, attention_windows, rope_cos_sin, rope_tables
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,8 +132,8 @@ class DecoderLayer(nnx.Module):
             self.mlp = GatedMLP(w["layers.gate_proj"], w["layers.up_proj"], w["layers.down_proj"], c.hidden_act)
         self.mlp_post_norm = None if opt("mlp_post_norm") is None else RMSNorm(w["layers.mlp_post_norm"], eps, off)
 
-    def __call__(self, x, positions, kv_pages, md: AttentionMetadata, layer, inv_freq, window):
-        h, kv_pages = self.attn(self.attn_norm(x), positions, kv_pages, md, layer, inv_freq, window)
+    def __call__(self, x, positions, kv_pages, md: AttentionMetadata, layer, rope, window):
+        h, kv_pages = self.attn(self.attn_norm(x), positions, kv_pages, md, layer, rope, window)
         if self.attn_post_norm is not None:
             h = self.attn_post_norm(h)
         x = x + h
@@ -197,8 +197,8 @@ class DecoderLM(nnx.Module):
         x = jnp.take(self.embed_tokens[...], token_ids, axis=0)
         if c.embed_scale:  # HF rounds sqrt(hidden) to the activation dtype first
             x = x * jnp.asarray(math.sqrt(c.hidden_size), x.dtype)
-        tables, rope_index = rope_tables(c)
-        tables = jnp.asarray(tables)
+        _, rope_index = rope_tables(c)
+        cos, sin = rope_cos_sin(c, positions, md)  # [n_tables, T, D/2], shared by all layers
         mode, per_layer_window, distinct = attention_windows(c)
         start = 0
         for group in self.groups:
@@ -214,7 +214,8 @@ class DecoderLM(nnx.Module):
                 layer_state, layer, rope_i, w = xs
                 window = (("static", distinct[0]) if mode == "static" else ("traced", w) if mode == "traced"
                           else ("switch", (w, distinct)))
-                h, pool = nnx.merge(graphdef, layer_state)(h, positions, pool, md, layer, tables[rope_i], window)
+                h, pool = nnx.merge(graphdef, layer_state)(h, positions, pool, md, layer, (cos[rope_i], sin[rope_i]),
+                                                           window)
                 return (h, pool), None
 
             (x, kv_pages), _ = jax.lax.scan(body, (x, kv_pages), xs)

@@ -80,6 +80,15 @@ FAMILIES = {
     "tiny-phi3": lambda: transformers.Phi3Config(
         **_SMALL, num_hidden_layers=2, tie_word_embeddings=False, sliding_window=None,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, architectures=["Phi3ForCausalLM"]),
+    # LongRoPE: short factors (and the sqrt(1 + ln 4 / ln 64) cos/sin scale) while a sequence stays
+    # within the original 64-token context, long factors for the 70-token prompt (see layers.rope_cos_sin).
+    "tiny-phi3-longrope": lambda: transformers.Phi3Config(
+        **{**_SMALL, "max_position_embeddings": 256}, num_hidden_layers=2, tie_word_embeddings=False,
+        sliding_window=None, original_max_position_embeddings=64,
+        rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
+                         "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5, 3.1, 3.8],
+                         "long_factor": [1.0, 1.5, 2.5, 4.0, 6.0, 9.0, 13.0, 18.0]},
+        architectures=["Phi3ForCausalLM"]),
     # 4 experts, top-2 (weights renormalized), a sliding window too.
     "tiny-mixtral": lambda: transformers.MixtralConfig(
         **{**_SMALL, "intermediate_size": 96}, num_hidden_layers=2, num_local_experts=4, num_experts_per_tok=2,
@@ -169,7 +178,8 @@ def family_golden(name: str, force: bool):
     model = transformers.AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
     rng = np.random.default_rng(1)
     vocab = model.config.vocab_size
-    prompts = [[1], [int(t) for t in rng.integers(3, vocab, 7)], [int(t) for t in rng.integers(3, vocab, 23)]]
+    lengths = (7, 23, 70) if name == "tiny-phi3-longrope" else (7, 23)
+    prompts = [[1]] + [[int(t) for t in rng.integers(3, vocab, n)] for n in lengths]
     write(name, os.path.relpath(path, ROOT), model, prompts, new_tokens=32)
 
 

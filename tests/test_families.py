@@ -21,7 +21,8 @@ from jaxllm import LLM, SamplingParams
 from models.layers import grouped_matmul, moe_forward, route
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
-FAMILIES = ["tiny-qwen2", "tiny-qwen3", "tiny-gemma3", "tiny-gemma2", "tiny-phi3", "tiny-mixtral", "tiny-qwen3-moe"]
+FAMILIES = ["tiny-qwen2", "tiny-qwen3", "tiny-gemma3", "tiny-gemma2", "tiny-phi3", "tiny-phi3-longrope",
+            "tiny-mixtral", "tiny-qwen3-moe"]
 
 
 def golden(name: str) -> dict:
@@ -50,7 +51,9 @@ def assert_matches_golden(outs, gold, atol=1e-3):
 @pytest.mark.parametrize("name", FAMILIES)
 def test_family_matches_hf(name):
     gold = golden(name)
-    llm = tiny_llm(name)
+    # LongRoPE's 70-token case is past the original 64-token context from its first chunk on: one chunk
+    # (HF rotates the whole sequence with one set of factors; see models.layers.rope_cos_sin).
+    llm = tiny_llm(name, max_model_len=128, max_num_batched_tokens=128) if "longrope" in name else tiny_llm(name)
     prompts = [{"prompt_token_ids": c["prompt_ids"]} for c in gold["cases"]]
     n = len(gold["cases"][0]["output_ids"])
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, logprobs=5),
@@ -70,6 +73,8 @@ def test_family_configs_are_what_the_goldens_exercise():
     assert g2.layer_windows() == (16, None, 16) and g2.attn_logit_softcap == 2.0 and g2.final_logit_softcap == 3.0
     assert cfg["tiny-mixtral"].layer_is_moe() == (True, True) and cfg["tiny-mixtral"].sliding_window == 16
     assert cfg["tiny-qwen3-moe"].layer_is_moe() == (True, False, True, True)
+    lr = cfg["tiny-phi3-longrope"].rope_scaling
+    assert lr["rope_type"] == "longrope" and lr["original_max_position_embeddings"] == 64
     assert not cfg["tiny-qwen3-moe"].norm_topk_prob
 
 
