@@ -85,6 +85,11 @@ def _np_dtype(dtype):
     return dt
 
 
+def _to_device(dt):
+    """Each weight leaves the host as soon as it is assembled (see loading.weights.assemble)."""
+    return lambda a: jnp.asarray(a, dt)
+
+
 def _convert_gguf(path: str, dt) -> tuple[TransformerConfig, dict]:
     from models.loading import gguf as gguf_loading
     file = gguf_loading.open_gguf(path)
@@ -104,7 +109,8 @@ def _convert_gguf(path: str, dt) -> tuple[TransformerConfig, dict]:
     if config.num_experts:  # llama.cpp marks dense layers of an MoE model by their lack of a router
         dense = tuple(i for i in range(config.num_layers) if f"blk.{i}.ffn_gate_inp.weight" not in names)
         config = dataclasses.replace(config, mlp_only_layers=dense)
-    return config, gguf_loading.load_weights(file, config, param_specs(config), fam.gguf_weights(config), dt)
+    return config, gguf_loading.load_weights(file, config, param_specs(config), fam.gguf_weights(config), dt,
+                                             _to_device(dt))
 
 
 def _convert_hf(path: str, dt) -> tuple[TransformerConfig, dict]:
@@ -118,7 +124,7 @@ def _convert_hf(path: str, dt) -> tuple[TransformerConfig, dict]:
         cfg = {**cfg["text_config"], "architectures": archs}
         sources = _text_model_sources(path, fam.hf_weights)
     config = dataclasses.replace(TransformerConfig.from_hf_config(cfg), **fam.hf_config(cfg))
-    return config, st_loading.load_weights(path, config, param_specs(config), sources(config), dt)
+    return config, st_loading.load_weights(path, config, param_specs(config), sources(config), dt, _to_device(dt))
 
 
 def _load(path: str, gguf: bool, dtype, param_cache: str | None, runtime) -> LoadedModel:

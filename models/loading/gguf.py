@@ -46,7 +46,7 @@ def unpermute_qk(w: np.ndarray, num_heads: int) -> np.ndarray:
     return w.reshape(num_heads, head_dim // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def load_weights(file: GGUFFile, config, specs, sources, dtype) -> dict[str, np.ndarray]:
+def load_weights(file: GGUFFile, config, specs, sources, dtype, finalize=None) -> dict[str, np.ndarray]:
     """Canonical stacked weights of a GGUF file (see models.loading.weights.assemble)."""
     from models.loading.weights import assemble
     tensors = {t.name: t for t in file.tensors}
@@ -55,4 +55,4 @@ def load_weights(file: GGUFFile, config, specs, sources, dtype) -> dict[str, np.
         t = tensors.get(name)
         return None if t is None else dequantize(t, file.path)
 
-    return assemble(config, specs, sources, get, file.path, dtype)
+    return assemble(config, specs, sources, get, file.path, dtype, finalize)

@@ -46,8 +46,13 @@ def _to_canonical(kind: str, arr: np.ndarray) -> np.ndarray:
 
 
 def assemble(config: TransformerConfig, specs: Mapping, sources: Mapping[str, Source | str],
-             get: Callable[[str], np.ndarray | None], source: str, dtype) -> dict[str, np.ndarray]:
-    """Canonical name -> stacked ndarray of `dtype`.
+             get: Callable[[str], np.ndarray | None], source: str, dtype,
+             finalize: Callable[[np.ndarray], object] | None = None) -> dict[str, np.ndarray]:
+    """Canonical name -> stacked ndarray of `dtype` (or what finalize makes of it).
+
+    Checkpoint tensors are read one at a time into the stacked array; finalize (e.g. a device_put)
+    runs as soon as a weight is complete, so its host copy can go: peak host memory is the final
+    arrays plus one stacked weight and one checkpoint tensor.
 
     specs: canonical name -> models.transformer.ParamSpec (shape with the stacked axis, kind, layers).
     sources: canonical name -> Source (or a bare template) in the checkpoint.
@@ -91,5 +96,7 @@ def assemble(config: TransformerConfig, specs: Mapping, sources: Mapping[str, So
                 arr = _to_canonical(spec.kind, arr)
                 index = tuple(x for x in (None if i is None else row, e) if x is not None)
                 dest[index] = arr
-        out[name] = dest
+        out[name] = dest if finalize is None else finalize(dest)
+        del dest, arr
+        last[:] = [None, None]
     return out
