@@ -106,6 +106,14 @@ def _convert_gguf(path: str, dt) -> tuple[TransformerConfig, dict]:
         meta[f"{arch}.vocab_size"] = len(meta.get("tokenizer.ggml.tokens", ())) or (embed and embed.shape[-1])
     config = TransformerConfig.from_gguf(meta, tied="output.weight" not in names, freq_factors=freq_factors)
     config = dataclasses.replace(config, **fam.gguf_config(meta))
+    if "rope_factors_long.weight" in names:  # LongRoPE (Phi-3 128k / 3.5): llama.cpp keeps the factors as tensors
+        get = lambda key: tuple(float(f) for f in gguf_loading.dequantize(names[key], path))
+        config = dataclasses.replace(config, rope_scaling={
+            "rope_type": "longrope", "short_factor": get("rope_factors_short.weight"),
+            "long_factor": get("rope_factors_long.weight"),
+            "original_max_position_embeddings": int(meta[f"{arch}.rope.scaling.original_context_length"]),
+            **({"attention_factor": float(meta[f"{arch}.rope.scaling.attn_factor"])}
+               if f"{arch}.rope.scaling.attn_factor" in meta else {})})
     if config.num_experts:  # llama.cpp marks dense layers of an MoE model by their lack of a router
         dense = tuple(i for i in range(config.num_layers) if f"blk.{i}.ffn_gate_inp.weight" not in names)
         config = dataclasses.replace(config, mlp_only_layers=dense)

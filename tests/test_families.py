@@ -171,3 +171,15 @@ def test_mixed_windows_through_a_pallas_kernel(name):
     prompt = golden(name)["cases"][2]["prompt_ids"]  # 23 tokens: past the 16-token window
     np.testing.assert_allclose(PagedRunner(kern).step([(0, prompt, 0)])[0],
                                PagedRunner(loaded.model).step([(0, prompt, 0)])[0], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["tiny-gemma2", "tiny-qwen3-moe"])
+def test_bfloat16_tracks_float32(name):
+    """bfloat16 weights and activations ((1 + w) norms, soft-caps, bf16 ragged_dot) stay near float32."""
+    from tests.test_models import PagedRunner, log_softmax
+    prompt = golden(name)["cases"][1]["prompt_ids"]
+    f32 = PagedRunner(models.load_model(os.path.join(DATA, name)).model).step([(0, prompt, 0)])[0]
+    bf = models.load_model(os.path.join(DATA, name), dtype="bfloat16")
+    assert bf.model.embed_tokens[...].dtype == jnp.bfloat16
+    b16 = PagedRunner(bf.model).step([(0, prompt, 0)])[0]
+    assert b16.dtype == np.float32 and np.abs(log_softmax(f32) - log_softmax(b16)).max() < 0.5

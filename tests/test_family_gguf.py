@@ -19,7 +19,7 @@ from tests.test_loading import Q, llamacpp_permute, write_gguf
 from tests.test_models import DATA, PagedRunner
 
 ARCH = {"tiny-qwen2": "qwen2", "tiny-qwen3": "qwen3", "tiny-gemma2": "gemma2", "tiny-gemma3": "gemma3",
-        "tiny-phi3": "phi3", "tiny-mixtral": "llama", "tiny-qwen3-moe": "qwen3moe"}
+        "tiny-phi3": "phi3", "tiny-phi3-longrope": "phi3", "tiny-mixtral": "llama", "tiny-qwen3-moe": "qwen3moe"}
 LAYER = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
          "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
          "self_attn.o_proj": "attn_output", "self_attn.qkv_proj": "attn_qkv",
@@ -70,6 +70,13 @@ def hf_to_gguf(name: str, out) -> str:
             f"{arch}.vocab_size": cfg["vocab_size"], f"{arch}.rope.freq_base": float(rope["rope_theta"]),
             f"{arch}.attention.layer_norm_rms_epsilon": float(cfg["rms_norm_eps"]),
             f"{arch}.context_length": cfg["max_position_embeddings"]}
+    if rope.get("rope_type") == "longrope":  # llama.cpp: factors as tensors, the scale as metadata
+        tensors["rope_factors_long.weight"] = (np.asarray(rope["long_factor"], np.float32), Q.F32)
+        tensors["rope_factors_short.weight"] = (np.asarray(rope["short_factor"], np.float32), Q.F32)
+        orig = cfg["original_max_position_embeddings"]
+        meta[f"{arch}.rope.scaling.original_context_length"] = orig
+        meta[f"{arch}.rope.scaling.attn_factor"] = float(np.sqrt(1 + np.log(cfg["max_position_embeddings"] / orig)
+                                                                 / np.log(orig)))
     if rope.get("rope_type") == "linear":
         meta.update({f"{arch}.rope.scaling.type": "linear", f"{arch}.rope.scaling.factor": float(rope["factor"])})
     if cfg.get("sliding_window"):
@@ -112,6 +119,11 @@ def test_gguf_family_matches_safetensors(tmp_path, name):
     prompt = [3, 17, 99, 120, 5, 61, 7, 200, 11, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50]  # > window
     np.testing.assert_allclose(PagedRunner(gg.model).step([(0, prompt, 0)])[0],
                                PagedRunner(ref).step([(0, prompt, 0)])[0], atol=1e-4, rtol=1e-4)
+    if "longrope" in name:  # past the original 64-token context: the long factors
+        long_prompt = list(range(3, 83))
+        np.testing.assert_allclose(PagedRunner(gg.model, pages_per_seq=12).step([(0, long_prompt, 0)])[0],
+                                   PagedRunner(ref, pages_per_seq=12).step([(0, long_prompt, 0)])[0],
+                                   atol=1e-4, rtol=1e-4)
 
 
 def test_gemma3_multimodal_checkpoint_loads_its_text_model(tmp_path):
