@@ -128,17 +128,11 @@ def rope_tables(config: TransformerConfig) -> tuple[np.ndarray, tuple[int, ...]]
     return np.stack(tables), tuple(index)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq) -> jax.Array:
+def rotate(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     """HF's rotate-half convention: the first and second halves of head_dim are the pair's two parts.
 
-    x: [T, heads, head_dim]; positions: [T] int32; inv_freq [head_dim // 2].
+    x [T, heads, head_dim] rotated by float32 cos, sin [T, head_dim // 2]; result in x's dtype.
     """
-    angles = positions.astype(jnp.float32)[:, None] * jnp.asarray(inv_freq)[None, :]  # [T, D/2]
-    return rotate(x, jnp.cos(angles), jnp.sin(angles))
-
-
-def rotate(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """x [T, heads, head_dim] rotated by float32 cos, sin [T, head_dim // 2]; result in x's dtype."""
     cos = cos.astype(x.dtype)[:, None, :]
     sin = sin.astype(x.dtype)[:, None, :]
     x1, x2 = jnp.split(x, 2, axis=-1)
@@ -175,8 +169,11 @@ def rope_cos_sin(config: TransformerConfig, positions: jax.Array, md: AttentionM
     scale = 1.0
     if _rope_kind(config) == "longrope":
         _, long, scale, orig = longrope(config)
-        t = positions.shape[0]
-        seq = jnp.clip(jnp.searchsorted(md.cu_q_lens[1:], jnp.arange(t), side="right"), 0, md.kv_lens.shape[0] - 1)
+        t, max_seqs = positions.shape[0], md.kv_lens.shape[0]
+        # entries of cu_q_lens past num_seqs may be any padding: make them sorted for searchsorted
+        n = jnp.asarray(md.num_seqs, jnp.int32).reshape(())
+        cu = jnp.where(jnp.arange(max_seqs + 1) <= n, md.cu_q_lens, md.cu_q_lens[n])
+        seq = jnp.clip(jnp.searchsorted(cu[1:], jnp.arange(t), side="right"), 0, max_seqs - 1)
         use_long = md.kv_lens[seq] > orig
         angles = jnp.where(use_long[None, :, None], (pos[:, None] * jnp.asarray(long)[None, :])[None], angles)
     return jnp.cos(angles) * scale, jnp.sin(angles) * scale
