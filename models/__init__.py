@@ -3,8 +3,9 @@
 from models.base import AttentionMetadata, CausalLM
 from models.config import TransformerConfig
 from models.llama import LlamaForCausalLM
+from models.transformer import DecoderLM
 from models.loading.errors import CheckpointError, CheckpointNotFoundError
 from models.registry import LoadedModel, default_model_path, load_model
 
-__all__ = ["AttentionMetadata", "CausalLM", "CheckpointError", "CheckpointNotFoundError", "LlamaForCausalLM",
+__all__ = ["AttentionMetadata", "CausalLM", "CheckpointError", "CheckpointNotFoundError", "DecoderLM", "LlamaForCausalLM",
            "LoadedModel", "TransformerConfig", "default_model_path", "load_model"]

@@ -3,43 +3,55 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import importlib
 import importlib.util
 import os
 from typing import Any, Callable, Mapping
 
 import jax.numpy as jnp
 
-from models import llama
 from models.config import TransformerConfig
 from models.loading.errors import CheckpointError, CheckpointNotFoundError
+from models.transformer import DecoderLM, param_specs
 
 
 @dataclasses.dataclass(frozen=True)
 class Family:
-    """A model implementation and how checkpoints name its weights."""
+    """A family: which architectures it serves, the config fields only it sets, and its checkpoint names.
+
+    hf_config / gguf_config: config.json dict / GGUF metadata -> TransformerConfig fields (beyond the
+    common ones TransformerConfig.from_hf_config / from_gguf read).
+    hf_weights / gguf_weights: config -> canonical weight name -> loading.weights.Source (or template).
+    """
 
     name: str
-    model_cls: type
-    weight_shapes: Callable[[TransformerConfig], dict[str, tuple[int, ...]]]
     hf_architectures: tuple[str, ...]
     gguf_architectures: tuple[str, ...]
-    hf_names: Mapping[str, str]
-    gguf_names: Mapping[str, str]
-    gguf_permuted_qk: bool  # llama.cpp's converter reorders q/k rows for these architectures
+    hf_weights: Callable[[TransformerConfig], Mapping[str, Any]]
+    gguf_weights: Callable[[TransformerConfig], Mapping[str, Any]] | None = None
+    hf_config: Callable[[Mapping[str, Any]], dict] = lambda cfg: {}
+    gguf_config: Callable[[Mapping[str, Any]], dict] = lambda meta: {}
+    model_cls: type = DecoderLM
 
 
-FAMILIES = (
-    Family("llama", llama.LlamaForCausalLM, llama.weight_shapes,
-           hf_architectures=("LlamaForCausalLM", "MistralForCausalLM"), gguf_architectures=("llama",),
-           hf_names=llama.HF_NAMES, gguf_names=llama.GGUF_NAMES, gguf_permuted_qk=True),
-)
+# A family is one file in models/ defining FAMILY; registering it is adding its module name here.
+FAMILY_MODULES = ("llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "mixtral", "qwen3_moe")
+
+
+@functools.cache
+def families() -> tuple[Family, ...]:
+    return tuple(importlib.import_module(f"models.{m}").FAMILY for m in FAMILY_MODULES)
 
 
 def family_for(architecture: str, *, gguf: bool, source: str) -> Family:
-    for fam in FAMILIES:
+    for fam in families():
         if architecture in (fam.gguf_architectures if gguf else fam.hf_architectures):
+            if gguf and fam.gguf_weights is None:
+                break
             return fam
-    known = sorted(a for f in FAMILIES for a in (f.gguf_architectures if gguf else f.hf_architectures))
+    known = sorted(a for f in families() for a in (f.gguf_architectures if gguf and f.gguf_weights
+                                                   else () if gguf else f.hf_architectures))
     raise CheckpointError(f"{source}: unsupported architecture {architecture!r} (supported: {', '.join(known)})")
 
 
@@ -73,9 +85,13 @@ def _np_dtype(dtype):
     return dt
 
 
-def load_gguf(path: str, *, dtype="float32", **runtime) -> LoadedModel:
+def _to_device(dt):
+    """Each weight leaves the host as soon as it is assembled (see loading.weights.assemble)."""
+    return lambda a: jnp.asarray(a, dt)
+
+
+def _convert_gguf(path: str, dt) -> tuple[TransformerConfig, dict]:
     from models.loading import gguf as gguf_loading
-    dt = _np_dtype(dtype)
     file = gguf_loading.open_gguf(path)
     meta = dict(file.metadata)
     arch = meta.get("general.architecture")
@@ -86,47 +102,107 @@ def load_gguf(path: str, *, dtype="float32", **runtime) -> LoadedModel:
     freq = names.get("rope_freqs.weight")
     freq_factors = None if freq is None else gguf_loading.dequantize(freq, path)
     if f"{arch}.vocab_size" not in meta:
-        embed = names.get(fam.gguf_names["embed_tokens"])
+        embed = names.get("token_embd.weight")
         meta[f"{arch}.vocab_size"] = len(meta.get("tokenizer.ggml.tokens", ())) or (embed and embed.shape[-1])
-    config = dataclasses.replace(TransformerConfig.from_gguf(meta, tied=fam.gguf_names["lm_head"] not in names,
-                                                             freq_factors=freq_factors), **runtime)
-    weights = gguf_loading.load_weights(file, config, fam.weight_shapes(config), fam.gguf_names, dt,
-                                        permuted_qk=fam.gguf_permuted_qk)
-    model = fam.model_cls(config, dtype=dt, weights=weights)
-    return LoadedModel(model, config, path, path, path)
+    config = TransformerConfig.from_gguf(meta, tied="output.weight" not in names, freq_factors=freq_factors)
+    config = dataclasses.replace(config, **fam.gguf_config(meta))
+    if "rope_factors_long.weight" in names:  # LongRoPE (Phi-3 128k / 3.5): llama.cpp keeps the factors as tensors
+        get = lambda key: tuple(float(f) for f in gguf_loading.dequantize(names[key], path))
+        config = dataclasses.replace(config, rope_scaling={
+            "rope_type": "longrope", "short_factor": get("rope_factors_short.weight"),
+            "long_factor": get("rope_factors_long.weight"),
+            "original_max_position_embeddings": int(meta[f"{arch}.rope.scaling.original_context_length"]),
+            **({"attention_factor": float(meta[f"{arch}.rope.scaling.attn_factor"])}
+               if f"{arch}.rope.scaling.attn_factor" in meta else {})})
+    if config.num_experts:  # llama.cpp marks dense layers of an MoE model by their lack of a router
+        dense = tuple(i for i in range(config.num_layers) if f"blk.{i}.ffn_gate_inp.weight" not in names)
+        config = dataclasses.replace(config, mlp_only_layers=dense)
+    return config, gguf_loading.load_weights(file, config, param_specs(config), fam.gguf_weights(config), dt,
+                                             _to_device(dt))
 
 
-def load_hf_dir(path: str, *, dtype="float32", **runtime) -> LoadedModel:
+def _convert_hf(path: str, dt) -> tuple[TransformerConfig, dict]:
     from models.loading import safetensors as st_loading
-    dt = _np_dtype(dtype)
     cfg = st_loading.read_hf_config(path)
     archs = cfg.get("architectures") or []
     fam = family_for(archs[0] if archs else str(cfg.get("model_type")), gguf=False,
                      source=os.path.join(path, "config.json"))
-    config = dataclasses.replace(TransformerConfig.from_hf_config(cfg), **runtime)
-    weights = st_loading.load_weights(path, config, fam.weight_shapes(config), fam.hf_names, dt)
+    sources = fam.hf_weights
+    if "text_config" in cfg:  # a multimodal checkpoint (Gemma3ForConditionalGeneration): its text model
+        cfg = {**cfg["text_config"], "architectures": archs}
+        sources = _text_model_sources(path, fam.hf_weights)
+    config = dataclasses.replace(TransformerConfig.from_hf_config(cfg), **fam.hf_config(cfg))
+    return config, st_loading.load_weights(path, config, param_specs(config), sources(config), dt, _to_device(dt))
+
+
+def _load(path: str, gguf: bool, dtype, param_cache: str | None, runtime) -> LoadedModel:
+    """Convert (or restore from the param cache), then build the model with the runtime options."""
+    dt = _np_dtype(dtype)
+    hit = None
+    if param_cache:
+        from models.loading import param_cache as cache
+        key = cache.cache_key(cache.source_files(path), dt)
+        hit = cache.load(param_cache, key)
+    if hit is not None:
+        config, weights = hit
+    else:
+        config, weights = (_convert_gguf if gguf else _convert_hf)(path, dt)
+        if param_cache:
+            cache.save(param_cache, key, config, weights)
+    fam = family_for(config.architecture, gguf=gguf, source=path)
+    config = dataclasses.replace(config, **runtime)
     model = fam.model_cls(config, dtype=dt, weights=weights)
-    return LoadedModel(model, config, path, None, path)
+    return LoadedModel(model, config, path, path if gguf else None, path)
 
 
-def load_model(source: str | None = None, *, dtype="float32", **runtime) -> LoadedModel:
+def load_gguf(path: str, *, dtype="float32", param_cache: str | None = None, **runtime) -> LoadedModel:
+    return _load(path, True, dtype, param_cache, runtime)
+
+
+def load_hf_dir(path: str, *, dtype="float32", param_cache: str | None = None, **runtime) -> LoadedModel:
+    return _load(path, False, dtype, param_cache, runtime)
+
+
+def _text_model_sources(path: str, hf_weights):
+    """The text model's tensors under the prefix this checkpoint uses: transformers 5 saves
+    "model.language_model.*", 4.x "language_model.model.*"; the head stays "lm_head" (5) or moves."""
+    from models.loading import safetensors as st_loading
+    names = st_loading.weight_files(path)
+    for new, head in (("model.language_model.", "lm_head."), ("language_model.model.", "language_model.lm_head.")):
+        if f"{new}embed_tokens.weight" in names:
+            break
+
+    def sources(config):
+        out = {}
+        for key, src in hf_weights(config).items():
+            template = src if isinstance(src, str) else src.template
+            template = template.replace("model.", new, 1) if template.startswith("model.") else template.replace("lm_head.", head, 1)
+            out[key] = template if isinstance(src, str) else dataclasses.replace(src, template=template)
+        return out
+    return sources
+
+
+def load_model(source: str | None = None, *, dtype="float32", param_cache: str | None = None,
+               **runtime) -> LoadedModel:
     """source: None (the default SmolLM2 GGUF), a .gguf file, a HF checkpoint directory (config.json +
     safetensors), a directory holding one .gguf, or a hub id ("org/name", downloaded when online).
+    param_cache: a directory for orbax checkpoints of the converted parameters (see
+    loading/param_cache.py); None converts every time.
     `runtime`: TransformerConfig fields that choose how, not what, to run (attention_backend=...)."""
     if source is None:
         source = default_model_path()
     source = os.path.expanduser(str(source))
     if os.path.isfile(source):
-        return load_gguf(source, dtype=dtype, **runtime)
+        return load_gguf(source, dtype=dtype, param_cache=param_cache, **runtime)
     if os.path.isdir(source):
         if os.path.isfile(os.path.join(source, "config.json")):
-            return load_hf_dir(source, dtype=dtype, **runtime)
+            return load_hf_dir(source, dtype=dtype, param_cache=param_cache, **runtime)
         ggufs = sorted(f for f in os.listdir(source) if f.endswith(".gguf"))
         if len(ggufs) == 1:
-            return load_gguf(os.path.join(source, ggufs[0]), dtype=dtype, **runtime)
+            return load_gguf(os.path.join(source, ggufs[0]), dtype=dtype, param_cache=param_cache, **runtime)
         raise CheckpointNotFoundError(f"{source}: neither config.json nor a single .gguf file found "
                                       f"(.gguf files: {ggufs})")
     from models.loading import hub
     if hub.looks_like_hub_id(source):
-        return load_model(hub.download(source), dtype=dtype, **runtime)
+        return load_model(hub.download(source), dtype=dtype, param_cache=param_cache, **runtime)
     raise CheckpointNotFoundError(f"model not found: {source} (no such file or directory)")

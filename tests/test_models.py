@@ -140,17 +140,7 @@ def test_sliding_window_matters(tiny_mistral):
 
 
 def _canonical(model) -> dict:
-    w = {"embed_tokens": model.embed_tokens[...], "norm": model.norm.weight[...]}
-    layers = model.layers
-    w.update({"layers.input_norm": layers.input_norm.weight[...],
-              "layers.post_attention_norm": layers.post_attention_norm.weight[...]})
-    for p in "qkvo":
-        w[f"layers.{p}_proj"] = getattr(layers.attn, f"{p}_proj")[...]
-    for p in ("gate", "up", "down"):
-        w[f"layers.{p}_proj"] = getattr(layers.mlp, f"{p}_proj")[...]
-    if model.lm_head is not None:
-        w["lm_head"] = model.lm_head[...]
-    return w
+    return model.canonical_weights()
 
 
 def test_ragged_batch_matches_each_sequence_alone(tiny_llama):

@@ -46,25 +46,13 @@ def unpermute_qk(w: np.ndarray, num_heads: int) -> np.ndarray:
     return w.reshape(num_heads, head_dim // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def load_weights(file: GGUFFile, config, shapes, templates, dtype, *, permuted_qk: bool) -> dict[str, np.ndarray]:
-    """Canonical stacked weights of a GGUF file (see models.loading.weights.assemble).
-
-    permuted_qk: the file came from llama.cpp's converter for a llama-arch model, whose q/k rows we
-    put back in HF order.
-    """
+def load_weights(file: GGUFFile, config, specs, sources, dtype, finalize=None) -> dict[str, np.ndarray]:
+    """Canonical stacked weights of a GGUF file (see models.loading.weights.assemble)."""
     from models.loading.weights import assemble
-    path = file.path
     tensors = {t.name: t for t in file.tensors}
 
     def get(name):
         t = tensors.get(name)
-        return None if t is None else dequantize(t, path)
+        return None if t is None else dequantize(t, file.path)
 
-    def fix(name, w):
-        if permuted_qk and name == "layers.q_proj":
-            return unpermute_qk(w, config.num_heads)
-        if permuted_qk and name == "layers.k_proj":
-            return unpermute_qk(w, config.num_kv_heads)
-        return w
-
-    return assemble(config, shapes, templates, get, path, dtype, transform=fix)
+    return assemble(config, specs, sources, get, file.path, dtype, finalize)

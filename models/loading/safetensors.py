@@ -65,9 +65,8 @@ def tensor_getter(path: str) -> Iterator[Callable[[str], np.ndarray | None]]:
         yield get
 
 
-def load_weights(path: str, config, shapes: Mapping[str, tuple[int, ...]], templates: Mapping[str, str],
-                 dtype) -> dict[str, np.ndarray]:
+def load_weights(path: str, config, specs: Mapping, sources: Mapping, dtype, finalize=None) -> dict[str, np.ndarray]:
     """Canonical stacked weights of an HF directory (see models.loading.weights.assemble)."""
     from models.loading.weights import assemble
     with tensor_getter(path) as get:
-        return assemble(config, shapes, templates, get, path, dtype)
+        return assemble(config, specs, sources, get, path, dtype, finalize)
