@@ -47,6 +47,9 @@ class CompileConfig:
     persistent_cache: bool = True
     cache_dir: str | None = None  # defaults to ~/.cache/jaxllm/xla
     warmup: bool = True  # compile every bucket at start-up
+    # Keep converted (stacked, dequantized) parameters next to the compilation cache, memory-mapped on
+    # the next start of the same unchanged checkpoint (models/loading/param_cache.py).
+    param_cache: bool = True
 
 
 @dataclass

@@ -80,7 +80,10 @@ class LLMEngine:
         if config.compile.persistent_cache:
             enable_persistent_compilation_cache(config.compile.cache_dir)
         dtype = _resolve_dtype(config.model.dtype)
-        self.loaded = models.load_model(config.model.model, dtype=jnp.dtype(dtype).name,
+        param_cache = None
+        if config.compile.param_cache:
+            param_cache = os.path.join(config.compile.cache_dir or default_cache_dir(), "params")
+        self.loaded = models.load_model(config.model.model, dtype=jnp.dtype(dtype).name, param_cache=param_cache,
                                         attention_backend=config.model.attention_backend,
                                         attention_interpret=config.model.attention_interpret)
         self.model_config = self.loaded.config

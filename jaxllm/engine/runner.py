@@ -52,8 +52,10 @@ class ShapeTable:
     @classmethod
     def build(cls, max_num_batched_tokens: int, max_num_seqs: int) -> ShapeTable:
         top = bucket(max_num_batched_tokens)
-        # Rows needing logits: at most one sampled token per seat plus one prompt-logprob row per token.
-        top_rows = bucket(max_num_batched_tokens + max_num_seqs)
+        # Rows needing logits: one sampled token per seat, plus prompt-logprob rows up to as many again.
+        # The scheduler shortens prompt-logprob chunks to fit, so a [R, vocab] sampler temporary stays
+        # small even for 256k vocabularies (a row per batched token would be 1 GiB at 512 x 262k f32).
+        top_rows = 2 * bucket(max_num_seqs)
         return cls(token_buckets=tuple(1 << i for i in range(top.bit_length())),
                    row_buckets=tuple(1 << i for i in range(top_rows.bit_length())),
                    bias_slots=(1, MAX_BIAS_SLOTS))

@@ -86,7 +86,12 @@ def save(cache_dir: str, key: str, config: TransformerConfig, weights: dict) -> 
         with open(os.path.join(tmp, "config.json"), "w") as f:  # written last: marks the entry complete
             json.dump({"config": cfg, "dtype": np.dtype(dtype).name, "weights": list(weights)}, f)
         shutil.rmtree(entry, ignore_errors=True)
-        os.replace(tmp, entry)
+        try:
+            os.replace(tmp, entry)
+        except OSError:
+            if not os.path.isfile(os.path.join(entry, "config.json")):
+                raise
+            # Another process (a server and a test, two replicas) wrote the same entry first: keep it.
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return entry
