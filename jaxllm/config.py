@@ -20,6 +20,7 @@ class ModelConfig:
     revision: str | None = None
     attention_backend: str = "auto"  # auto | reference | tpu | gpu (force one ragged attention kernel)
     attention_interpret: bool = False  # run the Pallas kernel in interpret mode (debugging on CPU)
+    chat_template: str | None = None  # a Jinja file or inline template replacing the checkpoint's own
 
 
 @dataclass
@@ -94,6 +95,8 @@ _FLAG_HELP = {
     "model": "HF model dir, .gguf file or hub id (default: embedded SmolLM2-135M-Instruct)",
     "kv_cache_memory": "bytes for the KV page pool (accepts 512MiB, 2GiB, ...)",
     "max_num_batched_tokens": "token budget of one engine step",
+    "chat_template": "chat template (a .jinja file or the template itself) used instead of the checkpoint's; "
+                     "e.g. configs/chat_templates/gemma.jinja for Gemma GGUFs that ship none",
 }
 
 

@@ -47,7 +47,8 @@ async def render_chat(messages: list[ChatMessage], **kwargs) -> tuple[str, list[
 
 
 def _render_chat(tok, messages: list[ChatMessage], *, add_generation_prompt: bool, continue_final_message: bool,
-                 tools=None, template_kwargs: dict | None = None) -> tuple[str, list[int]]:
+                 tools=None, template_kwargs: dict | None = None,
+                 chat_template: str | None = None) -> tuple[str, list[int]]:
     if add_generation_prompt and continue_final_message:
         raise APIError("add_generation_prompt and continue_final_message cannot both be true", 400,
                        param="continue_final_message")
@@ -57,7 +58,7 @@ def _render_chat(tok, messages: list[ChatMessage], *, add_generation_prompt: boo
     try:
         text = tok.apply_chat_template(dicts, add_generation_prompt=add_generation_prompt,
                                        continue_final_message=continue_final_message, tools=tools,
-                                       **(template_kwargs or {}))
+                                       chat_template=chat_template, **(template_kwargs or {}))
     except APIError:
         raise
     except Exception as exc:  # noqa: BLE001 - template errors (jinja raise_exception) are the client's
@@ -81,7 +82,7 @@ async def create_chat_completion():
     check_logprobs(req.prompt_logprobs, "prompt_logprobs")
     text, ids = await render_chat(req.messages, add_generation_prompt=req.add_generation_prompt,
                             continue_final_message=req.continue_final_message, tools=req.tools,
-                            template_kwargs=req.chat_template_kwargs)
+                            template_kwargs=req.chat_template_kwargs, chat_template=req.chat_template)
     param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     max_tokens = resolve_max_tokens(len(ids), requested, state().max_model_len(), param=param)

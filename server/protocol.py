@@ -107,6 +107,7 @@ class ChatCompletionRequest(SamplingFields):
     add_generation_prompt: StrictBool = True
     continue_final_message: StrictBool = False
     chat_template_kwargs: dict[str, Any] | None = None
+    chat_template: StrictStr | None = None  # vLLM's extra: a template for this request only
 
 
 class TokenizeRequest(_Request):

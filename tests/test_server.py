@@ -318,6 +318,16 @@ def test_chat_continue_final_message_and_tool_role(client, http):
     assert "sunny, 21C" in text and out.usage.prompt_tokens == rendered["count"]
 
 
+def test_chat_template_per_request(client, http):
+    template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+    out = client.chat.completions.create(model="smol", messages=[{"role": "user", "content": "Hi there"}],
+                                         max_tokens=2, temperature=0, extra_body={"chat_template": template})
+    assert out.usage.prompt_tokens == len(tokenize(http, "[user] Hi there\n"))
+    bad = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}],
+                                                  "chat_template": "{% for %}"})
+    assert_error(bad, 400, param="messages", contains="chat template")
+
+
 def test_chat_stream_include_usage(client):
     chunks = list(client.chat.completions.create(model="smol", messages=[{"role": "user", "content": "Yo"}],
                                                  max_tokens=3, temperature=0, stream=True,

@@ -88,6 +88,8 @@ class LLMEngine:
                                         attention_interpret=config.model.attention_interpret)
         self.model_config = self.loaded.config
         self.tokenizer = load_tokenizer(config.model.tokenizer or self.loaded.tokenizer_path)
+        if config.model.chat_template:
+            self.tokenizer.chat_template = read_chat_template(config.model.chat_template)
         self.model_name = config.model.served_model_name or config.model.model or _default_name(self.loaded)
         self.eos_token_ids = set(self.tokenizer.eos_token_ids) | set(self.model_config.eos_token_ids)
 
@@ -434,6 +436,17 @@ class StepTiming:
         h, w = self.host[-self.window:], self.wait[-self.window:]
         return {"host_ms_per_step": 1e3 * sum(h) / max(1, len(h)),
                 "device_wait_ms_per_step": 1e3 * sum(w) / max(1, len(w))}
+
+
+def read_chat_template(value: str) -> str:
+    """--chat-template: a path to a template file, or the template text itself (vLLM accepts both)."""
+    path = os.path.expanduser(value)
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    if "{" not in value:
+        raise ValueError(f"chat_template: {value!r} is neither a file nor a Jinja template")
+    return value
 
 
 def _sibling_seed(seed: int, index: int) -> int:
