@@ -2,9 +2,10 @@
 
 from jaxllm.config import EngineConfig
 from jaxllm.outputs import CompletionOutput, Logprob, RequestOutput
-from jaxllm.sampling_params import SamplingParams
+from jaxllm.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
 
-__all__ = ["LLM", "LLMEngine", "SamplingParams", "EngineConfig", "RequestOutput", "CompletionOutput", "Logprob"]
+__all__ = ["LLM", "LLMEngine", "SamplingParams", "StructuredOutputsParams", "RequestOutputKind", "EngineConfig",
+           "RequestOutput", "CompletionOutput", "Logprob"]
 __version__ = "0.1.0"
 
 

@@ -12,8 +12,8 @@ from quart_schema import document_request, document_response
 from server import sse
 from server.errors import APIError
 from server.generation import (ChoiceState, add_request, chat_logprobs, check_logprobs, check_model,
-                               check_stream_options, engine_error, make_sampling_params, merge,
-                               parse_body, reject_unsupported, resolve_max_tokens, state)
+                               check_stream_options, check_structured_outputs, engine_error, make_sampling_params,
+                               merge, parse_body, reject_unsupported, resolve_max_tokens, state)
 from server.protocol import (ChatChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
                              ChatLogprobs, ChatMessage, ChatResponseMessage, ChatStreamChoice, DeltaMessage,
                              ErrorResponse, PromptTokensDetails, UsageInfo, random_id)
@@ -76,6 +76,7 @@ async def create_chat_completion():
     model = check_model(req.model)
     check_stream_options(req)
     reject_unsupported(req)
+    structured = await check_structured_outputs(req)
     check_logprobs(req.top_logprobs, "top_logprobs")
     if req.top_logprobs and not req.logprobs:
         raise APIError("top_logprobs needs logprobs to be true", 400, param="top_logprobs")
@@ -88,7 +89,7 @@ async def create_chat_completion():
     max_tokens = resolve_max_tokens(len(ids), requested, state().max_model_len(), param=param)
     top_k = (req.top_logprobs or 0) if req.logprobs else None
     params = make_sampling_params(req, max_tokens=max_tokens, logprobs=top_k, prompt_logprobs=req.prompt_logprobs,
-                                  max_tokens_param=param)
+                                  max_tokens_param=param, structured_outputs=structured)
     request_id = random_id("chatcmpl")
     stream = await add_request(request_id, text, params, ids, req.priority, req.cache_salt)
     if req.stream:

@@ -13,7 +13,8 @@ from server import sse
 from server.errors import APIError
 from server.generation import (ChoiceState, add_request, check_logprobs, check_model, check_stream_options,
                                check_token_ids, close_all, completion_logprobs, engine_error, make_sampling_params,
-                               merge, parse_body, reject_unsupported, resolve_max_tokens, state)
+                               check_structured_outputs, merge, parse_body, reject_unsupported, resolve_max_tokens,
+                               state)
 from server.protocol import (CompletionChoice, CompletionRequest, CompletionResponse, ErrorResponse,
                              PromptTokensDetails, UsageInfo, random_id)
 
@@ -55,6 +56,7 @@ async def create_completion():
     model = check_model(req.model)
     check_stream_options(req)
     reject_unsupported(req)
+    structured = await check_structured_outputs(req)
     if req.suffix:
         raise APIError("suffix is not supported by this server", 400, param="suffix")
     check_logprobs(req.logprobs, "logprobs")
@@ -71,7 +73,8 @@ async def create_completion():
         max_tokens = resolve_max_tokens(len(ids), req.max_tokens, max_len)
         prompt_lp = req.logprobs if (req.echo and req.logprobs is not None) else req.prompt_logprobs
         params.append(make_sampling_params(req, max_tokens=max_tokens, logprobs=req.logprobs,
-                                           prompt_logprobs=prompt_lp, best_of=req.best_of))
+                                           prompt_logprobs=prompt_lp, best_of=req.best_of,
+                                           structured_outputs=structured))
     base_id = random_id("cmpl")
     streams = []
     try:

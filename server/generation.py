@@ -50,25 +50,74 @@ def _nullable(model_cls: type[BaseModel], name: str) -> bool:
     return field is None or field.default is None or field.is_required()
 
 
-_UNSUPPORTED = ("response_format", "tools", "tool_choice", "structured_outputs", "guided_json", "guided_regex",
-                "guided_choice", "guided_grammar", "guided_decoding_backend")
+_GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
+
+
+def structured_outputs_of(req: BaseModel) -> tuple[Any, str | None]:
+    """(StructuredOutputsParams or None, the request field it came from). OpenAI's response_format,
+    vLLM's structured_outputs and its older guided_* fields all land here; more than one is a 400."""
+    from jaxllm.sampling_params import StructuredOutputsParams
+    found: list[tuple[str, dict]] = []
+    rf = getattr(req, "response_format", None)
+    if rf is not None:
+        if not isinstance(rf, dict) or rf.get("type") not in ("text", "json_object", "json_schema"):
+            raise APIError("response_format.type must be one of text, json_object, json_schema", 400,
+                           param="response_format")
+        if rf["type"] == "json_object":
+            found.append(("response_format", {"json_object": True}))
+        elif rf["type"] == "json_schema":
+            spec = rf.get("json_schema")
+            schema = spec.get("schema", spec.get("json_schema")) if isinstance(spec, dict) else None
+            if not isinstance(schema, dict):
+                raise APIError("response_format.json_schema.schema must be a JSON schema object", 400,
+                               param="response_format")
+            found.append(("response_format", {"json": schema}))
+    so = getattr(req, "structured_outputs", None)
+    if so is not None:
+        if not isinstance(so, dict):
+            raise APIError("structured_outputs must be an object", 400, param="structured_outputs")
+        found.append(("structured_outputs", {k: v for k, v in so.items() if v is not None}))
+    for name, key in _GUIDED.items():
+        value = getattr(req, name, None)
+        if value is not None:
+            found.append((name, {key: value}))
+    if not found:
+        return None, None
+    if len(found) > 1:
+        raise APIError(f"give only one of {', '.join(n for n, _ in found)}", 400, param=found[1][0])
+    field, kw = found[0]
+    try:
+        params = StructuredOutputsParams(**kw)
+    except (TypeError, ValueError) as exc:
+        raise APIError(f"{field}: {exc}", 400, param=field) from None
+    return params, field
+
+
+async def check_structured_outputs(req: BaseModel) -> Any:
+    """Compiles the request's grammar before anything is scheduled: an invalid schema, regex or
+    grammar (or an unsupported schema keyword) is a 400 naming the field."""
+    params, field = structured_outputs_of(req)
+    if params is None:
+        return None
+    grammars = getattr(state().require_engine(), "grammars", None)
+    if grammars is None:
+        raise APIError("structured outputs are not available with this engine", 400, param=field)
+    try:
+        await asyncio.to_thread(grammars.grammar, params)
+    except ValueError as exc:
+        raise APIError(f"{field}: {exc}", 400, param=field) from None
+    return params
 
 
 def reject_unsupported(req: BaseModel) -> None:
-    """Structured outputs and tool calling are not built yet: refuse them by name instead of
-    answering 200 with unconstrained text a client would trust."""
-    for name in _UNSUPPORTED:
-        value = getattr(req, name, None)
-        if value is None:
-            continue
-        if name == "response_format" and isinstance(value, dict) and value.get("type", "text") == "text":
-            continue
-        if name == "tool_choice" and value == "none":
-            continue
-        if name == "tools" and (not value or getattr(req, "tool_choice", None) == "none"):
-            continue
-        raise APIError(f"{name} is not supported by this server yet (structured outputs and tool calling "
-                       f"are not implemented)", 400, param=name)
+    """Tool calling is not built yet: refuse it by name instead of answering 200 with plain text."""
+    tools, choice = getattr(req, "tools", None), getattr(req, "tool_choice", None)
+    if choice is not None and choice != "none":
+        raise APIError("tool_choice is not supported by this server yet (tool calling is not implemented)",
+                       400, param="tool_choice")
+    if tools and choice != "none":
+        raise APIError("tools are not supported by this server yet (tool calling is not implemented)", 400,
+                       param="tools")
 
 
 def _reject_constant(name: str):
@@ -122,11 +171,12 @@ _PARAM_NAMES = ("n", "best_of", "temperature", "top_p", "top_k", "min_p", "seed"
 
 def make_sampling_params(req: SamplingFields, *, max_tokens: int, logprobs: int | None,
                          prompt_logprobs: int | None, best_of: int | None = None,
-                         max_tokens_param: str = "max_tokens") -> Any:
+                         max_tokens_param: str = "max_tokens", structured_outputs: Any = None) -> Any:
     from jaxllm.sampling_params import RequestOutputKind
     # Streams consume deltas, other requests only the final output: no per-step copies either way.
     kind = RequestOutputKind.DELTA if req.stream else RequestOutputKind.FINAL_ONLY
-    kw: dict[str, Any] = {"n": req.n, "max_tokens": max_tokens, "output_kind": kind}
+    kw: dict[str, Any] = {"n": req.n, "max_tokens": max_tokens, "output_kind": kind,
+                          "structured_outputs": structured_outputs}
     for name in ("temperature", "top_p", "top_k", "min_p", "seed", "repetition_penalty", "presence_penalty",
                  "frequency_penalty"):
         if getattr(req, name) is not None:

@@ -114,13 +114,16 @@ def test_engine_failure_mid_stream(server):
     assert r.status_code == 200 and r.json()["choices"][0]["text"] == "abc"
 
 
-def test_structured_outputs_and_tools_are_refused_by_name(server):
+def test_bad_structured_outputs_and_tools_are_400s_naming_the_field(server):
     url = server.base_url
-    cases = [("/v1/chat/completions", {"response_format": {"type": "json_object"}}, "response_format"),
-             ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    cases = [("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
              ("/v1/chat/completions", {"tool_choice": "required"}, "tool_choice"),
-             ("/v1/completions", {"guided_json": {"type": "object"}}, "guided_json"),
-             ("/v1/completions", {"response_format": {"type": "json_schema", "json_schema": {}}}, "response_format")]
+             ("/v1/chat/completions", {"response_format": {"type": "xml"}}, "response_format"),
+             ("/v1/chat/completions", {"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
+              "response_format"),
+             ("/v1/completions", {"guided_json": {"type": "object"}, "guided_regex": "a+"}, "guided_regex"),
+             ("/v1/completions", {"structured_outputs": {"regex": "a", "choice": ["b"]}}, "structured_outputs"),
+             ("/v1/completions", {"guided_choice": []}, "guided_choice")]
     for path, extra, param in cases:
         body = {"max_tokens": 2, **extra}
         body.update({"messages": [{"role": "user", "content": "hi"}]} if "chat" in path else {"prompt": "hi"})

@@ -26,6 +26,7 @@ from jaxllm.engine.request import Request, Sequence
 from jaxllm.engine.runner import LogitsRow, ModelRunner
 from jaxllm.engine.sampler import RowSpec
 from jaxllm.engine.scheduler import Scheduler, SchedulerOutput
+from jaxllm.engine.structured_output import GrammarCompiler, fill_mask, mask_words
 from jaxllm.outputs import RequestOutput
 from jaxllm.sampling_params import SamplingParams
 from jaxllm.tokenizer import IncrementalDetokenizer, load_tokenizer
@@ -115,6 +116,7 @@ class LLMEngine:
         self.scheduler = Scheduler(sched, self.pool, max_logits_rows=self.runner.shapes.row_buckets[-1],
                                    max_model_len=max_model_len)
         self.processor = OutputProcessor(self.tokenizer, self.eos_token_ids, max_model_len)
+        self.grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids)
         self.load_seconds = time.perf_counter() - t0
         self.warmup_seconds = self.runner.warmup() if config.compile.warmup else 0.0
         logger.info("engine ready: %s, %d KV pages x %d tokens (%.0f MiB; %.0f MiB with penalty state), "
@@ -188,12 +190,15 @@ class LLMEngine:
         seed = params.seed if params.seed is not None else int(self._rng.integers(0, 2**31))
         if cache_salt is not None and not isinstance(cache_salt, str):
             raise ValueError("cache_salt must be a string")
+        grammar = self.grammars.grammar(params.structured_outputs) if params.structured_outputs else None
         req = Request(request_id, prompt, prompt_token_ids, params, max_tokens, priority,
                       arrival_time if arrival_time is not None else time.time(), self._order,
                       page_size=self.pool.page_size, cache_salt=(cache_salt or "").encode())
         if params.prompt_logprobs is not None:
             req.prompt_logprobs = [None]
         req.sequences.append(self._new_sequence(req, 0, seed, list(prompt_token_ids)))
+        if grammar is not None:
+            req.sequences[0].matcher = self.grammars.matcher(grammar)
         self.requests[request_id] = req
         self.scheduler.add(req.sequences[0])
 
@@ -352,10 +357,15 @@ class LLMEngine:
             # Output tokens before this sample (an in-flight one included): the PRNG step and min_tokens.
             n_out = item.start + item.num_tokens - seq.num_prompt_tokens
             suppress = p.all_stop_token_ids(self.eos_token_ids) if n_out < p.min_tokens else ()
+            mask = None
+            if seq.matcher is not None:  # the grammar has seen every token before this sample
+                mask = np.empty(mask_words(self.model_config.vocab_size), np.int32)
+                fill_mask(seq.matcher, mask)
             for index in siblings:
                 seed = seq.seed if index == seq.index else _sibling_seed(seq.seed, index)
-                rows.append(LogitsRow(start_row + item.num_tokens - 1, RowSpec.from_params(
-                    p, seed=seed, step=n_out, suppress_ids=suppress), seat=seq.seat))
+                spec = RowSpec.from_params(p, seed=seed, step=n_out, suppress_ids=suppress)
+                spec.token_mask = mask
+                rows.append(LogitsRow(start_row + item.num_tokens - 1, spec, seat=seq.seat))
                 owners.append(("sample", seq, index))
         return rows, owners
 
@@ -391,6 +401,8 @@ class LLMEngine:
         """The first token of an n > 1 sibling: it shares the prompt's full pages with its parent."""
         req = parent.request
         seq = self._new_sequence(req, index, _sibling_seed(parent.seed, index), list(req.prompt_token_ids))
+        if parent.matcher is not None:  # siblings fork before the parent consumes its own first token
+            seq.matcher = parent.matcher.deep_copy()
         req.sequences.append(seq)
         if parent.seat is None:  # the parent was preempted while this step was in flight: start over
             self.scheduler.add(seq)

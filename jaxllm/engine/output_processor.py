@@ -10,10 +10,13 @@ per step is proportional to the new tokens (DELTA / FINAL_ONLY), never to a sequ
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 from jaxllm.engine.request import Request, Sequence
 from jaxllm.outputs import CompletionOutput, Logprob, RequestOutput
 from jaxllm.sampling_params import RequestOutputKind
+
+logger = logging.getLogger(__name__)
 
 
 class OutputProcessor:
@@ -41,6 +44,8 @@ class OutputProcessor:
             seq.logprobs.append(self.logprob_entry(token, logprob, rank, top_ids, top_lps, p.logprobs))
 
         n_out = seq.num_output_tokens
+        if seq.matcher is not None and not self._advance_grammar(seq, token):
+            return True
         stop_ids = p.all_stop_token_ids(self.eos_token_ids) if n_out > p.min_tokens - 1 else set()
         if token in stop_ids:
             seq.finish_reason = "stop"
@@ -58,6 +63,21 @@ class OutputProcessor:
                 seq.text.append(seq.detokenizer.finish())  # a character cut off by the limit still shows
             return True
         return False
+
+    def _advance_grammar(self, seq: Sequence, token: int) -> bool:
+        """Feeds the token to the sequence's grammar; False when the sequence must end here: the
+        grammar is complete (only EOS could follow) or, never expected, rejected the token."""
+        m = seq.matcher
+        if not m.consume_token(token) or m.is_error():
+            logger.error("structured output: grammar rejected token %d (%s); ending the sequence", token,
+                         m.get_error())
+            seq.finish_reason = "stop"
+            return False
+        if m.is_stopped() and token not in self.eos_token_ids:
+            seq.text.append(seq.detokenizer.add(token) + seq.detokenizer.finish())
+            seq.finish_reason = "stop"
+            return False
+        return True
 
     @staticmethod
     def _check_stop_strings(seq: Sequence, new_chars: int) -> bool:

@@ -95,6 +95,7 @@ class Sequence:
     cumulative_logprob: float = 0.0
     detokenizer: object | None = None
     seat: int | None = None  # row of the device-side penalty state while running (see scheduler)
+    matcher: object | None = None  # structured outputs: the grammar state after the appended tokens
     page_hashes: list[bytes] = field(default_factory=list)  # prefix-cache names of full pages so far
     num_registered_pages: int = 0  # leading pages already named in the pool
     # What the last DELTA output reached (tokens, visible characters, logprob positions).

@@ -131,6 +131,7 @@ class ModelRunner:
         self.pool_shape = model_config.kv_pool_shape(num_pages, page_size)
         self.num_seats = max_num_seqs
         self.vocab_size = model_config.vocab_size
+        self.mask_words = (self.vocab_size + 31) // 32  # structured-output bitmask lanes, always present
         self.shapes = ShapeTable.build(max_num_batched_tokens, max_num_seqs)
         self.max_seqs = bucket(max_num_seqs)
         self.reset_device_state()
@@ -262,7 +263,7 @@ class ModelRunner:
             return PendingStep(None, self.no_samples, 0, hidden)
         R = self.shapes.pick(self.shapes.row_buckets, len(rows), "logits rows")
         B = self.shapes.bias_slots[0 if all(not r.spec.bias for r in rows) else -1]
-        tensors = SamplingTensors.build([r.spec for r in rows], R=R, B=B)
+        tensors = SamplingTensors.build([r.spec for r in rows], R=R, B=B, W=self.mask_words)
         indices = np.zeros(R, np.int32)
         indices[:len(rows)] = [r.flat_row for r in rows]
         seats = np.full(R, self.num_seats, np.int32)
@@ -306,7 +307,7 @@ class ModelRunner:
             inputs = StepInputs(np.zeros(T, np.int32), np.full(T, -1, np.int32), np.zeros(T, np.int32), md, rec, [])
             hidden = self._run_forward(inputs, self.no_samples)
         for _, R, B in (p for p in self.shapes.programs() if p[0] == "sample"):
-            tensors = SamplingTensors.build([], R=R, B=B)
+            tensors = SamplingTensors.build([], R=R, B=B, W=self.mask_words)
             out = self._run_sample(hidden, np.zeros(R, np.int32), np.full(R, scratch, np.int32), tensors)
             jax.block_until_ready(out)
         jax.block_until_ready(self.kv_pages)

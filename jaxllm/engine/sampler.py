@@ -70,6 +70,7 @@ class RowSpec:
     bias: dict[int, float] | None = None  # token id -> additive logit bias (may be -inf)
     target_id: int = -1  # prompt-logprob rows: token whose logprob is wanted; -1 = the sampled one
     top_logprobs: bool = False  # report this row's most likely tokens (skipped when no row asks)
+    token_mask: np.ndarray | None = None  # [W] int32 packed allowed tokens (structured outputs); None = all
 
     @classmethod
     def from_params(cls, p: SamplingParams, *, seed: int, step: int, suppress_ids: Iterable[int] = (),
@@ -107,11 +108,14 @@ class SamplingTensors:
     bias_values: np.ndarray  # [R, B] f32
     target_ids: np.ndarray  # [R] i32; -1 = report the sampled token
     top_logprobs: np.ndarray  # [R] bool; top-k logprobs are computed only when some row asks
+    token_mask: np.ndarray  # [R, W] int32: bit i of word w allows token 32 w + i (rows with has_mask)
+    has_mask: np.ndarray  # [R] bool
 
     @staticmethod
-    def build(rows: Sequence[RowSpec], R: int | None = None, B: int | None = None) -> SamplingTensors:
+    def build(rows: Sequence[RowSpec], R: int | None = None, B: int | None = None,
+              W: int | None = None) -> SamplingTensors:
         """Pack rows into padded arrays. R/B default to power-of-two buckets of what the rows need;
-        explicit values must be large enough."""
+        explicit values must be large enough. W: mask words (ceil(V / 32)); default: what rows carry, else 1."""
         n = len(rows)
         R = bucket(n) if R is None else R
         max_b = max((len(r.bias) if r.bias else 0 for r in rows), default=0)
@@ -133,6 +137,11 @@ class SamplingTensors:
                 bias_vals[i, :m] = np.fromiter(r.bias.values(), np.float32, m)
         seeds = np.zeros(R, np.uint32)
         seeds[:n] = [int(r.seed) & 0xFFFFFFFF for r in rows]
+        masked = [i for i, r in enumerate(rows) if r.token_mask is not None]
+        W = W if W is not None else (len(rows[masked[0]].token_mask) if masked else 1)
+        token_mask = np.full((R, W), -1, np.int32)
+        for i in masked:
+            token_mask[i] = rows[i].token_mask
         return SamplingTensors(
             temperature=col("temperature", np.float32, 0.0),
             top_k=np.maximum(col("top_k", np.int32, 0), 0),
@@ -146,6 +155,8 @@ class SamplingTensors:
             bias_ids=bias_ids, bias_values=bias_vals,
             target_ids=col("target_id", np.int32, -1),
             top_logprobs=col("top_logprobs", bool, False),
+            token_mask=token_mask,
+            has_mask=np.isin(np.arange(R), masked),
         )
 
 
@@ -227,6 +238,15 @@ def apply_bias_and_penalties(logits: jax.Array, t: SamplingTensors, pen: Penalty
     return logits - jnp.where(counts > 0, t.presence_penalty[:, None], 0.0)
 
 
+def apply_token_mask(logits: jax.Array, t: SamplingTensors) -> jax.Array:
+    """Structured outputs: tokens outside a row's packed mask get -inf. [R, V] -> [R, V]."""
+    R, V = logits.shape
+    words = jax.lax.bitcast_convert_type(t.token_mask, jnp.uint32)
+    bits = (words[:, :, None] >> jnp.arange(32, dtype=jnp.uint32)) & 1
+    allowed = bits.reshape(R, -1)[:, :V].astype(bool) | ~t.has_mask[:, None]
+    return jnp.where(allowed, logits, -jnp.inf)
+
+
 def _sortable_bits(x: jax.Array) -> jax.Array:
     """Map f32 to uint32 so that unsigned integer order equals float order (-inf smallest)."""
     bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
@@ -286,6 +306,8 @@ def processed_logits(logits: jax.Array, t: SamplingTensors,
     """(penalized[R, V], final[R, V]): logits after bias + penalties (greedy rows argmax these), and
     the `sampling_logits` random rows draw from. For tests and debugging; `sample` fuses the two."""
     penalized = apply_bias_and_penalties(logits, t, pen)
+    if t.token_mask.shape[1] * 32 >= logits.shape[1]:
+        penalized = apply_token_mask(penalized, t)
     return penalized, sampling_logits(penalized, t)
 
 
@@ -319,6 +341,8 @@ def sample(logits: jax.Array, t: SamplingTensors, pen: PenaltyRows | None = None
     if pen is not None:
         any_adjustment |= _needs_penalties(t)
     penalized = jax.lax.cond(any_adjustment, apply_bias_and_penalties, lambda l, *_: l, logits, t, pen)
+    if t.token_mask.shape[1] * 32 >= V:  # (a narrower mask array means no row can carry one)
+        penalized = jax.lax.cond(jnp.any(t.has_mask), apply_token_mask, lambda l, _: l, penalized, t)
     greedy = t.temperature < _GREEDY_EPS
     greedy_ids = _argmax(penalized)
 

@@ -278,9 +278,12 @@ class Scheduler:
         return out
 
     def _done_when_inflight_lands(self, seq: Sequence) -> bool:
-        """A sequence whose in-flight token is its last (max_tokens / max_model_len) needs no step."""
+        """Skip a step for a sequence whose in-flight token is its last (max_tokens / max_model_len), or
+        whose grammar must see that token before its next mask can be computed."""
         if not seq.num_inflight:
             return False
+        if seq.matcher is not None:
+            return True
         n = seq.num_tokens
         return (n - seq.num_prompt_tokens >= seq.request.max_tokens
                 or (self.max_model_len is not None and n >= self.max_model_len))
