@@ -4,6 +4,7 @@ model (SmolLM2-135M), driven with the official `openai` client and raw HTTP. One
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
@@ -316,6 +317,35 @@ def test_chat_continue_final_message_and_tool_role(client, http):
     rendered = http.post("/tokenize", json={"messages": tool}).json()
     text = http.post("/detokenize", json={"tokens": rendered["tokens"]}).json()["prompt"]
     assert "sunny, 21C" in text and out.usage.prompt_tokens == rendered["count"]
+
+
+def test_structured_outputs_through_the_openai_sdk(client, http):
+    from pydantic import BaseModel
+
+    class City(BaseModel):
+        name: str
+        population_millions: int
+
+    parsed = client.beta.chat.completions.parse(
+        model="smol", messages=[{"role": "user", "content": "Give a city and its population as JSON."}],
+        response_format=City, max_tokens=60, temperature=0)
+    msg = parsed.choices[0].message
+    assert parsed.choices[0].finish_reason == "stop" and isinstance(msg.parsed, City)
+    choice = client.completions.create(model="smol", prompt="The best colour is", max_tokens=5, temperature=0.7,
+                                       extra_body={"guided_choice": ["red", "green"]})
+    assert choice.choices[0].text in ("red", "green")
+    # Streamed json_object: the pieces add up to one JSON object.
+    chunks = client.chat.completions.create(model="smol", messages=[{"role": "user", "content": "JSON please"}],
+                                            response_format={"type": "json_object"}, max_tokens=80,
+                                            temperature=0, stream=True)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert isinstance(json.loads(text), dict)
+    for body, param in [({"response_format": {"type": "json_schema", "json_schema": {
+            "name": "x", "schema": {"type": "strin"}}}}, "response_format"),
+            ({"guided_regex": "[a-"}, "guided_regex"),
+            ({"structured_outputs": {"grammar": "root ::= ("}}, "structured_outputs")]:
+        r = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}], **body})
+        assert_error(r, 400, param=param)
 
 
 def test_chat_template_per_request(client, http):
