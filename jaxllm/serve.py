@@ -37,6 +37,10 @@ def build_parser(prog: str = "python -m jaxllm.serve") -> argparse.ArgumentParse
                         help="seconds SIGTERM waits for in-flight requests before exiting")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     parser.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=False)
+    parser.add_argument("--enable-auto-tool-choice", action="store_true",
+                        help='let tool_choice "auto" parse tool calls out of the model\'s text')
+    parser.add_argument("--tool-call-parser", choices=["hermes", "llama3_json", "mistral"], default=None,
+                        help="how the model writes tool calls (hermes: Qwen2.5 / Qwen3 <tool_call> JSON)")
     add_engine_args(parser)
     return parser
 
@@ -44,7 +48,10 @@ def build_parser(prog: str = "python -m jaxllm.serve") -> argparse.ArgumentParse
 def main(argv: list[str] | None = None, *, engine_factory: Callable[[EngineConfig], Any] | None = None,
          sampling_params_cls: type | None = None) -> int:
     """Runs until SIGTERM/SIGINT; returns the exit code. Tests pass a fake `engine_factory`."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.enable_auto_tool_choice and not args.tool_call_parser:
+        parser.error("--enable-auto-tool-choice needs --tool-call-parser (hermes, llama3_json or mistral)")
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = config_from_args(args, args.model)
@@ -91,7 +98,8 @@ async def serve(config: EngineConfig, args: argparse.Namespace, *, engine_factor
                          max_waiting_requests=config.scheduler.max_waiting_requests)
     settings = ServerSettings(served_model_name=config.model.served_model_name, model_root=config.model.model,
                               api_key=args.api_key or None, max_request_bytes=args.max_request_bytes,
-                              drain_timeout=args.drain_timeout)
+                              drain_timeout=args.drain_timeout, enable_auto_tool_choice=args.enable_auto_tool_choice,
+                              tool_call_parser=args.tool_call_parser)
     app = create_app(engine, settings)
     state = app.extensions["jaxllm"]
 

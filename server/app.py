@@ -27,6 +27,8 @@ class ServerSettings:
     api_key: str | None = None
     max_request_bytes: int = 16 * 2**20
     drain_timeout: float = 30.0
+    enable_auto_tool_choice: bool = False  # tool_choice "auto" parses tool calls out of free text
+    tool_call_parser: str | None = None  # hermes | llama3_json | mistral
 
 
 class ServerState:

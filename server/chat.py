@@ -9,11 +9,11 @@ from typing import Any
 from quart import Blueprint, Response
 from quart_schema import document_request, document_response
 
-from server import sse
+from server import sse, tools
 from server.errors import APIError
 from server.generation import (ChoiceState, add_request, chat_logprobs, check_logprobs, check_model,
                                check_stream_options, check_structured_outputs, engine_error, make_sampling_params,
-                               merge, parse_body, reject_unsupported, resolve_max_tokens, state)
+                               merge, parse_body, resolve_max_tokens, state)
 from server.protocol import (ChatChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
                              ChatLogprobs, ChatMessage, ChatResponseMessage, ChatStreamChoice, DeltaMessage,
                              ErrorResponse, PromptTokensDetails, UsageInfo, random_id)
@@ -75,8 +75,15 @@ async def create_chat_completion():
     req: ChatCompletionRequest = await parse_body(ChatCompletionRequest)
     model = check_model(req.model)
     check_stream_options(req)
-    reject_unsupported(req)
+    settings = state().settings
+    plan = tools.plan(req.tools, req.tool_choice, req.parallel_tool_calls,
+                      auto_enabled=settings.enable_auto_tool_choice, parser=settings.tool_call_parser)
     structured = await check_structured_outputs(req)
+    if plan.schema is not None:
+        if structured is not None:
+            raise APIError("a forced tool call cannot be combined with response_format / structured outputs", 400,
+                           param="tool_choice")
+        structured = await forced_tool_schema(plan.schema)
     check_logprobs(req.top_logprobs, "top_logprobs")
     if req.top_logprobs and not req.logprobs:
         raise APIError("top_logprobs needs logprobs to be true", 400, param="top_logprobs")
@@ -93,7 +100,8 @@ async def create_chat_completion():
     request_id = random_id("chatcmpl")
     stream = await add_request(request_id, text, params, ids, req.priority, req.cache_salt)
     if req.stream:
-        body = _stream(req, model, request_id, len(ids), stream, state().tokenizer())
+        body = _stream(req, model, request_id, len(ids), stream, state().tokenizer(), plan,
+                       settings.tool_call_parser)
         resp = Response(body, mimetype="text/event-stream", headers=sse.HEADERS)
         resp.timeout = None
         return resp
@@ -111,8 +119,9 @@ async def create_chat_completion():
         lp = None
         if top_k is not None:
             lp = ChatLogprobs(content=chat_logprobs(tok, comp.token_ids, comp.logprobs, top_k))
-        choices.append(ChatChoice(index=comp.index, message=ChatResponseMessage(content=comp.text), logprobs=lp,
-                                  finish_reason=comp.finish_reason, stop_reason=comp.stop_reason))
+        content, calls, finish = tools.message_of(plan, settings.tool_call_parser, comp.text, comp.finish_reason)
+        choices.append(ChatChoice(index=comp.index, message=ChatResponseMessage(content=content, tool_calls=calls),
+                                  logprobs=lp, finish_reason=finish, stop_reason=comp.stop_reason))
     completion = sum(len(c.token_ids) for c in final.outputs)
     return ChatCompletionResponse(
         id=request_id, model=model, choices=choices,
@@ -121,12 +130,28 @@ async def create_chat_completion():
     ).model_dump(mode="json")
 
 
-async def _stream(req: ChatCompletionRequest, model: str, request_id: str, n_prompt: int, stream, tok):
+async def forced_tool_schema(schema: dict):
+    from jaxllm.sampling_params import StructuredOutputsParams
+    params = StructuredOutputsParams(json=schema)
+    grammars = getattr(state().require_engine(), "grammars", None)
+    if grammars is None:
+        raise APIError("forced tool calls need structured outputs, not available with this engine", 400,
+                       param="tool_choice")
+    try:
+        await asyncio.to_thread(grammars.grammar, params)
+    except ValueError as exc:
+        raise APIError(f"tools: a function's parameters schema is not supported: {exc}", 400, param="tools") from None
+    return params
+
+
+async def _stream(req: ChatCompletionRequest, model: str, request_id: str, n_prompt: int, stream, tok,
+                  plan: tools.ToolPlan, parser: str | None):
     created = int(time.time())
     top_k = (req.top_logprobs or 0) if req.logprobs else None
     opts = req.stream_options
     continuous = bool(opts and opts.continuous_usage_stats)
     states: dict[int, ChoiceState] = {}
+    tool_streams: dict[int, tools.ToolStream] = {}
     tokens: dict[int, int] = {}
     cached = 0
 
@@ -155,8 +180,19 @@ async def _stream(req: ChatCompletionRequest, model: str, request_id: str, n_pro
                 lp = None
                 if top_k is not None:
                     lp = ChatLogprobs(content=chat_logprobs(tok, comp.token_ids, comp.logprobs, top_k))
-                yield chunk([ChatStreamChoice(index=comp.index, delta=DeltaMessage(content=text), logprobs=lp,
-                                              finish_reason=finish, stop_reason=comp.stop_reason if finish else None)])
+                ts = tool_streams.setdefault(comp.index, tools.ToolStream(plan, parser))
+                deltas = ts.feed(text)
+                if finish is not None:
+                    more, finish = ts.finish(finish)
+                    deltas += more
+                if not deltas and (lp is not None or finish is not None):
+                    deltas = [{"content": ""}]
+                for k, delta in enumerate(deltas):
+                    last = k == len(deltas) - 1
+                    yield chunk([ChatStreamChoice(index=comp.index, delta=DeltaMessage(**delta),
+                                                  logprobs=lp if k == 0 else None,
+                                                  finish_reason=finish if last else None,
+                                                  stop_reason=comp.stop_reason if (finish and last) else None)])
         if opts and opts.include_usage:
             yield sse.event(ChatCompletionChunk(id=request_id, created=created, model=model, choices=[],
                                                 usage=usage()))

@@ -13,8 +13,7 @@ from server import sse
 from server.errors import APIError
 from server.generation import (ChoiceState, add_request, check_logprobs, check_model, check_stream_options,
                                check_token_ids, close_all, completion_logprobs, engine_error, make_sampling_params,
-                               check_structured_outputs, merge, parse_body, reject_unsupported, resolve_max_tokens,
-                               state)
+                               check_structured_outputs, merge, parse_body, resolve_max_tokens, state)
 from server.protocol import (CompletionChoice, CompletionRequest, CompletionResponse, ErrorResponse,
                              PromptTokensDetails, UsageInfo, random_id)
 
@@ -55,7 +54,6 @@ async def create_completion():
     req: CompletionRequest = await parse_body(CompletionRequest)
     model = check_model(req.model)
     check_stream_options(req)
-    reject_unsupported(req)
     structured = await check_structured_outputs(req)
     if req.suffix:
         raise APIError("suffix is not supported by this server", 400, param="suffix")

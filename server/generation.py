@@ -109,17 +109,6 @@ async def check_structured_outputs(req: BaseModel) -> Any:
     return params
 
 
-def reject_unsupported(req: BaseModel) -> None:
-    """Tool calling is not built yet: refuse it by name instead of answering 200 with plain text."""
-    tools, choice = getattr(req, "tools", None), getattr(req, "tool_choice", None)
-    if choice is not None and choice != "none":
-        raise APIError("tool_choice is not supported by this server yet (tool calling is not implemented)",
-                       400, param="tool_choice")
-    if tools and choice != "none":
-        raise APIError("tools are not supported by this server yet (tool calling is not implemented)", 400,
-                       param="tools")
-
-
 def _reject_constant(name: str):
     # Python's json accepts NaN/Infinity, JSON does not; letting them through would poison sampling.
     raise ValueError(f"{name} is not valid JSON")

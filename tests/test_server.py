@@ -348,6 +348,70 @@ def test_structured_outputs_through_the_openai_sdk(client, http):
         assert_error(r, 400, param=param)
 
 
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
+                                                    "unit": {"enum": ["C", "F"]}},
+                   "required": ["city", "unit"], "additionalProperties": False}}}
+
+
+def test_tool_calling_loop_required_named_and_streamed(client):
+    import jsonschema
+
+    msgs = [{"role": "user", "content": "What is the weather in Paris?"}]
+    first = client.chat.completions.create(model="smol", messages=msgs, tools=[WEATHER_TOOL],
+                                           tool_choice="required", max_tokens=60, temperature=0)
+    choice = first.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.tool_calls
+    call = choice.message.tool_calls[0]
+    assert call.type == "function" and call.function.name == "get_weather" and call.id
+    jsonschema.validate(json.loads(call.function.arguments), WEATHER_TOOL["function"]["parameters"])
+    # The tool's result goes back; the final answer is plain text.
+    msgs += [{"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+             {"role": "tool", "tool_call_id": call.id, "content": "sunny, 21 C"}]
+    final = client.chat.completions.create(model="smol", messages=msgs, tools=[WEATHER_TOOL], tool_choice="none",
+                                           max_tokens=20, temperature=0)
+    assert final.choices[0].message.content and not final.choices[0].message.tool_calls
+    named = client.chat.completions.create(
+        model="smol", messages=msgs[:1], tools=[WEATHER_TOOL], max_tokens=60, temperature=0.7, seed=1,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    args = json.loads(named.choices[0].message.tool_calls[0].function.arguments)
+    jsonschema.validate(args, WEATHER_TOOL["function"]["parameters"])
+    # Streamed: id and name first, then argument fragments; finish_reason tool_calls.
+    chunks = [c for c in client.chat.completions.create(
+        model="smol", messages=msgs[:1], tools=[WEATHER_TOOL], tool_choice="required", max_tokens=60,
+        temperature=0, stream=True) if c.choices]
+    parts = [tc for c in chunks for tc in (c.choices[0].delta.tool_calls or [])]
+    assert parts[0].id.startswith("chatcmpl-tool-") and parts[0].function.name == "get_weather"
+    assert all(p.id is None for p in parts[1:])  # the id goes out once, with the name
+    assert json.loads("".join(p.function.arguments or "" for p in parts)) == json.loads(call.function.arguments)
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_langchain_bind_tools_and_structured_output(server):
+    from langchain_core.tools import tool
+    from langchain_openai import ChatOpenAI
+    from pydantic import BaseModel
+
+    @tool
+    def get_weather(city: str) -> str:
+        """Current weather in a city."""
+        return "sunny"
+
+    class Answer(BaseModel):
+        city: str
+        confident: bool
+
+    llm = ChatOpenAI(base_url=server.base_url + "/v1", api_key="unused", model="smol", temperature=0,
+                     max_tokens=60, max_retries=0)
+    msg = llm.bind_tools([get_weather], tool_choice="get_weather").invoke("Weather in Rome?")
+    assert msg.tool_calls and msg.tool_calls[0]["name"] == "get_weather"
+    assert isinstance(msg.tool_calls[0]["args"]["city"], str)
+    for method in ("json_schema", "function_calling"):
+        out = llm.with_structured_output(Answer, method=method).invoke("Name a city as JSON.")
+        assert isinstance(out, Answer), method
+
+
 def test_chat_template_per_request(client, http):
     template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
     out = client.chat.completions.create(model="smol", messages=[{"role": "user", "content": "Hi there"}],

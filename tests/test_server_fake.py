@@ -116,7 +116,8 @@ def test_engine_failure_mid_stream(server):
 
 def test_bad_structured_outputs_and_tools_are_400s_naming_the_field(server):
     url = server.base_url
-    cases = [("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    cases = [("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tool_choice"),
+             ("/v1/chat/completions", {"tools": [{"type": "function"}], "tool_choice": "required"}, "tools"),
              ("/v1/chat/completions", {"tool_choice": "required"}, "tool_choice"),
              ("/v1/chat/completions", {"response_format": {"type": "xml"}}, "response_format"),
              ("/v1/chat/completions", {"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
