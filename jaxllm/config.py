@@ -21,6 +21,7 @@ class ModelConfig:
     attention_backend: str = "auto"  # auto | reference | tpu | gpu (force one ragged attention kernel)
     attention_interpret: bool = False  # run the Pallas kernel in interpret mode (debugging on CPU)
     chat_template: str | None = None  # a Jinja file or inline template replacing the checkpoint's own
+    pooling: str = "last"  # embeddings: last | mean over the final hidden states, then L2-normalized
 
 
 @dataclass

@@ -67,6 +67,21 @@ class LLM:
                 text, add_special_tokens=False)})
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
+    def embed(self, prompts: PromptType | Sequence[PromptType], *, pooling: str | None = None,
+              use_tqdm: bool = True) -> list:
+        """Embeddings of the prompts (vLLM's shape: `out.outputs.embedding`): the L2-normalized final
+        hidden state of the last token (`pooling="last"`, the default of --pooling) or the mean over
+        all tokens (`"mean"`), computed by the same batched step as generation."""
+        if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        ids = []
+        for prompt in prompts:
+            rid = str(next(self._ids))
+            text, token_ids = _split_prompt(prompt)
+            self.engine.add_request(rid, text, None, prompt_token_ids=token_ids, pooling=pooling or True)
+            ids.append(rid)
+        return self._run(ids, use_tqdm)
+
     def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         finished: dict[str, RequestOutput] = {}
         bar = tqdm(total=len(request_ids), desc="Processed prompts", disable=not use_tqdm or len(request_ids) < 2,

@@ -123,9 +123,11 @@ def create_app(engine: AsyncEngine, settings: ServerSettings | None = None) -> Q
 
     from server.chat import bp as chat_bp
     from server.completions import bp as completions_bp
+    from server.embeddings import bp as embeddings_bp
     from server.info import bp as info_bp
     app.register_blueprint(completions_bp)
     app.register_blueprint(chat_bp)
+    app.register_blueprint(embeddings_bp)
     app.register_blueprint(info_bp)
     return app
 

@@ -216,10 +216,10 @@ def check_logprobs(value: int | None, param: str) -> None:
 
 
 async def add_request(request_id: str, prompt: str | None, params: Any, token_ids: list[int],
-                      priority: int, cache_salt: str | None = None) -> RequestStream:
+                      priority: int, cache_salt: str | None = None, pooling: bool | None = None) -> RequestStream:
     try:
         return await state().engine.add_request(request_id, prompt, params, prompt_token_ids=token_ids,
-                                                priority=priority, cache_salt=cache_salt)
+                                                priority=priority, cache_salt=cache_salt, pooling=pooling)
     except EngineOverloaded as exc:
         raise APIError(f"server overloaded: {exc}; retry later", 503, headers={"Retry-After": "1"}) from None
     except EngineNotReady as exc:

@@ -128,7 +128,8 @@ class Metrics:
             if m is not None and m.first_scheduled_time:
                 self._labels(self.queue_time).observe(max(0.0, m.first_scheduled_time - live.arrival))
         # Outputs may be deltas or final-only: the request's own count is what is cumulative.
-        n_tokens = m.num_generation_tokens if m is not None else sum(len(c.token_ids) for c in out.outputs)
+        n_tokens = m.num_generation_tokens if m is not None else sum(
+            len(c.token_ids) for c in (out.outputs if isinstance(out.outputs, list) else []))
         if n_tokens > live.num_tokens:
             # Outputs may come every step (streams) or once at the end (final-only): the gaps are
             # spread over the tokens produced since the previous output, from the engine's timestamps.
@@ -150,7 +151,8 @@ class Metrics:
             self._remember_finished(out.request_id)
             end = m.finished_time if m is not None and m.finished_time else now
             self._labels(self.e2e).observe(max(0.0, end - live.arrival))
-            reasons = [c.finish_reason or "stop" for c in out.outputs] or ["stop"]
+            comps = out.outputs if isinstance(out.outputs, list) else []  # an embedding has no completions
+            reasons = [c.finish_reason or "stop" for c in comps] or ["stop"]
             reason = "abort" if "abort" in reasons else ("length" if "length" in reasons else "stop")
             self.request_success.labels(model_name=self.model_name, finished_reason=reason).inc()
 

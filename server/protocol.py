@@ -111,6 +111,15 @@ class ChatCompletionRequest(SamplingFields):
     chat_template: StrictStr | None = None  # vLLM's extra: a template for this request only
 
 
+class EmbeddingRequest(_Request):
+    model: StrictStr | None = None
+    input: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: StrictInt | None = None
+    user: StrictStr | None = None
+    priority: StrictInt = 0
+
+
 class TokenizeRequest(_Request):
     model: StrictStr | None = None
     prompt: StrictStr | None = None
@@ -167,6 +176,21 @@ class CompletionResponse(BaseModel):
 
 class CompletionStreamResponse(CompletionResponse):
     pass
+
+
+class EmbeddingData(BaseModel):
+    index: int
+    object: Literal["embedding"] = "embedding"
+    embedding: list[float] | str
+
+
+class EmbeddingResponse(BaseModel):
+    id: str
+    object: Literal["list"] = "list"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    data: list[EmbeddingData]
+    usage: UsageInfo
 
 
 class TopLogprob(BaseModel):

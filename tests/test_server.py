@@ -412,6 +412,26 @@ def test_langchain_bind_tools_and_structured_output(server):
         assert isinstance(out, Answer), method
 
 
+def test_embeddings_endpoint(client, http):
+    import base64
+
+    golden = json.load(open(os.path.join(os.path.dirname(__file__), "data", "goldens", "embeddings.json")))
+    out = client.embeddings.create(model="smol", input=golden["prompts"])
+    assert [d.index for d in out.data] == [0, 1, 2]
+    for d, want in zip(out.data, golden["smollm2"], strict=True):  # the server pools the last token
+        np.testing.assert_allclose(d.embedding, want["last"], atol=1e-4)
+    assert out.usage.prompt_tokens == out.usage.total_tokens == sum(len(p) for p in golden["prompts"])
+    text = client.embeddings.create(model="smol", input=["hello world", "bye"])
+    one = client.embeddings.create(model="smol", input="hello world")
+    np.testing.assert_allclose(one.data[0].embedding, text.data[0].embedding, atol=1e-5)
+    r = http.post("/v1/embeddings", json={"input": "hello world", "encoding_format": "base64"})
+    raw = np.frombuffer(base64.b64decode(r.json()["data"][0]["embedding"]), "<f4")
+    np.testing.assert_allclose(raw, one.data[0].embedding, atol=1e-6)
+    assert_error(http.post("/v1/embeddings", json={"input": "x", "dimensions": 3}), 400, param="dimensions")
+    assert_error(http.post("/v1/embeddings", json={"input": []}), 400, param="input")
+    assert_error(http.post("/v1/embeddings", json={"input": [[1, 10**7]]}), 400, param="input")
+
+
 def test_chat_template_per_request(client, http):
     template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
     out = client.chat.completions.create(model="smol", messages=[{"role": "user", "content": "Hi there"}],

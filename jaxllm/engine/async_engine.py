@@ -146,7 +146,7 @@ class AsyncEngine:
 
     async def add_request(self, request_id: str, prompt: str | None, params: Any, *,
                           prompt_token_ids: list[int] | None = None, priority: int = 0,
-                          cache_salt: str | None = None) -> RequestStream:
+                          cache_salt: str | None = None, pooling: str | bool | None = None) -> RequestStream:
         """Hands the request to the engine thread and waits for it to be accepted.
 
         Raises ValueError (bad input, from the engine), EngineNotReady, EngineOverloaded.
@@ -161,7 +161,10 @@ class AsyncEngine:
         stream = RequestStream(self, request_id)
         self._streams[request_id] = stream
         ack: concurrent.futures.Future = concurrent.futures.Future()
-        self._commands.put(("add", request_id, prompt, params, prompt_token_ids, priority, cache_salt, ack))
+        kwargs = {"prompt_token_ids": prompt_token_ids, "priority": priority, "cache_salt": cache_salt}
+        if pooling:
+            kwargs["pooling"] = pooling  # an embedding request
+        self._commands.put(("add", request_id, prompt, params, kwargs, ack))
         try:
             await asyncio.wrap_future(ack)
         except BaseException:
@@ -286,11 +289,10 @@ class AsyncEngine:
                 return False
             changed = True
             if cmd[0] == "add":
-                _, request_id, prompt, params, token_ids, priority, cache_salt, ack = cmd
+                _, request_id, prompt, params, kwargs, ack = cmd
                 if ack.set_running_or_notify_cancel():
                     try:
-                        self.engine.add_request(request_id, prompt, params, prompt_token_ids=token_ids,
-                                                priority=priority, cache_salt=cache_salt)
+                        self.engine.add_request(request_id, prompt, params, **kwargs)
                         self._in_engine.add(request_id)
                         ack.set_result(None)
                     except Exception as exc:  # noqa: BLE001 - ValueError for bad input, passed back

@@ -28,7 +28,7 @@ from jaxllm.engine.sampler import RowSpec
 from jaxllm.engine.scheduler import Scheduler, SchedulerOutput
 from jaxllm.engine.structured_output import GrammarCompiler, fill_mask, mask_words
 from jaxllm.outputs import RequestOutput
-from jaxllm.sampling_params import SamplingParams
+from jaxllm.sampling_params import RequestOutputKind, SamplingParams
 from jaxllm.tokenizer import IncrementalDetokenizer, load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -155,7 +155,17 @@ class LLMEngine:
 
     def add_request(self, request_id: str, prompt: str | None, params: SamplingParams | None = None, *,
                     prompt_token_ids: list[int] | None = None, priority: int = 0,
-                    arrival_time: float | None = None, cache_salt: str | None = None) -> None:
+                    arrival_time: float | None = None, cache_salt: str | None = None,
+                    pooling: str | bool | None = None) -> None:
+        """`pooling`: make this an embedding request ("last" / "mean", True = the engine's --pooling):
+        its prompt is prefilled like any other (batched with generation) and it returns the pooled,
+        L2-normalized final hidden state instead of tokens."""
+        if pooling is True:
+            pooling = self.config.model.pooling
+        if pooling not in (None, False, "last", "mean"):
+            raise ValueError(f"pooling must be 'last' or 'mean', got {pooling!r}")
+        if pooling:
+            params = SamplingParams(max_tokens=1, output_kind=RequestOutputKind.FINAL_ONLY)
         params = params or SamplingParams()
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -196,6 +206,7 @@ class LLMEngine:
                       page_size=self.pool.page_size, cache_salt=(cache_salt or "").encode())
         if params.prompt_logprobs is not None:
             req.prompt_logprobs = [None]
+        req.pooling = pooling or None
         req.sequences.append(self._new_sequence(req, 0, seed, list(prompt_token_ids)))
         if grammar is not None:
             req.sequences[0].matcher = self.grammars.matcher(grammar)
@@ -287,10 +298,13 @@ class LLMEngine:
     def _process(self, done: _Launched, result) -> list[RequestOutput]:
         """Applies a finished step: names the pages it filled, appends its tokens, builds outputs."""
         touched: dict[str, Request] = {}
-        for item, epoch in zip(done.sched.scheduled, done.epochs):
+        pooled = None if done.pending.pooled is None else np.asarray(done.pending.pooled)
+        for k, (item, epoch) in enumerate(zip(done.sched.scheduled, done.epochs)):
             seq = item.seq
             if seq.epoch == epoch:  # still owns the pages this step wrote
                 self.scheduler.register_computed_pages(seq, item.start + item.num_tokens)
+                if seq.request.pooling is not None and not seq.is_finished:
+                    self._pool(seq, item, pooled[k])
             touched[seq.request.request_id] = seq.request
         if result is not None:
             self._apply_samples(done.owners, result)
@@ -306,6 +320,20 @@ class LLMEngine:
             if out is not None:
                 outputs.append(out)
         return outputs
+
+    def _pool(self, seq: Sequence, item, rows_sum: np.ndarray) -> None:
+        """Adds a chunk's pooled hidden rows to an embedding request; finishes it after its last chunk."""
+        req = seq.request
+        if item.start == 0 or req.pooled is None:
+            req.pooled = np.zeros_like(rows_sum, dtype=np.float64)  # (re)started from the first token
+        req.pooled += rows_sum
+        if item.start + item.num_tokens < seq.num_tokens:
+            return
+        vec = req.pooled / (req.num_prompt_tokens if req.pooling == "mean" else 1)
+        norm = np.linalg.norm(vec)
+        req.embedding = (vec / norm if norm > 0 else vec).astype(np.float32).tolist()
+        seq.finish_reason = "stop"
+        self.scheduler.finish(seq)
 
     def _recover(self, exc: Exception, failed_steps: list[SchedulerOutput]) -> list[RequestOutput]:
         """After a failed step the donated pool is gone: fail the requests of the steps on the device,

@@ -13,7 +13,7 @@ import dataclasses
 import logging
 
 from jaxllm.engine.request import Request, Sequence
-from jaxllm.outputs import CompletionOutput, Logprob, RequestOutput
+from jaxllm.outputs import CompletionOutput, EmbeddingOutput, EmbeddingRequestOutput, Logprob, RequestOutput
 from jaxllm.sampling_params import RequestOutputKind
 
 logger = logging.getLogger(__name__)
@@ -105,6 +105,11 @@ class OutputProcessor:
 
     def make_output(self, req: Request, finished: bool, error: str | None = None) -> RequestOutput | None:
         """The request's output after a step, or None when its kind has nothing to say yet."""
+        if req.pooling is not None:
+            if not finished:
+                return None
+            return EmbeddingRequestOutput(req.request_id, req.prompt_token_ids, EmbeddingOutput(req.embedding or []),
+                                          True, dataclasses.replace(req.metrics), req.num_cached_tokens, error)
         kind = req.params.output_kind
         selecting = req.num_sequences > req.params.n  # best_of: only the final n are reported
         if not finished and (kind is RequestOutputKind.FINAL_ONLY or (selecting and kind is RequestOutputKind.DELTA)):

@@ -162,6 +162,9 @@ class Request:
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at first admission
     reserved_seats: list[int] = field(default_factory=list)  # seats held for n > 1 siblings until the fork
     prompt_logprobs_sent: bool = False
+    pooling: str | None = None  # an embedding request ("last" / "mean"): prefill only, no sampling
+    pooled: object | None = None  # running sum of pooled hidden rows (NumPy [H])
+    embedding: list[float] | None = None
 
     def __post_init__(self):
         if self.metrics is None:

@@ -62,7 +62,7 @@ class ShapeTable:
 
     def programs(self) -> list[tuple]:
         return ([("forward", T) for T in self.token_buckets]
-                + [("sample", R, B) for R in self.row_buckets for B in self.bias_slots])
+                + [("sample", R, B) for R in self.row_buckets for B in self.bias_slots] + [("pool",)])
 
     @staticmethod
     def pick(buckets: tuple[int, ...], n: int, what: str) -> int:
@@ -109,6 +109,7 @@ class StepInputs:
     md: AttentionMetadata  # NumPy arrays, device_put with the rest
     record: PenaltyRecord
     row_offsets: list[int]  # first flat row of each scheduled sequence, in SchedulerOutput order
+    pool_segments: np.ndarray | None = None  # [T_max] i32: embedding requests' rows -> scheduled index
 
 
 @dataclass
@@ -119,6 +120,7 @@ class PendingStep:
     sampled: jax.Array  # [R_max] i32 sampled ids, what the next step's `from_prev` indexes
     num_rows: int
     hidden: jax.Array  # the forward's output: ready when the step's model part is done
+    pooled: jax.Array | None = None  # [max_seqs + 1, H] per-sequence sums of pooled hidden rows
 
 
 class ModelRunner:
@@ -142,6 +144,7 @@ class ModelRunner:
         self.compile_seconds = 0.0
         self._forward = jax.jit(self._forward_impl, donate_argnums=(1, 2))
         self._sample = jax.jit(self._sample_impl)
+        self._pool = jax.jit(self._pool_impl)
 
     def reset_device_state(self) -> None:
         """(Re)allocates the page pool and the penalty state: at start-up, and after a failed step,
@@ -186,6 +189,10 @@ class ModelRunner:
         out = sample(logits, tensors, pen, num_top_logprobs=NUM_TOP_LOGPROBS)
         return out, jnp.pad(out.token_ids, (0, self.shapes.row_buckets[-1] - out.token_ids.shape[0]))
 
+    def _pool_impl(self, hidden, segments):
+        """Embeddings: per scheduled sequence, the sum of its selected (final-normed) hidden rows."""
+        return jax.ops.segment_sum(hidden.astype(jnp.float32), segments, num_segments=self.max_seqs + 1)
+
     # ---- host side ----------------------------------------------------------------------------
 
     def prepare(self, sched: SchedulerOutput, prev_rows: dict[int, int] | None = None) -> StepInputs:
@@ -229,10 +236,19 @@ class ModelRunner:
             row += n
             cu[i + 1] = row
         cu[len(items) + 1:] = row
+        pool_segments = None
+        if any(item.seq.request.pooling for item in items):
+            pool_segments = np.full(self.shapes.token_buckets[-1], self.max_seqs, np.int32)
+            for k, item in enumerate(items):
+                pooling, end = item.seq.request.pooling, offsets[k] + item.num_tokens
+                if pooling == "mean":
+                    pool_segments[offsets[k]:end] = k
+                elif pooling == "last" and item.start + item.num_tokens == item.seq.num_tokens:
+                    pool_segments[end - 1] = k
         md = AttentionMetadata(slot_mapping=slots, kv_lens=kv_lens, page_table=page_table, cu_q_lens=cu,
                                num_seqs=np.array([len(items)], np.int32))
         return StepInputs(token_ids, from_prev, positions, md,
-                          self._record(token_seats, token_is_output, sched.seat_inits), offsets)
+                          self._record(token_seats, token_is_output, sched.seat_inits), offsets, pool_segments)
 
     def _record(self, token_seats, token_is_output, seat_inits: dict[int, int]) -> PenaltyRecord:
         S1 = self.num_seats + 1
@@ -259,8 +275,12 @@ class ModelRunner:
     def dispatch(self, inputs: StepInputs, rows: list[LogitsRow], prev: PendingStep | None = None) -> PendingStep:
         """Enqueues the step on the device and returns at once."""
         hidden = self._run_forward(inputs, self.no_samples if prev is None else prev.sampled)
+        pooled = None
+        if inputs.pool_segments is not None:
+            self._track(("pool",))
+            pooled = self._pool(hidden, inputs.pool_segments)
         if not rows:
-            return PendingStep(None, self.no_samples, 0, hidden)
+            return PendingStep(None, self.no_samples, 0, hidden, pooled)
         R = self.shapes.pick(self.shapes.row_buckets, len(rows), "logits rows")
         B = self.shapes.bias_slots[0 if all(not r.spec.bias for r in rows) else -1]
         tensors = SamplingTensors.build([r.spec for r in rows], R=R, B=B, W=self.mask_words)
@@ -269,7 +289,7 @@ class ModelRunner:
         seats = np.full(R, self.num_seats, np.int32)
         seats[:len(rows)] = [self.num_seats if r.seat is None else r.seat for r in rows]
         out, sampled = self._run_sample(hidden, indices, seats, tensors)
-        return PendingStep(out, sampled, len(rows), hidden)
+        return PendingStep(out, sampled, len(rows), hidden, pooled)
 
     def _track(self, signature: tuple) -> None:
         if signature in self.compiled:
@@ -310,6 +330,8 @@ class ModelRunner:
             tensors = SamplingTensors.build([], R=R, B=B, W=self.mask_words)
             out = self._run_sample(hidden, np.zeros(R, np.int32), np.full(R, scratch, np.int32), tensors)
             jax.block_until_ready(out)
+        self._track(("pool",))
+        jax.block_until_ready(self._pool(hidden, np.full(self.shapes.token_buckets[-1], self.max_seqs, np.int32)))
         jax.block_until_ready(self.kv_pages)
         self.warmed_up = True
         self.compile_seconds = time.perf_counter() - t0

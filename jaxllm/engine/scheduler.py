@@ -161,9 +161,10 @@ class Scheduler:
             return
         # At least the last token is recomputed: its row gives the next token's logits.
         limit = len(seq.token_ids) - 1
-        if req.params.needs_penalties:
-            # Penalty state is rebuilt on device from the tokens a step computes; a cached prefix would
-            # skip them. (Such requests still leave their pages in the cache for others.)
+        if req.params.needs_penalties or req.pooling == "mean":
+            # Penalty state is rebuilt on device from the tokens a step computes, and mean pooling needs
+            # every token's hidden state; a cached prefix would skip them. (Such requests still leave
+            # their pages in the cache for others.)
             limit = 0
         if req.prompt_logprobs is not None:
             limit = min(limit, len(req.prompt_logprobs) - 1)  # positions whose logprobs are recorded
@@ -201,7 +202,7 @@ class Scheduler:
                 positions = range(first, max(first, min(end, req.num_prompt_tokens - 1)))
             # The first token of an unforked n > 1 request is sampled once per sibling.
             fan_out = self._seats_needed(seq) if seq.num_tokens == seq.num_prompt_tokens else 1
-            samples = fan_out if end == seq.num_tokens else 0
+            samples = fan_out if (end == seq.num_tokens and seq.request.pooling is None) else 0
             over = len(positions) + samples - rows_left
             if over <= 0:
                 return ScheduledSeq(seq, start, n, samples, positions)

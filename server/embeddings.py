@@ -1,0 +1,76 @@
+"""POST /v1/embeddings: pooled, L2-normalized final hidden states of the served decoder model, each
+input a prefill-only engine request batched with generation traffic (`--pooling last|mean`)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+
+import numpy as np
+from quart import Blueprint
+from quart_schema import document_request, document_response
+
+from server.errors import APIError
+from server.generation import add_request, check_model, check_token_ids, close_all, engine_error, merge, parse_body, state
+from server.protocol import EmbeddingData, EmbeddingRequest, EmbeddingResponse, ErrorResponse, UsageInfo, random_id
+
+bp = Blueprint("embeddings", __name__)
+
+
+def _inputs(req: EmbeddingRequest, tok) -> list[list[int]]:
+    """The four input forms as token-id lists (tokenized off the event loop by the caller)."""
+    x = req.input
+    items = [x] if isinstance(x, str) or (x and isinstance(x[0], int)) else list(x)
+    if not items:
+        raise APIError("input is empty", 400, param="input")
+    out = []
+    for item in items:
+        ids = tok.encode(item) if isinstance(item, str) else list(item)
+        if not ids:
+            raise APIError("input contains an empty string or token list", 400, param="input")
+        check_token_ids(ids, tok.vocab_size, param="input")
+        out.append(ids)
+    return out
+
+
+@bp.post("/v1/embeddings")
+@document_request(EmbeddingRequest)
+@document_response(EmbeddingResponse)
+@document_response(ErrorResponse, 400)
+async def create_embeddings():
+    req: EmbeddingRequest = await parse_body(EmbeddingRequest)
+    model = check_model(req.model)
+    engine = state().require_engine()
+    hidden = engine.model_config.hidden_size
+    if req.dimensions is not None and req.dimensions != hidden:
+        raise APIError(f"dimensions must be {hidden} for this model (it has no Matryoshka-trained sizes)", 400,
+                       param="dimensions")
+    inputs = await asyncio.to_thread(_inputs, req, state().tokenizer())
+    max_len = state().max_model_len()
+    for ids in inputs:
+        if len(ids) >= max_len:
+            raise APIError(f"This model's maximum context length is {max_len} tokens, but the input has "
+                           f"{len(ids)} tokens.", 400, param="input")
+    base_id = random_id("embd")
+    streams = []
+    try:
+        for i, ids in enumerate(inputs):
+            streams.append(await add_request(f"{base_id}-{i}", None, None, ids, req.priority, pooling=True))
+        finals = {}
+        async for i, out in merge(streams):
+            finals[i] = out
+    except APIError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise engine_error(exc) from None
+    finally:
+        close_all(streams)
+    data = []
+    for i in range(len(inputs)):
+        vec = finals[i].outputs.embedding
+        if req.encoding_format == "base64":  # OpenAI's: little-endian float32 bytes
+            vec = base64.b64encode(np.asarray(vec, "<f4").tobytes()).decode()
+        data.append(EmbeddingData(index=i, embedding=vec))
+    n = sum(len(ids) for ids in inputs)
+    return EmbeddingResponse(id=base_id, model=model, data=data,
+                             usage=UsageInfo(prompt_tokens=n, total_tokens=n)).model_dump(mode="json")
