@@ -98,10 +98,13 @@ async def create_chat_completion():
     params = make_sampling_params(req, max_tokens=max_tokens, logprobs=top_k, prompt_logprobs=req.prompt_logprobs,
                                   max_tokens_param=param, structured_outputs=structured)
     request_id = random_id("chatcmpl")
+    # vLLM's `echo`: the answer starts with the last message when it has the answer's role (assistant).
+    last = req.messages[-1]
+    echo = last.content if (req.echo and last.role == "assistant" and isinstance(last.content, str)) else ""
     stream = await add_request(request_id, text, params, ids, req.priority, req.cache_salt)
     if req.stream:
         body = _stream(req, model, request_id, len(ids), stream, state().tokenizer(), plan,
-                       settings.tool_call_parser)
+                       settings.tool_call_parser, echo)
         resp = Response(body, mimetype="text/event-stream", headers=sse.HEADERS)
         resp.timeout = None
         return resp
@@ -120,6 +123,8 @@ async def create_chat_completion():
         if top_k is not None:
             lp = ChatLogprobs(content=chat_logprobs(tok, comp.token_ids, comp.logprobs, top_k))
         content, calls, finish = tools.message_of(plan, settings.tool_call_parser, comp.text, comp.finish_reason)
+        if echo and content is not None:
+            content = echo + content
         choices.append(ChatChoice(index=comp.index, message=ChatResponseMessage(content=content, tool_calls=calls),
                                   logprobs=lp, finish_reason=finish, stop_reason=comp.stop_reason))
     completion = sum(len(c.token_ids) for c in final.outputs)
@@ -145,7 +150,7 @@ async def forced_tool_schema(schema: dict):
 
 
 async def _stream(req: ChatCompletionRequest, model: str, request_id: str, n_prompt: int, stream, tok,
-                  plan: tools.ToolPlan, parser: str | None):
+                  plan: tools.ToolPlan, parser: str | None, echo: str = ""):
     created = int(time.time())
     top_k = (req.top_logprobs or 0) if req.logprobs else None
     opts = req.stream_options
@@ -166,7 +171,7 @@ async def _stream(req: ChatCompletionRequest, model: str, request_id: str, n_pro
 
     try:
         # OpenAI sends the role once per choice, in a first delta with empty content.
-        yield chunk([ChatStreamChoice(index=j, delta=DeltaMessage(role="assistant", content=""))
+        yield chunk([ChatStreamChoice(index=j, delta=DeltaMessage(role="assistant", content=echo))
                      for j in range(req.n)])
         async for _, out in merge([stream]):
             cached = out.num_cached_tokens

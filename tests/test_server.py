@@ -308,6 +308,13 @@ def test_chat_continue_final_message_and_tool_role(client, http):
     out = client.chat.completions.create(model="smol", messages=msgs, max_tokens=6, temperature=0,
                                          extra_body={"continue_final_message": True, "add_generation_prompt": False})
     assert out.choices[0].message.content
+    echoed = client.chat.completions.create(model="smol", messages=msgs, max_tokens=6, temperature=0, extra_body={
+        "continue_final_message": True, "add_generation_prompt": False, "echo": True})
+    assert echoed.choices[0].message.content == "A, B, C," + out.choices[0].message.content
+    streamed = client.chat.completions.create(model="smol", messages=msgs, max_tokens=6, temperature=0, stream=True,
+                                              extra_body={"continue_final_message": True,
+                                                          "add_generation_prompt": False, "echo": True})
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == echoed.choices[0].message.content
     tool = [{"role": "user", "content": "Weather?"},
             {"role": "assistant", "content": "Calling the tool."},
             {"role": "tool", "content": "sunny, 21C", "tool_call_id": "call_1"}]
