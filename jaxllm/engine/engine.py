@@ -134,6 +134,7 @@ class LLMEngine:
         self.num_step_failures = 0
         self._inflight: _Launched | None = None  # async scheduling: the step on the device
         self.timing = StepTiming()
+        self.mask_seconds = 0.0  # host time spent filling structured-output token masks
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         self.last_iteration_tokens = 0
@@ -387,8 +388,10 @@ class LLMEngine:
             suppress = p.all_stop_token_ids(self.eos_token_ids) if n_out < p.min_tokens else ()
             mask = None
             if seq.matcher is not None:  # the grammar has seen every token before this sample
+                t0 = time.perf_counter()
                 mask = np.empty(mask_words(self.model_config.vocab_size), np.int32)
                 fill_mask(seq.matcher, mask)
+                self.mask_seconds += time.perf_counter() - t0
             for index in siblings:
                 seed = seq.seed if index == seq.index else _sibling_seed(seq.seed, index)
                 spec = RowSpec.from_params(p, seed=seed, step=n_out, suppress_ids=suppress)
