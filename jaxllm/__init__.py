@@ -4,7 +4,7 @@ from jaxllm.config import EngineConfig
 from jaxllm.outputs import CompletionOutput, Logprob, RequestOutput
 from jaxllm.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
 
-__all__ = ["LLM", "LLMEngine", "SamplingParams", "StructuredOutputsParams", "RequestOutputKind", "EngineConfig",
+__all__ = ["LLM", "LLMEngine", "BeamSearchParams", "SamplingParams", "StructuredOutputsParams", "RequestOutputKind", "EngineConfig",
            "RequestOutput", "CompletionOutput", "Logprob"]
 __version__ = "0.1.0"
 
@@ -14,6 +14,9 @@ def __getattr__(name):
     if name == "LLM":
         from jaxllm.llm import LLM
         return LLM
+    if name == "BeamSearchParams":
+        from jaxllm.beam_search import BeamSearchParams
+        return BeamSearchParams
     if name == "LLMEngine":
         from jaxllm.engine.engine import LLMEngine
         return LLMEngine

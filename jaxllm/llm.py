@@ -82,6 +82,27 @@ class LLM:
             ids.append(rid)
         return self._run(ids, use_tqdm)
 
+    def beam_search(self, prompts: PromptType | Sequence[PromptType], params) -> list:
+        """Beam search (vLLM's `LLM.beam_search(prompts, BeamSearchParams(beam_width, max_tokens))`):
+        one `BeamSearchOutput` per prompt with its beam_width best sequences, best first."""
+        from jaxllm.beam_search import BeamSearch
+        if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        eng = self.engine
+        searches = []
+        for prompt in prompts:
+            text, ids = _split_prompt(prompt)
+            ids = ids if ids is not None else eng.tokenizer.encode(text)
+            searches.append(BeamSearch(ids, params, eng.eos_token_ids, eng.max_model_len, eng.tokenizer))
+        while not all(s.finished for s in searches):
+            live = [s for s in searches if not s.finished]
+            beams = [{"prompt_token_ids": b.tokens} for s in live for b in s.live]
+            outs = self.generate(beams, live[0].step_params(), use_tqdm=False)
+            for s in live:
+                s.advance(outs[:len(s.live)])
+                outs = outs[len(s.live):]
+        return [s.result() for s in searches]
+
     def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         finished: dict[str, RequestOutput] = {}
         bar = tqdm(total=len(request_ids), desc="Processed prompts", disable=not use_tqdm or len(request_ids) < 2,
