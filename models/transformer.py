@@ -32,7 +32,8 @@ from flax import nnx
 
 from models.base import AttentionMetadata
 from models.config import TransformerConfig
-from models.layers import MoE, Attention, GatedMLP, RMSNorm, attention_windows, rope_cos_sin, rope_tables
+from models.layers import (MoE, Attention, GatedMLP, RMSNorm, attention_windows, embed_lookup, rope_cos_sin,
+                           rope_tables)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -194,7 +195,7 @@ class DecoderLM(nnx.Module):
         compiled once per group, and the pool rides in the carry so each write_kv updates it in place.
         """
         c = self.config
-        x = jnp.take(self.embed_tokens[...], token_ids, axis=0)
+        x = embed_lookup(self.embed_tokens[...], token_ids)
         if c.embed_scale:  # HF rounds sqrt(hidden) to the activation dtype first
             x = x * jnp.asarray(math.sqrt(c.hidden_size), x.dtype)
         _, rope_index = rope_tables(c)

@@ -32,6 +32,9 @@ from flax import nnx
 
 from jaxllm.engine.sampler import PenaltyRows, RowSpec, SamplerOutput, SamplingTensors, bucket, sample
 from jaxllm.engine.scheduler import RESET_SEAT, SchedulerOutput
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from models import sharding
 from models.base import AttentionMetadata
 
 logger = logging.getLogger(__name__)
@@ -123,7 +126,13 @@ class PendingStep:
 
 class ModelRunner:
     def __init__(self, model: nnx.Module, model_config, *, num_pages: int, page_size: int, max_model_len: int,
-                 max_num_seqs: int, max_num_batched_tokens: int, kv_dtype=jnp.float32):
+                 max_num_seqs: int, max_num_batched_tokens: int, kv_dtype=jnp.float32, mesh: Mesh | None = None):
+        # The model's parameters already carry their shardings on `mesh` (models.sharding.shard_model);
+        # the runner places the pool (split over KV heads) and the replicated penalty state on it, and
+        # traces both programs under it so the model's shard_maps find the "model" axis.
+        self.mesh = mesh if mesh is not None else sharding.make_mesh(1, 1)
+        self.replicated = NamedSharding(self.mesh, P())
+        self.pool_sharding = NamedSharding(self.mesh, sharding.pool_spec(model_config, self.mesh.shape[sharding.MODEL]))
         self.page_size = page_size
         self.max_pages_per_seq = -(-max_model_len // page_size)
         self.graphdef, self.params = nnx.split(model)
@@ -134,21 +143,27 @@ class ModelRunner:
         self.shapes = ShapeTable.build(max_num_batched_tokens, max_num_seqs)
         self.max_seqs = bucket(max_num_seqs)
         self.reset_device_state()
-        self.no_samples = jnp.zeros(self.shapes.row_buckets[-1], jnp.int32)
+        self.no_samples = jax.device_put(np.zeros(self.shapes.row_buckets[-1], np.int32), self.replicated)
         self.compiled: set[tuple] = set()
         self.warmed_up = False
         self.num_recompiles = 0
         self.compile_seconds = 0.0
-        self._forward = jax.jit(self._forward_impl, donate_argnums=(1, 2))
-        self._sample = jax.jit(self._sample_impl)
+        rep = self.replicated
+        self._forward = jax.jit(self._forward_impl, donate_argnums=(1, 2), out_shardings=(rep, self.pool_sharding, rep))
+        self._sample = jax.jit(self._sample_impl, out_shardings=rep)
 
     def reset_device_state(self) -> None:
         """(Re)allocates the page pool and the penalty state: at start-up, and after a failed step,
         whose donated buffers are gone."""
-        self.kv_pages = jnp.zeros(self.pool_shape, self.kv_dtype)
+        self.kv_pages = jnp.zeros(self.pool_shape, self.kv_dtype, device=self.pool_sharding)
         S1 = self.num_seats + 1
-        self.penalty_state = PenaltyRows(jnp.zeros((S1, self.vocab_size), jnp.int32),
-                                         jnp.zeros((S1, self.vocab_size), bool))
+        self.penalty_state = PenaltyRows(jnp.zeros((S1, self.vocab_size), jnp.int32, device=self.replicated),
+                                         jnp.zeros((S1, self.vocab_size), bool, device=self.replicated))
+
+    def bytes_per_device(self) -> dict[str, dict]:
+        """{"params" | "pool": {device: bytes}}, read from the arrays' shards."""
+        return {"params": sharding.bytes_per_device(self.params),
+                "pool": sharding.bytes_per_device(self.kv_pages)}
 
     @property
     def device_bytes(self) -> int:
@@ -180,7 +195,9 @@ class ModelRunner:
 
     def _sample_impl(self, params, hidden, state: PenaltyRows, logits_indices, row_seats, tensors):
         model = nnx.merge(self.graphdef, params)
-        logits = model.compute_logits(hidden[logits_indices])
+        # Vocab-parallel lm_head: logits come out split over the vocabulary; only the rows that sample
+        # are gathered, and the sampler runs replicated.
+        logits = jax.lax.with_sharding_constraint(model.compute_logits(hidden[logits_indices]), self.replicated)
         pen = PenaltyRows(state.output_counts, state.in_prompt, rows=row_seats)
         out = sample(logits, tensors, pen, num_top_logprobs=NUM_TOP_LOGPROBS)
         return out, jnp.pad(out.token_ids, (0, self.shapes.row_buckets[-1] - out.token_ids.shape[0]))
@@ -281,14 +298,16 @@ class ModelRunner:
 
     def _run_forward(self, inputs: StepInputs, prev_sampled):
         self._track(("forward", len(inputs.token_ids)))
-        hidden, self.kv_pages, self.penalty_state = self._forward(
-            self.params, self.kv_pages, self.penalty_state, prev_sampled, inputs.token_ids, inputs.from_prev,
-            inputs.positions, inputs.md, inputs.record)
+        with jax.set_mesh(self.mesh):
+            hidden, self.kv_pages, self.penalty_state = self._forward(
+                self.params, self.kv_pages, self.penalty_state, prev_sampled, inputs.token_ids, inputs.from_prev,
+                inputs.positions, inputs.md, inputs.record)
         return hidden
 
     def _run_sample(self, hidden, indices, seats, tensors):
         self._track(("sample", len(indices), tensors.bias_ids.shape[1]))
-        return self._sample(self.params, hidden, self.penalty_state, indices, seats, tensors)
+        with jax.set_mesh(self.mesh):
+            return self._sample(self.params, hidden, self.penalty_state, indices, seats, tensors)
 
     # ---- warm-up ------------------------------------------------------------------------------
 
