@@ -245,20 +245,60 @@ def moe_forward(x, weights, experts, gate, up, down, act: str = "silu"):
     return jnp.zeros((t, x.shape[1]), jnp.float32).at[token].add(y).astype(x.dtype)
 
 
-class MoE(nnx.Module):
-    """Router [H, E] + experts' gated MLPs stacked on an expert axis: gate, up [E, H, I]; down [E, I, H]."""
+def moe_local_experts(x, weights, experts, gate, up, down, act: str = "silu"):
+    """Expert parallel, one device's part (under shard_map): gate/up/down hold this device's E/n
+    consecutive experts; every device sees every token (attention is tensor-parallel, so x is
+    replicated) and computes only the (token, expert) pairs routed to its experts. The caller's psum
+    over the model axis is the combine; the dispatch is the replicated input, vLLM's "naive"
+    all-to-all, exact and without capacity limits.
+    """
+    t, k = experts.shape
+    e_local = gate.shape[0]
+    num_experts = e_local * jax.lax.axis_size(sharding.MODEL)
+    first = jax.lax.axis_index(sharding.MODEL) * e_local
+    flat = experts.reshape(-1)
+    order = jnp.argsort(flat, stable=True)
+    counts = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
+    sizes = jax.lax.dynamic_slice(counts, (first,), (e_local,))
+    start = jnp.sum(jnp.where(jnp.arange(num_experts) < first, counts, 0))
+    idx = jnp.arange(t * k)
+    valid = idx < jnp.sum(sizes)
+    pair = order[jnp.clip(start + idx, 0, t * k - 1)]  # this device's pairs first, in expert order
+    token = pair // k
+    xs = x[token]
+    h = ACTIVATIONS[act](grouped_matmul(xs, gate, sizes)) * grouped_matmul(xs, up, sizes)
+    y = grouped_matmul(h, down, sizes).astype(jnp.float32)
+    y = jnp.where(valid[:, None], y * weights.reshape(-1)[pair][:, None], 0.0)
+    return jnp.zeros((t, x.shape[1]), jnp.float32).at[token].add(y)
 
-    def __init__(self, router, gate, up, down, *, top_k: int, norm_topk_prob: bool, act: str = "silu"):
+
+class MoE(nnx.Module):
+    """Router [H, E] + experts' gated MLPs stacked on an expert axis: gate, up [E, H, I]; down [E, I, H].
+
+    Tensor parallel splits every expert's width (GSPMD, like the dense MLP); with expert_parallel each
+    device holds whole experts instead (see moe_local_experts).
+    """
+
+    def __init__(self, router, gate, up, down, *, top_k: int, norm_topk_prob: bool, act: str = "silu",
+                 expert_parallel: bool = False):
         self.router = Linear(router, axes=("embed", None))
         self.experts_gate = nnx.Param(gate)
         self.experts_up = nnx.Param(up)
         self.experts_down = nnx.Param(down)
         self.top_k, self.norm_topk_prob, self.act = top_k, norm_topk_prob, act
+        self.expert_parallel = expert_parallel
 
     def __call__(self, x: jax.Array) -> jax.Array:
         weights, experts = route(x, self.router.weight[...], self.top_k, self.norm_topk_prob)
-        return moe_forward(x, weights, experts, self.experts_gate[...], self.experts_up[...],
-                           self.experts_down[...], self.act)
+        gate, up, down = self.experts_gate[...], self.experts_up[...], self.experts_down[...]
+        n = sharding.model_axis_size()
+        if self.expert_parallel and n > 1 and gate.shape[0] % n == 0:
+            local = lambda *a: jax.lax.psum(moe_local_experts(*a, act=self.act), sharding.MODEL)
+            e = P(sharding.MODEL, None, None)
+            y = jax.shard_map(local, in_specs=(P(), P(), P(), e, e, e), out_specs=P(), check_vma=False)(
+                x, weights, experts, gate, up, down)
+            return y.astype(x.dtype)
+        return moe_forward(x, weights, experts, gate, up, down, self.act)
 
 
 # ------------------------------------------------------------------------------------------ attention

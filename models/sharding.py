@@ -55,15 +55,15 @@ def vocab_sharded(vocab_size: int, n: int) -> bool:
 
 def _rules(config, n: int, expert_parallel: bool) -> dict[str | None, str | None]:
     return {"heads": MODEL, "kv_heads": MODEL if kv_heads_sharded(config.num_kv_heads, n) else None,
-            "mlp": None if expert_parallel else MODEL,
+            "mlp": MODEL, "expert_mlp": None if expert_parallel else MODEL,
             "vocab": MODEL if vocab_sharded(config.vocab_size, n) else None,
             "experts": MODEL if expert_parallel else None, "embed": None, None: None}
 
 
 # Logical axes of the params that are not a Linear, by attribute name.
 _PLAIN_AXES = {"embed_tokens": ("vocab", "embed"), "lm_head": ("embed", "vocab"),
-               "experts_gate": ("experts", "embed", "mlp"), "experts_up": ("experts", "embed", "mlp"),
-               "experts_down": ("experts", "mlp", "embed")}
+               "experts_gate": ("experts", "embed", "expert_mlp"),
+               "experts_up": ("experts", "embed", "expert_mlp"), "experts_down": ("experts", "expert_mlp", "embed")}
 
 
 def _logical_axes(module, leaf: str, ndim: int) -> tuple:
@@ -80,6 +80,9 @@ def param_partition_specs(model, n: int, expert_parallel: bool = False) -> dict[
     A dimension the axis does not divide stays whole (replicated)."""
     from flax import nnx
     rules = _rules(model.config, n, expert_parallel)
+    if expert_parallel and model.config.num_experts % n:
+        raise ValueError(f"expert parallel over {n} devices needs a multiple of {n} experts, "
+                         f"the model has {model.config.num_experts}")
     specs = {}
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         module = model

@@ -128,7 +128,7 @@ class DecoderLayer(nnx.Module):
         if moe:
             self.mlp = MoE(w["layers.router"], w["layers.experts_gate"], w["layers.experts_up"],
                            w["layers.experts_down"], top_k=c.num_experts_per_tok,
-                           norm_topk_prob=c.norm_topk_prob, act=c.hidden_act)
+                           norm_topk_prob=c.norm_topk_prob, act=c.hidden_act, expert_parallel=c.expert_parallel)
         else:
             self.mlp = GatedMLP(w["layers.gate_proj"], w["layers.up_proj"], w["layers.down_proj"], c.hidden_act)
         self.mlp_post_norm = None if opt("mlp_post_norm") is None else RMSNorm(w["layers.mlp_post_norm"], eps, off)

@@ -91,7 +91,8 @@ class LLMEngine:
             param_cache = os.path.join(config.compile.cache_dir or default_cache_dir(), "params")
         self.loaded = models.load_model(config.model.model, dtype=jnp.dtype(dtype).name, param_cache=param_cache,
                                         attention_backend=config.model.attention_backend,
-                                        attention_interpret=config.model.attention_interpret)
+                                        attention_interpret=config.model.attention_interpret,
+                                        expert_parallel=par.enable_expert_parallel)
         self.model_config = self.loaded.config
         sharding.check_tensor_parallel(self.model_config, par.tensor_parallel_size)
         self.mesh = mesh if mesh is not None else sharding.make_mesh(par.tensor_parallel_size, 1)

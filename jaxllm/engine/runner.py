@@ -311,19 +311,29 @@ class ModelRunner:
 
     # ---- warm-up ------------------------------------------------------------------------------
 
+    def _padding_inputs(self, T: int) -> StepInputs:
+        """A forward step of T padding tokens: writes nothing, records nothing."""
+        S = min(T, self.max_seqs)
+        md = AttentionMetadata(slot_mapping=np.full(T, -1, np.int32), kv_lens=np.zeros(S, np.int32),
+                               page_table=np.zeros((S, self.max_pages_per_seq), np.int32),
+                               cu_q_lens=np.zeros(S + 1, np.int32), num_seqs=np.zeros(1, np.int32))
+        rec = self._record(np.full(T, self.num_seats + 1, np.int32), np.zeros(T, bool), {})
+        return StepInputs(np.zeros(T, np.int32), np.full(T, -1, np.int32), np.zeros(T, np.int32), md, rec, [])
+
+    def forward_hlo(self, T: int) -> str:
+        """The compiled forward program for T tokens as HLO text (tests count its collectives)."""
+        i = self._padding_inputs(T)
+        with jax.set_mesh(self.mesh):
+            return self._forward.lower(self.params, self.kv_pages, self.penalty_state, self.no_samples, i.token_ids,
+                                       i.from_prev, i.positions, i.md, i.record).compile().as_text()
+
     def warmup(self) -> float:
         """Compiles every program of the ShapeTable with all-padding inputs (they write nothing)."""
         t0 = time.perf_counter()
         scratch = self.num_seats
         hidden = None
         for _, T in (p for p in self.shapes.programs() if p[0] == "forward"):
-            S = min(T, self.max_seqs)
-            md = AttentionMetadata(slot_mapping=np.full(T, -1, np.int32), kv_lens=np.zeros(S, np.int32),
-                                   page_table=np.zeros((S, self.max_pages_per_seq), np.int32),
-                                   cu_q_lens=np.zeros(S + 1, np.int32), num_seqs=np.zeros(1, np.int32))
-            rec = self._record(np.full(T, scratch + 1, np.int32), np.zeros(T, bool), {})
-            inputs = StepInputs(np.zeros(T, np.int32), np.full(T, -1, np.int32), np.zeros(T, np.int32), md, rec, [])
-            hidden = self._run_forward(inputs, self.no_samples)
+            hidden = self._run_forward(self._padding_inputs(T), self.no_samples)
         for _, R, B in (p for p in self.shapes.programs() if p[0] == "sample"):
             tensors = SamplingTensors.build([], R=R, B=B)
             out = self._run_sample(hidden, np.zeros(R, np.int32), np.full(R, scratch, np.int32), tensors)
