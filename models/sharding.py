@@ -104,7 +104,7 @@ def shard_model(model, mesh: Mesh, expert_parallel: bool = False) -> None:
     state = nnx.state(model, nnx.Param)
     flat = dict(nnx.to_flat_state(state))
     for path, var in flat.items():
-        var[...] = jax.device_put(var[...], NamedSharding(mesh, specs[path]))
+        var.set_value(jax.device_put(var.get_value(), NamedSharding(mesh, specs[path])))
     nnx.update(model, state)
 
 

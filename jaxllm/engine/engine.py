@@ -51,6 +51,7 @@ class EngineStats:
     prefix_cache_queries: int = 0  # tokens of newly admitted prompts
     prefix_cache_hits: int = 0  # of which found in the prefix cache
     healthy: bool = True
+    replicas: list | None = None  # data parallel: each replica's own EngineStats (metrics' engine label)
 
 
 def enable_persistent_compilation_cache(cache_dir: str | None) -> None:
@@ -62,6 +63,19 @@ def enable_persistent_compilation_cache(cache_dir: str | None) -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
+def load_for(config: EngineConfig) -> "models.LoadedModel":
+    """Converts (or restores from the param cache) the model `config` names, with its runtime options."""
+    if config.compile.persistent_cache:
+        enable_persistent_compilation_cache(config.compile.cache_dir)
+    param_cache = None
+    if config.compile.param_cache:
+        param_cache = os.path.join(config.compile.cache_dir or default_cache_dir(), "params")
+    return models.load_model(config.model.model, dtype=jnp.dtype(_resolve_dtype(config.model.dtype)).name,
+                             param_cache=param_cache, attention_backend=config.model.attention_backend,
+                             attention_interpret=config.model.attention_interpret,
+                             expert_parallel=config.parallel.enable_expert_parallel)
+
+
 def _resolve_dtype(name: str) -> jnp.dtype:
     if name == "auto":
         return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
@@ -70,13 +84,16 @@ def _resolve_dtype(name: str) -> jnp.dtype:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig | None = None, *, mesh=None, **flags):
+    def __init__(self, config: EngineConfig | None = None, *, mesh=None, loaded: models.LoadedModel | None = None,
+                 **flags):
         """mesh: a ("data", "model") mesh of shape (1, tensor_parallel_size) to run on (data-parallel
-        replicas get one each); default: the first tensor_parallel_size devices."""
+        replicas get one each); default: the first tensor_parallel_size devices. loaded: an already
+        converted model (its parameters are moved onto `mesh`)."""
         self.config = config = config or EngineConfig.from_flags(**flags)
         par = config.parallel
         if par.data_parallel_size != 1:
-            raise ValueError("data_parallel_size > 1 is not implemented yet")
+            raise ValueError("data_parallel_size > 1 runs several engines: use "
+                             "jaxllm.engine.data_parallel.create_engine / DataParallelEngine")
         if par.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {par.tensor_parallel_size}")
         if config.cache.kv_cache_dtype not in ("auto", "float32", "bfloat16"):
@@ -86,13 +103,7 @@ class LLMEngine:
         if config.compile.persistent_cache:
             enable_persistent_compilation_cache(config.compile.cache_dir)
         dtype = _resolve_dtype(config.model.dtype)
-        param_cache = None
-        if config.compile.param_cache:
-            param_cache = os.path.join(config.compile.cache_dir or default_cache_dir(), "params")
-        self.loaded = models.load_model(config.model.model, dtype=jnp.dtype(dtype).name, param_cache=param_cache,
-                                        attention_backend=config.model.attention_backend,
-                                        attention_interpret=config.model.attention_interpret,
-                                        expert_parallel=par.enable_expert_parallel)
+        self.loaded = loaded if loaded is not None else load_for(config)
         self.model_config = self.loaded.config
         sharding.check_tensor_parallel(self.model_config, par.tensor_parallel_size)
         self.mesh = mesh if mesh is not None else sharding.make_mesh(par.tensor_parallel_size, 1)
