@@ -54,6 +54,7 @@ def run(spec: dict, layout: dict) -> dict:
         "logprobs": [[{str(t): lp.logprob for t, lp in step.items() if lp.rank <= 5} for step in o.outputs[0].logprobs]
                      for o in outs],
         "preemptions": llm.engine.get_stats().num_preemptions_total,
+        "replica_prompt_tokens": [r.prompt_tokens_total for r in llm.engine.get_stats().replicas or []],
         "param_bytes": {str(d): b for d, b in per_device["params"].items()},
         "pool_bytes": {str(d): b for d, b in per_device["pool"].items()},
         "expected_param_bytes": exp_params, "expected_pool_bytes": exp_pool,

@@ -101,3 +101,37 @@ def test_tp_must_divide_query_heads():
     with pytest.raises(ValueError, match=r"tensor_parallel_size 3 does not divide the model's 4 query heads"):
         LLMEngine(model=os.path.join(DATA, "tiny-llama"), tokenizer=models.default_model_path(),
                   tensor_parallel_size=3, warmup=False, param_cache=False)
+
+
+def test_dp2_x_tp2_matches_one_device():
+    spec = tiny_spec("tiny-llama", [{"tensor_parallel_size": 2, "data_parallel_size": 2}])
+    spec["prompts"] = PROMPTS + [[7, 8, 9]]
+    base, dp = run_worker(spec)
+    assert_same_outputs(base, dp)
+    assert_sharded_bytes(dp, 2)  # replica 0's two devices
+    assert len(dp["replica_prompt_tokens"]) == 2 and min(dp["replica_prompt_tokens"]) > 0  # both replicas served
+
+
+def test_server_data_parallel_spreads_requests():
+    import concurrent.futures
+
+    import httpx
+
+    from tests.server_support import ServerProcess, metric_value
+    srv = ServerProcess(["--data-parallel-size", "2", "--max-num-seqs", "4", "--max-model-len", "128",
+                         "--max-num-batched-tokens", "32", "--served-model-name", "smol"],
+                        env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+    try:
+        srv.wait_ready(600)
+        body = {"model": "smol", "prompt": "The capital of France is", "max_tokens": 8, "temperature": 0}
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            rs = list(pool.map(lambda _: httpx.post(srv.base_url + "/v1/completions", json=body, timeout=300),
+                               range(8)))
+        assert all(r.status_code == 200 for r in rs), [r.text for r in rs]
+        assert len({r.json()["choices"][0]["text"] for r in rs}) == 1  # the same greedy text on both replicas
+        text = httpx.get(srv.base_url + "/metrics").text
+        per_engine = [metric_value(text, "vllm:prompt_tokens_total", engine=e) for e in ("0", "1")]
+        assert min(per_engine) > 0
+        assert sum(per_engine) == sum(r.json()["usage"]["prompt_tokens"] for r in rs)
+    finally:
+        assert srv.stop() == 0
