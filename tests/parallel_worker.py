@@ -70,4 +70,6 @@ def run(spec: dict, layout: dict) -> dict:
 
 if __name__ == "__main__":
     spec = json.loads(sys.argv[1])
-    print(json.dumps([run(spec, layout) for layout in spec["runs"]]))
+    specs = spec["specs"] if "specs" in spec else [spec]  # several models in one process
+    results = [[run(s, layout) for layout in s["runs"]] for s in specs]
+    print(json.dumps(results if "specs" in spec else results[0]))
