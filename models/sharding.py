@@ -122,3 +122,35 @@ def bytes_per_device(arrays) -> dict:
         for shard in a.addressable_shards:
             out[shard.device] += shard.data.nbytes
     return dict(out)
+
+
+# Logical axes of each canonical weight (models/transformer.py), for loading straight into shards; the
+# same names the modules carry (tests check the two agree). Stacked "layers.*" weights lead with L.
+CANONICAL_AXES = {
+    "embed_tokens": ("vocab", "embed"), "lm_head": ("embed", "vocab"),
+    "layers.q_proj": ("embed", "heads"), "layers.k_proj": ("embed", "kv_heads"),
+    "layers.v_proj": ("embed", "kv_heads"), "layers.o_proj": ("heads", "embed"),
+    "layers.q_bias": ("heads",), "layers.k_bias": ("kv_heads",), "layers.v_bias": ("kv_heads",),
+    "layers.gate_proj": ("embed", "mlp"), "layers.up_proj": ("embed", "mlp"), "layers.down_proj": ("mlp", "embed"),
+    "layers.router": ("embed", None), **{f"layers.{k}": v for k, v in _PLAIN_AXES.items() if k.startswith("experts")},
+}
+
+
+def canonical_specs(config, n: int) -> dict[str, P]:
+    """Canonical weight name -> PartitionSpec for a model axis of size n (see param_partition_specs)."""
+    from models.transformer import param_specs
+    check_tensor_parallel(config, n)
+    rules = _rules(config, n, config.expert_parallel)
+    out = {}
+    for name, spec in param_specs(config).items():
+        axes = CANONICAL_AXES.get(name, ())
+        axes = (None,) * (len(spec.shape) - len(axes)) + tuple(axes)
+        out[name] = P(*[rules.get(a) if rules.get(a) is None or dim % n == 0 else None
+                        for a, dim in zip(axes, spec.shape)])
+    return out
+
+
+def canonical_placement(config, mesh: Mesh):
+    """Canonical weight name -> NamedSharding on `mesh`: what the loaders device_put each weight into."""
+    specs = canonical_specs(config, mesh.shape[MODEL])
+    return lambda name: NamedSharding(mesh, specs[name])

@@ -17,7 +17,6 @@ import sys
 import pytest
 
 import models
-from jaxllm.engine.engine import LLMEngine
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DATA = os.path.join(HERE, "data")
@@ -108,9 +107,14 @@ def test_smollm2_tp3():
 
 
 def test_tp_must_divide_query_heads():
-    with pytest.raises(ValueError, match=r"tensor_parallel_size 3 does not divide the model's 4 query heads"):
-        LLMEngine(model=os.path.join(DATA, "tiny-llama"), tokenizer=models.default_model_path(),
-                  tensor_parallel_size=3, warmup=False, param_cache=False)
+    code = ("from jaxllm.engine.engine import LLMEngine; import models; "
+            f"LLMEngine(model={os.path.join(DATA, 'tiny-llama')!r}, tokenizer=models.default_model_path(), "
+            "tensor_parallel_size=3, warmup=False, param_cache=False)")
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+           "PYTHONPATH": os.path.dirname(HERE) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "ValueError: tensor_parallel_size 3 does not divide the model's 4 query heads" in proc.stderr
 
 
 def test_dp2_x_tp2_matches_one_device():
@@ -145,3 +149,28 @@ def test_server_data_parallel_spreads_requests():
         assert sum(per_engine) == sum(r.json()["usage"]["prompt_tokens"] for r in rs)
     finally:
         assert srv.stop() == 0
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2", "tiny-qwen3", "tiny-qwen3-moe", "tiny-gemma2"])
+def test_load_time_shardings_agree_with_the_modules(name):
+    """The loaders place each canonical weight by models.sharding.CANONICAL_AXES; the engine then
+    applies the modules' own logical axes (shard_model). The two must agree, or loading would move
+    every weight twice."""
+    import dataclasses
+
+    from flax import nnx
+
+    from models import sharding
+    from models.transformer import _CANONICAL, DecoderLM
+    config = models.load_model(os.path.join(DATA, name)).config
+    for n, ep in ((2, False), (4, False), (4, True)):
+        c = dataclasses.replace(config, expert_parallel=ep)
+        model = DecoderLM(c, rngs=nnx.Rngs(0))
+        by_module = {}
+        for path, spec in sharding.param_partition_specs(model, n, ep).items():
+            if path[0] == "groups":
+                by_module.setdefault(_CANONICAL[".".join(map(str, path[2:]))], set()).add(spec)
+            else:
+                by_module[{"norm": "norm"}.get(path[0], path[0])] = {spec}
+        want = sharding.canonical_specs(c, n)
+        assert by_module == {k: {v} for k, v in want.items()}, (name, n, ep)

@@ -30,11 +30,13 @@ class DataParallelEngine:
         mesh = sharding.make_mesh(par.tensor_parallel_size, par.data_parallel_size)
         replica_config = copy.deepcopy(config)
         replica_config.parallel.data_parallel_size = 1
-        loaded = load_for(replica_config)  # converted once; each replica shards its own copy
+        rows = [sharding.make_mesh(par.tensor_parallel_size, 1, devices=mesh.devices[r])
+                for r in range(par.data_parallel_size)]
+        loaded = load_for(replica_config, rows[0])  # converted once, into replica 0's shards
         self.replicas: list[LLMEngine] = []
-        for r in range(par.data_parallel_size):
+        for r, row in enumerate(rows):
+            # The others copy replica 0's shards device to device.
             own = dataclasses.replace(loaded, model=nnx.clone(loaded.model)) if r else loaded
-            row = sharding.make_mesh(par.tensor_parallel_size, 1, devices=mesh.devices[r])
             self.replicas.append(LLMEngine(replica_config, mesh=row, loaded=own))
         self._owner: dict[str, int] = {}
 

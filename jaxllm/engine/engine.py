@@ -63,8 +63,9 @@ def enable_persistent_compilation_cache(cache_dir: str | None) -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
-def load_for(config: EngineConfig) -> "models.LoadedModel":
-    """Converts (or restores from the param cache) the model `config` names, with its runtime options."""
+def load_for(config: EngineConfig, mesh=None) -> "models.LoadedModel":
+    """Converts (or restores from the param cache) the model `config` names, with its runtime options;
+    with a mesh, each weight goes straight into its tensor-parallel sharding there."""
     if config.compile.persistent_cache:
         enable_persistent_compilation_cache(config.compile.cache_dir)
     param_cache = None
@@ -73,7 +74,7 @@ def load_for(config: EngineConfig) -> "models.LoadedModel":
     return models.load_model(config.model.model, dtype=jnp.dtype(_resolve_dtype(config.model.dtype)).name,
                              param_cache=param_cache, attention_backend=config.model.attention_backend,
                              attention_interpret=config.model.attention_interpret,
-                             expert_parallel=config.parallel.enable_expert_parallel)
+                             expert_parallel=config.parallel.enable_expert_parallel, mesh=mesh)
 
 
 def _resolve_dtype(name: str) -> jnp.dtype:
@@ -103,10 +104,11 @@ class LLMEngine:
         if config.compile.persistent_cache:
             enable_persistent_compilation_cache(config.compile.cache_dir)
         dtype = _resolve_dtype(config.model.dtype)
-        self.loaded = loaded if loaded is not None else load_for(config)
+        self.mesh = mesh if mesh is not None else sharding.make_mesh(par.tensor_parallel_size, 1)
+        self.loaded = loaded if loaded is not None else load_for(config, self.mesh)
         self.model_config = self.loaded.config
         sharding.check_tensor_parallel(self.model_config, par.tensor_parallel_size)
-        self.mesh = mesh if mesh is not None else sharding.make_mesh(par.tensor_parallel_size, 1)
+        # A no-op for weights loaded into their shards; moves a model loaded elsewhere (a DP replica's copy).
         sharding.shard_model(self.loaded.model, self.mesh, expert_parallel=par.enable_expert_parallel)
         self.tokenizer = load_tokenizer(config.model.tokenizer or self.loaded.tokenizer_path)
         if config.model.chat_template:
