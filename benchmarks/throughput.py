@@ -3,7 +3,9 @@
   python benchmarks/throughput.py --dataset sharegpt --num-prompts 64 --output-len 64 --ignore-eos
   python benchmarks/throughput.py --dataset random --input-len 256 --output-len 64 --compare-hf
 
-Prints requests/s, output tok/s, total tok/s, engine start-up (load + compile) time and peak RSS.
+Prints requests/s, output tok/s, total tok/s, engine start-up (load + compile) time and peak RSS, and
+per-device parameter / KV pool bytes. `--tensor-parallel-size N` / `--data-parallel-size M` shard the
+model (on CPU, `--simulate-devices K` sets XLA_FLAGS=--xla_force_host_platform_device_count=K first).
 `--compare-hf` (needs torch) also runs HF transformers' batched `generate` on the same prompts in fp32
 static batches (`--hf-batch-size`, default 16) and prints the ratio.
 """
@@ -30,8 +32,10 @@ def run_jaxllm(args, requests) -> dict:
     from jaxllm import LLM, SamplingParams
 
     t0 = time.perf_counter()
-    llm = LLM(args.model, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-              max_model_len=args.max_model_len, dtype=args.dtype)
+    llm = LLM(args.model, tokenizer=args.tokenizer, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+              max_model_len=args.max_model_len, dtype=args.dtype, tensor_parallel_size=args.tensor_parallel_size,
+              data_parallel_size=args.data_parallel_size, enable_expert_parallel=args.enable_expert_parallel,
+              **({"kv_cache_memory": args.kv_cache_memory} if args.kv_cache_memory else {}))
     startup = time.perf_counter() - t0
     params = [SamplingParams(temperature=args.temperature, max_tokens=r.output_len, ignore_eos=args.ignore_eos)
               for r in requests]
@@ -40,7 +44,11 @@ def run_jaxllm(args, requests) -> dict:
     outputs = llm.generate(prompts, params, use_tqdm=not args.quiet)
     elapsed = time.perf_counter() - t0
     stats = llm.engine.get_stats()
+    per_device = llm.engine.runner.bytes_per_device()  # replica 0's devices under data parallel
     return {
+        "tensor_parallel_size": args.tensor_parallel_size, "data_parallel_size": args.data_parallel_size,
+        "param_mib_per_device": max(per_device["params"].values()) / 2**20,
+        "pool_mib_per_device": max(per_device["pool"].values()) / 2**20,
         "engine": "jaxllm", "elapsed_s": elapsed, "startup_s": startup, "warmup_compile_s": stats.warmup_seconds,
         "num_compiles": stats.num_compiles, "recompiles_after_warmup": stats.num_recompiles_after_warmup,
         "prompt_tokens": sum(len(o.prompt_token_ids) for o in outputs),
@@ -97,17 +105,23 @@ def report(result: dict, num_requests: int) -> dict:
           f"peak RSS {result['peak_rss_mib']:.0f} MiB"
           + (f", start-up {result['startup_s']:.1f}s (compile {result['warmup_compile_s']:.1f}s, "
              f"{result['num_compiles']} programs, {result['recompiles_after_warmup']} recompiles)"
-             if "startup_s" in result else ""), flush=True)
+             if "startup_s" in result else "")
+          + (f", TP {result['tensor_parallel_size']} x DP {result['data_parallel_size']}: params "
+             f"{result['param_mib_per_device']:.1f} MiB + KV pool {result['pool_mib_per_device']:.1f} MiB per device"
+             if "param_mib_per_device" in result else ""), flush=True)
     return result
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M-Instruct GGUF")
+    ap.add_argument("--tokenizer", default=None, help="default: the model's own")
     ap.add_argument("--dataset", choices=["sharegpt", "random"], default="sharegpt")
     ap.add_argument("--num-prompts", type=int, default=64)
     ap.add_argument("--input-len", type=int, default=256, help="random dataset prompt length")
     ap.add_argument("--output-len", type=int, default=None, help="fixed output length (default: dataset's)")
+    ap.add_argument("--random-vocab-size", type=int, default=None,
+                    help="random dataset: ids below this (default: the tokenizer's vocabulary)")
     ap.add_argument("--random-range-ratio", type=float, default=0.0)
     ap.add_argument("--ignore-eos", action="store_true")
     ap.add_argument("--temperature", type=float, default=0.0)
@@ -115,6 +129,11 @@ def main(argv=None):
     ap.add_argument("--max-num-batched-tokens", type=int, default=512)
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
+    ap.add_argument("--data-parallel-size", "-dp", type=int, default=1)
+    ap.add_argument("--enable-expert-parallel", action="store_true")
+    ap.add_argument("--kv-cache-memory", default=None, help="bytes for the KV pool per device (512MiB, ...)")
+    ap.add_argument("--simulate-devices", type=int, default=None, help="CPU: this many simulated devices")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--compare-hf", action="store_true")
     ap.add_argument("--hf-batch-size", type=int, default=16)
@@ -122,15 +141,21 @@ def main(argv=None):
     ap.add_argument("--quiet", action="store_true")
     ap.add_argument("--output-json", default=None)
     args = ap.parse_args(argv)
+    if args.simulate_devices:  # before jax is imported
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                                   f" --xla_force_host_platform_device_count={args.simulate_devices}")
+    if args.kv_cache_memory:
+        from jaxllm.config import parse_bytes
+        args.kv_cache_memory = parse_bytes(args.kv_cache_memory)
 
     from jaxllm.tokenizer import load_tokenizer
     import models
 
-    tokenizer = load_tokenizer(args.model or models.default_model_path())
+    tokenizer = load_tokenizer(args.tokenizer or args.model or models.default_model_path())
     if args.dataset == "sharegpt":
         requests = sample_sharegpt(tokenizer, args.num_prompts, output_len=args.output_len, seed=args.seed)
     else:
-        requests = sample_random(tokenizer.vocab_size, args.num_prompts, args.input_len, args.output_len or 128,
+        requests = sample_random(args.random_vocab_size or tokenizer.vocab_size, args.num_prompts, args.input_len, args.output_len or 128,
                                  seed=args.seed, range_ratio=args.random_range_ratio)
     print(f"{len(requests)} prompts, {sum(r.prompt_len for r in requests)} prompt tokens, "
           f"{sum(r.output_len for r in requests)} output tokens requested", flush=True)

@@ -56,8 +56,9 @@ class CompileConfig:
 
 @dataclass
 class ParallelConfig:
-    tensor_parallel_size: int = 1
+    tensor_parallel_size: int = 1  # Megatron-style over the mesh's "model" axis (-tp)
     data_parallel_size: int = 1
+    enable_expert_parallel: bool = False  # MoE experts split over the "model" axis instead of their width
 
 
 @dataclass
@@ -101,6 +102,9 @@ _FLAG_HELP = {
 }
 
 
+_SHORT_FLAGS = {"tensor_parallel_size": "-tp", "data_parallel_size": "-dp"}  # vLLM's
+
+
 def parse_bytes(text: str | int | None) -> int | None:
     if text is None or isinstance(text, int):
         return text
@@ -128,7 +132,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                 kind = parse_bytes if f.name == "kv_cache_memory" else (
                     type(default) if default is not None else (int if "max" in f.name or "num" in f.name
                                                                else str))
-                parser.add_argument(flag, type=kind, default=default, help=_FLAG_HELP.get(f.name))
+                short = _SHORT_FLAGS.get(f.name)
+                parser.add_argument(flag, *([short] if short else []), type=kind, default=default,
+                                    help=_FLAG_HELP.get(f.name))
     parser.add_argument("--model", dest="model_flag", default=None, help=_FLAG_HELP["model"])
     return parser
 

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from tqdm.auto import tqdm
 
 from jaxllm.config import EngineConfig
-from jaxllm.engine.engine import LLMEngine
+from jaxllm.engine.data_parallel import create_engine
 from jaxllm.outputs import RequestOutput
 from jaxllm.sampling_params import RequestOutputKind, SamplingParams
 
@@ -19,11 +19,12 @@ class LLM:
     """Runs many prompts through one engine with continuous batching; outputs come back in input order.
 
     `model=None` loads the embedded default (SmolLM2-135M-Instruct); other keyword arguments are engine
-    flags with vLLM's names (max_num_seqs=..., max_model_len=..., kv_cache_memory=..., dtype=...).
+    flags with vLLM's names (max_num_seqs=..., max_model_len=..., kv_cache_memory=..., dtype=...,
+    tensor_parallel_size=..., data_parallel_size=..., enable_expert_parallel=...).
     """
 
     def __init__(self, model: str | None = None, **engine_flags):
-        self.engine = LLMEngine(EngineConfig.from_flags(model=model, **engine_flags))
+        self.engine = create_engine(EngineConfig.from_flags(model=model, **engine_flags))
         self._ids = itertools.count()
 
     def get_tokenizer(self):

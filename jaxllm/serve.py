@@ -77,8 +77,8 @@ def _check_bindable(host: str, port: int) -> str | None:
 
 
 def _default_factory(config: EngineConfig) -> Any:
-    from jaxllm.engine.engine import LLMEngine
-    return LLMEngine(config)
+    from jaxllm.engine.data_parallel import create_engine
+    return create_engine(config)
 
 
 async def serve(config: EngineConfig, args: argparse.Namespace, *, engine_factory=None,

@@ -57,6 +57,7 @@ class TransformerConfig:
     # How to run, not what: ragged attention implementation (see pallas_kernels.ragged_paged_attention).
     attention_backend: str = "auto"
     attention_interpret: bool = False
+    expert_parallel: bool = False               # experts split over the mesh's "model" axis (models/sharding.py)
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:

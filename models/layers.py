@@ -21,6 +21,8 @@ import pallas_kernels
 from pallas_kernels.ragged_paged_attention import resolve_backend
 from models.base import AttentionMetadata
 from models.config import TransformerConfig
+from models import sharding
+from jax.sharding import PartitionSpec as P
 
 # A window no sequence reaches: the traced per-layer window of a full-attention layer.
 NO_WINDOW = 1 << 30
@@ -243,20 +245,60 @@ def moe_forward(x, weights, experts, gate, up, down, act: str = "silu"):
     return jnp.zeros((t, x.shape[1]), jnp.float32).at[token].add(y).astype(x.dtype)
 
 
-class MoE(nnx.Module):
-    """Router [H, E] + experts' gated MLPs stacked on an expert axis: gate, up [E, H, I]; down [E, I, H]."""
+def moe_local_experts(x, weights, experts, gate, up, down, act: str = "silu"):
+    """Expert parallel, one device's part (under shard_map): gate/up/down hold this device's E/n
+    consecutive experts; every device sees every token (attention is tensor-parallel, so x is
+    replicated) and computes only the (token, expert) pairs routed to its experts. The caller's psum
+    over the model axis is the combine; the dispatch is the replicated input, vLLM's "naive"
+    all-to-all, exact and without capacity limits.
+    """
+    t, k = experts.shape
+    e_local = gate.shape[0]
+    num_experts = e_local * jax.lax.axis_size(sharding.MODEL)
+    first = jax.lax.axis_index(sharding.MODEL) * e_local
+    flat = experts.reshape(-1)
+    order = jnp.argsort(flat, stable=True)
+    counts = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
+    sizes = jax.lax.dynamic_slice(counts, (first,), (e_local,))
+    start = jnp.sum(jnp.where(jnp.arange(num_experts) < first, counts, 0))
+    idx = jnp.arange(t * k)
+    valid = idx < jnp.sum(sizes)
+    pair = order[jnp.clip(start + idx, 0, t * k - 1)]  # this device's pairs first, in expert order
+    token = pair // k
+    xs = x[token]
+    h = ACTIVATIONS[act](grouped_matmul(xs, gate, sizes)) * grouped_matmul(xs, up, sizes)
+    y = grouped_matmul(h, down, sizes).astype(jnp.float32)
+    y = jnp.where(valid[:, None], y * weights.reshape(-1)[pair][:, None], 0.0)
+    return jnp.zeros((t, x.shape[1]), jnp.float32).at[token].add(y)
 
-    def __init__(self, router, gate, up, down, *, top_k: int, norm_topk_prob: bool, act: str = "silu"):
+
+class MoE(nnx.Module):
+    """Router [H, E] + experts' gated MLPs stacked on an expert axis: gate, up [E, H, I]; down [E, I, H].
+
+    Tensor parallel splits every expert's width (GSPMD, like the dense MLP); with expert_parallel each
+    device holds whole experts instead (see moe_local_experts).
+    """
+
+    def __init__(self, router, gate, up, down, *, top_k: int, norm_topk_prob: bool, act: str = "silu",
+                 expert_parallel: bool = False):
         self.router = Linear(router, axes=("embed", None))
         self.experts_gate = nnx.Param(gate)
         self.experts_up = nnx.Param(up)
         self.experts_down = nnx.Param(down)
         self.top_k, self.norm_topk_prob, self.act = top_k, norm_topk_prob, act
+        self.expert_parallel = expert_parallel
 
     def __call__(self, x: jax.Array) -> jax.Array:
         weights, experts = route(x, self.router.weight[...], self.top_k, self.norm_topk_prob)
-        return moe_forward(x, weights, experts, self.experts_gate[...], self.experts_up[...],
-                           self.experts_down[...], self.act)
+        gate, up, down = self.experts_gate[...], self.experts_up[...], self.experts_down[...]
+        n = sharding.model_axis_size()
+        if self.expert_parallel and n > 1 and gate.shape[0] % n == 0:
+            local = lambda *a: jax.lax.psum(moe_local_experts(*a, act=self.act), sharding.MODEL)
+            e = P(sharding.MODEL, None, None)
+            y = jax.shard_map(local, in_specs=(P(), P(), P(), e, e, e), out_specs=P(), check_vma=False)(
+                x, weights, experts, gate, up, down)
+            return y.astype(x.dtype)
+        return moe_forward(x, weights, experts, gate, up, down, self.act)
 
 
 # ------------------------------------------------------------------------------------------ attention
@@ -293,20 +335,77 @@ class Attention(nnx.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = rotate(q, *rope), rotate(k, *rope)
-        # Write first: the new rows must attend to themselves and to earlier rows of the same step.
-        kv_pages = pallas_kernels.write_kv(kv_pages, k, v, md.slot_mapping, layer=layer)
         scale = (c.query_pre_attn_scalar or c.head_dim) ** -0.5
-        attend = functools.partial(
-            pallas_kernels.ragged_paged_attention, q, kv_pages, md.kv_lens, md.page_table, md.cu_q_lens,
-            md.num_seqs, sm_scale=scale, soft_cap=c.attn_logit_softcap, layer=layer,
-            backend=c.attention_backend, interpret=c.attention_interpret)
-        kind, value = window
-        if kind in ("static", "traced"):
-            out = attend(sliding_window=value)
-        else:  # "switch": the Pallas kernels take a static window; pick among the model's few
-            idx, windows = value
-            out = jax.lax.switch(idx, [functools.partial(attend, sliding_window=w) for w in windows])
+        out, kv_pages = paged_attention(c, q, k, v, kv_pages, md, layer, window, scale)
         return self.o_proj(out.reshape(t, c.num_heads * c.head_dim).astype(x.dtype)), kv_pages
+
+
+def _write_and_attend(c: TransformerConfig, scale, window, q, k, v, kv_pages, md, layer, window_value):
+    """One device's attention: write the new K/V, then attend. Its q may hold a slice of the heads."""
+    # Write first: the new rows must attend to themselves and to earlier rows of the same step.
+    kv_pages = pallas_kernels.write_kv(kv_pages, k, v, md.slot_mapping, layer=layer)
+    n = sharding.model_axis_size()
+    tiled = n > 1 and not sharding.kv_heads_sharded(c.num_kv_heads, n)
+    t, g = q.shape[0], q.shape[1]
+    if tiled:
+        # Replicated KV heads: this device's g query heads (global first head i*g) may belong to any KV
+        # group. Give the kernel every group a copy of them ([T, Hkv*g]: head a*g+j reads KV head a) and
+        # keep, for each local head, the copy that read its own group. Costs Hkv x a shard's attention
+        # (at most all heads), never a copy of the pool.
+        q = jnp.tile(q, (1, c.num_kv_heads, 1))
+    attend = functools.partial(
+        pallas_kernels.ragged_paged_attention, q, kv_pages, md.kv_lens, md.page_table, md.cu_q_lens,
+        md.num_seqs, sm_scale=scale, soft_cap=c.attn_logit_softcap, layer=layer,
+        backend=c.attention_backend, interpret=c.attention_interpret)
+    kind = window[0]
+    if kind == "static":
+        out = attend(sliding_window=window[1])
+    elif kind == "traced":
+        out = attend(sliding_window=window_value)
+    else:  # "switch": the Pallas kernels take a static window; pick among the model's few
+        out = jax.lax.switch(window_value, [functools.partial(attend, sliding_window=w) for w in window[1]])
+    if tiled:
+        group = c.num_heads // c.num_kv_heads
+        local = jnp.arange(g)
+        kv_head = (jax.lax.axis_index(sharding.MODEL) * g + local) // group
+        out = out.reshape(t, c.num_kv_heads, g, -1)[:, kv_head, local]
+    return out, kv_pages
+
+
+def paged_attention(c: TransformerConfig, q, k, v, kv_pages, md: AttentionMetadata, layer, window, scale):
+    """write_kv + ragged paged attention, per head shard under shard_map when traced on a mesh with a
+    "model" axis (the kernels are per-device programs; GSPMD cannot split a Pallas call). q [T, Hq, D]
+    and the output are split over heads; the pool and k/v over KV heads or, with too few, replicated."""
+    kind, value = window
+    # A static window (or the switch's tuple of windows) is a Python value, not an operand.
+    static = ("static", value) if kind == "static" else ("switch", value[1]) if kind == "switch" else ("traced",)
+    w = None if kind == "static" else value[0] if kind == "switch" else value
+    f = functools.partial(_write_and_attend, c, scale, static)
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or sharding.MODEL not in mesh.axis_names:
+        return f(q, k, v, kv_pages, md, layer, w)
+    n = mesh.shape[sharding.MODEL]
+    heads = P(None, sharding.MODEL, None)
+    kv = heads if sharding.kv_heads_sharded(c.num_kv_heads, n) else P()
+    return jax.shard_map(f, in_specs=(heads, kv, kv, sharding.pool_spec(c, n), P(), P(), P()),
+                         out_specs=(heads, sharding.pool_spec(c, n)), check_vma=False)(
+        q, k, v, kv_pages, md, layer, w)
+
+
+def embed_lookup(table: jax.Array, ids: jax.Array) -> jax.Array:
+    """table [V, H] rows for ids [T]. Vocab-parallel on a mesh: each device looks up the ids in its
+    slice of the vocabulary, zeros elsewhere, and one all-reduce sums the (exact) result."""
+    n = sharding.model_axis_size()
+    if not sharding.vocab_sharded(table.shape[0], n):
+        return jnp.take(table, ids, axis=0)
+
+    def local(tab, ids):
+        lo = jax.lax.axis_index(sharding.MODEL) * tab.shape[0]
+        mine = (ids >= lo) & (ids < lo + tab.shape[0])
+        rows = jnp.take(tab, jnp.where(mine, ids - lo, 0), axis=0)
+        return jax.lax.psum(jnp.where(mine[:, None], rows, jnp.zeros_like(rows)), sharding.MODEL)
+
+    return jax.shard_map(local, in_specs=(P(sharding.MODEL, None), P()), out_specs=P(), check_vma=False)(table, ids)
 
 
 def attention_windows(config: TransformerConfig):

@@ -9,7 +9,9 @@ import importlib.util
 import os
 from typing import Any, Callable, Mapping
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 from models.config import TransformerConfig
 from models.loading.errors import CheckpointError, CheckpointNotFoundError
@@ -85,12 +87,16 @@ def _np_dtype(dtype):
     return dt
 
 
-def _to_device(dt):
-    """Each weight leaves the host as soon as it is assembled (see loading.weights.assemble)."""
-    return lambda a: jnp.asarray(a, dt)
+def _to_device(dt, placement=None):
+    """Each weight leaves the host as soon as it is assembled (see loading.weights.assemble), straight
+    into its sharding when `placement` (canonical name -> jax.sharding.Sharding) is given: each device
+    receives only its shard."""
+    if placement is None:
+        return lambda name, a: jnp.asarray(a, dt)
+    return lambda name, a: jax.device_put(np.asarray(a, dt), placement(name))
 
 
-def _convert_gguf(path: str, dt) -> tuple[TransformerConfig, dict]:
+def _convert_gguf(path: str, dt, place) -> tuple[TransformerConfig, dict]:
     from models.loading import gguf as gguf_loading
     file = gguf_loading.open_gguf(path)
     meta = dict(file.metadata)
@@ -118,10 +124,10 @@ def _convert_gguf(path: str, dt) -> tuple[TransformerConfig, dict]:
         dense = tuple(i for i in range(config.num_layers) if f"blk.{i}.ffn_gate_inp.weight" not in names)
         config = dataclasses.replace(config, mlp_only_layers=dense)
     return config, gguf_loading.load_weights(file, config, param_specs(config), fam.gguf_weights(config), dt,
-                                             _to_device(dt))
+                                             _to_device(dt, place(config)))
 
 
-def _convert_hf(path: str, dt) -> tuple[TransformerConfig, dict]:
+def _convert_hf(path: str, dt, place) -> tuple[TransformerConfig, dict]:
     from models.loading import safetensors as st_loading
     cfg = st_loading.read_hf_config(path)
     archs = cfg.get("architectures") or []
@@ -132,12 +138,20 @@ def _convert_hf(path: str, dt) -> tuple[TransformerConfig, dict]:
         cfg = {**cfg["text_config"], "architectures": archs}
         sources = _text_model_sources(path, fam.hf_weights)
     config = dataclasses.replace(TransformerConfig.from_hf_config(cfg), **fam.hf_config(cfg))
-    return config, st_loading.load_weights(path, config, param_specs(config), sources(config), dt, _to_device(dt))
+    return config, st_loading.load_weights(path, config, param_specs(config), sources(config), dt,
+                                           _to_device(dt, place(config)))
 
 
 def _load(path: str, gguf: bool, dtype, param_cache: str | None, runtime) -> LoadedModel:
     """Convert (or restore from the param cache), then build the model with the runtime options."""
     dt = _np_dtype(dtype)
+    mesh = runtime.pop("mesh", None)
+
+    def place(config):  # canonical name -> its sharding on `mesh`, or None (default device)
+        if mesh is None:
+            return None
+        from models import sharding
+        return sharding.canonical_placement(dataclasses.replace(config, **runtime), mesh)
     hit = None
     if param_cache:
         from models.loading import param_cache as cache
@@ -145,8 +159,11 @@ def _load(path: str, gguf: bool, dtype, param_cache: str | None, runtime) -> Loa
         hit = cache.load(param_cache, key)
     if hit is not None:
         config, weights = hit
+        put = place(config)
+        if put is not None:
+            weights = {name: jax.device_put(np.asarray(w), put(name)) for name, w in weights.items()}
     else:
-        config, weights = (_convert_gguf if gguf else _convert_hf)(path, dt)
+        config, weights = (_convert_gguf if gguf else _convert_hf)(path, dt, place)
         if param_cache:
             cache.save(param_cache, key, config, weights)
     fam = family_for(config.architecture, gguf=gguf, source=path)
@@ -188,7 +205,8 @@ def load_model(source: str | None = None, *, dtype="float32", param_cache: str |
     safetensors), a directory holding one .gguf, or a hub id ("org/name", downloaded when online).
     param_cache: a directory for orbax checkpoints of the converted parameters (see
     loading/param_cache.py); None converts every time.
-    `runtime`: TransformerConfig fields that choose how, not what, to run (attention_backend=...)."""
+    `runtime`: TransformerConfig fields that choose how, not what, to run (attention_backend=...), and
+    mesh=: a ("data", "model") mesh to load each weight straight into its tensor-parallel sharding."""
     if source is None:
         source = default_model_path()
     source = os.path.expanduser(str(source))

@@ -32,7 +32,8 @@ from flax import nnx
 
 from models.base import AttentionMetadata
 from models.config import TransformerConfig
-from models.layers import MoE, Attention, GatedMLP, RMSNorm, attention_windows, rope_cos_sin, rope_tables
+from models.layers import (MoE, Attention, GatedMLP, RMSNorm, attention_windows, embed_lookup, rope_cos_sin,
+                           rope_tables)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,7 +128,7 @@ class DecoderLayer(nnx.Module):
         if moe:
             self.mlp = MoE(w["layers.router"], w["layers.experts_gate"], w["layers.experts_up"],
                            w["layers.experts_down"], top_k=c.num_experts_per_tok,
-                           norm_topk_prob=c.norm_topk_prob, act=c.hidden_act)
+                           norm_topk_prob=c.norm_topk_prob, act=c.hidden_act, expert_parallel=c.expert_parallel)
         else:
             self.mlp = GatedMLP(w["layers.gate_proj"], w["layers.up_proj"], w["layers.down_proj"], c.hidden_act)
         self.mlp_post_norm = None if opt("mlp_post_norm") is None else RMSNorm(w["layers.mlp_post_norm"], eps, off)
@@ -194,7 +195,7 @@ class DecoderLM(nnx.Module):
         compiled once per group, and the pool rides in the carry so each write_kv updates it in place.
         """
         c = self.config
-        x = jnp.take(self.embed_tokens[...], token_ids, axis=0)
+        x = embed_lookup(self.embed_tokens[...], token_ids)
         if c.embed_scale:  # HF rounds sqrt(hidden) to the activation dtype first
             x = x * jnp.asarray(math.sqrt(c.hidden_size), x.dtype)
         _, rope_index = rope_tables(c)

@@ -43,35 +43,40 @@ class _EngineCollector:
     def collect(self):
         m = self.metrics
         s = m.stats_source() if m.stats_source else None
-        label = [m.model_name]
+        # One sample per engine replica (vLLM's "engine" label); a single engine is engine "0".
+        engines = (list(enumerate(s.replicas)) if s is not None and getattr(s, "replicas", None)
+                   else [(0, s)])
 
-        def gauge(name, doc, value):
-            g = GaugeMetricFamily(name, doc, labels=["model_name"])
-            g.add_metric(label, float(value or 0))
+        def gauge(name, doc, key, value=None):
+            g = GaugeMetricFamily(name, doc, labels=["model_name", "engine"])
+            for i, st in engines:
+                g.add_metric([m.model_name, str(i)], float((getattr(st, key, 0) if st is not None else 0) or 0)
+                             if value is None else value)
             return g
 
-        def counter(name, doc, value):
-            c = CounterMetricFamily(name, doc, labels=["model_name"])
-            c.add_metric(label, float(value or 0))
+        def counter(name, doc, key):
+            c = CounterMetricFamily(name, doc, labels=["model_name", "engine"])
+            for i, st in engines:
+                c.add_metric([m.model_name, str(i)], float((getattr(st, key, 0) if st is not None else 0) or 0))
             return c
 
-        get = (lambda k: getattr(s, k, 0)) if s is not None else (lambda k: 0)
-        yield gauge("vllm:num_requests_running", "Requests in the running batch.", get("num_running"))
-        yield gauge("vllm:num_requests_waiting", "Requests waiting to be scheduled.", get("num_waiting"))
+        yield gauge("vllm:num_requests_running", "Requests in the running batch.", "num_running")
+        yield gauge("vllm:num_requests_waiting", "Requests waiting to be scheduled.", "num_waiting")
         yield gauge("vllm:kv_cache_usage_perc", "Fraction of KV pages in use (1 = full).",
-                    get("kv_cache_usage"))
-        yield counter("vllm:num_preemptions", "Preemptions since start.", get("num_preemptions_total"))
-        yield counter("vllm:prompt_tokens", "Prefill tokens processed.", get("prompt_tokens_total"))
-        yield counter("vllm:generation_tokens", "Tokens generated.", get("generation_tokens_total"))
+                    "kv_cache_usage")
+        yield counter("vllm:num_preemptions", "Preemptions since start.", "num_preemptions_total")
+        yield counter("vllm:prompt_tokens", "Prefill tokens processed.", "prompt_tokens_total")
+        yield counter("vllm:generation_tokens", "Tokens generated.", "generation_tokens_total")
         yield counter("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
-                      get("prefix_cache_queries"))
+                      "prefix_cache_queries")
         yield counter("vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache.",
-                      get("prefix_cache_hits"))
-        yield gauge("jaxllm:num_compiles", "XLA programs compiled (warm-up included).", get("num_compiles"))
+                      "prefix_cache_hits")
+        yield gauge("jaxllm:num_compiles", "XLA programs compiled (warm-up included).", "num_compiles")
         yield gauge("jaxllm:num_recompiles_after_warmup", "Compiles after warm-up (should stay 0).",
-                    get("num_recompiles_after_warmup"))
-        yield gauge("jaxllm:warmup_seconds", "Seconds spent compiling at start-up.", get("warmup_seconds"))
-        yield gauge("jaxllm:engine_ready", "1 once the engine has finished warm-up.", 1 if s is not None else 0)
+                    "num_recompiles_after_warmup")
+        yield gauge("jaxllm:warmup_seconds", "Seconds spent compiling at start-up.", "warmup_seconds")
+        yield gauge("jaxllm:engine_ready", "1 once the engine has finished warm-up.", None,
+                    1 if s is not None else 0)
 
 
 class Metrics:

@@ -36,8 +36,13 @@ def server():
     if os.environ.get("JAXLLM_TEST_SERVER"):
         yield _External(os.environ["JAXLLM_TEST_SERVER"])
         return
+    # JAXLLM_TEST_SERVER_DP=2 runs this whole suite against --data-parallel-size 2 (simulated CPU devices).
+    dp = os.environ.get("JAXLLM_TEST_SERVER_DP")
+    extra, env = ((["--data-parallel-size", dp], {"XLA_FLAGS": f"--xla_force_host_platform_device_count={dp}"})
+                  if dp else ([], None))
     srv = ServerProcess(["--max-num-seqs", "16", "--max-model-len", str(MAX_LEN), "--max-num-batched-tokens", "128",
-                         "--max-request-bytes", "64KiB", "--served-model-name", "smol", "--drain-timeout", "60"])
+                         "--max-request-bytes", "64KiB", "--served-model-name", "smol", "--drain-timeout", "60",
+                         *extra], env=env)
     srv.wait_ready(600)
     yield srv
     srv.stop()

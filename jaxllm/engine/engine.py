@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import models
+from models import sharding
 from jaxllm.config import EngineConfig, default_cache_dir
 from jaxllm.engine.kv_pages import PagePool
 from jaxllm.engine.output_processor import OutputProcessor
@@ -51,6 +52,7 @@ class EngineStats:
     prefix_cache_queries: int = 0  # tokens of newly admitted prompts
     prefix_cache_hits: int = 0  # of which found in the prefix cache
     healthy: bool = True
+    replicas: list | None = None  # data parallel: each replica's own EngineStats (metrics' engine label)
 
 
 def enable_persistent_compilation_cache(cache_dir: str | None) -> None:
@@ -62,6 +64,20 @@ def enable_persistent_compilation_cache(cache_dir: str | None) -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
+def load_for(config: EngineConfig, mesh=None) -> "models.LoadedModel":
+    """Converts (or restores from the param cache) the model `config` names, with its runtime options;
+    with a mesh, each weight goes straight into its tensor-parallel sharding there."""
+    if config.compile.persistent_cache:
+        enable_persistent_compilation_cache(config.compile.cache_dir)
+    param_cache = None
+    if config.compile.param_cache:
+        param_cache = os.path.join(config.compile.cache_dir or default_cache_dir(), "params")
+    return models.load_model(config.model.model, dtype=jnp.dtype(_resolve_dtype(config.model.dtype)).name,
+                             param_cache=param_cache, attention_backend=config.model.attention_backend,
+                             attention_interpret=config.model.attention_interpret,
+                             expert_parallel=config.parallel.enable_expert_parallel, mesh=mesh)
+
+
 def _resolve_dtype(name: str) -> jnp.dtype:
     if name == "auto":
         return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
@@ -70,10 +86,18 @@ def _resolve_dtype(name: str) -> jnp.dtype:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig | None = None, **flags):
+    def __init__(self, config: EngineConfig | None = None, *, mesh=None, loaded: models.LoadedModel | None = None,
+                 **flags):
+        """mesh: a ("data", "model") mesh of shape (1, tensor_parallel_size) to run on (data-parallel
+        replicas get one each); default: the first tensor_parallel_size devices. loaded: an already
+        converted model (its parameters are moved onto `mesh`)."""
         self.config = config = config or EngineConfig.from_flags(**flags)
-        if config.parallel.tensor_parallel_size != 1 or config.parallel.data_parallel_size != 1:
-            raise ValueError("tensor_parallel_size / data_parallel_size > 1 are not implemented yet (one device)")
+        par = config.parallel
+        if par.data_parallel_size != 1:
+            raise ValueError("data_parallel_size > 1 runs several engines: use "
+                             "jaxllm.engine.data_parallel.create_engine / DataParallelEngine")
+        if par.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1, got {par.tensor_parallel_size}")
         if config.cache.kv_cache_dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"kv_cache_dtype must be auto, float32 or bfloat16, got {config.cache.kv_cache_dtype!r}"
                              " (quantized KV pages are not wired into the engine yet)")
@@ -81,13 +105,12 @@ class LLMEngine:
         if config.compile.persistent_cache:
             enable_persistent_compilation_cache(config.compile.cache_dir)
         dtype = _resolve_dtype(config.model.dtype)
-        param_cache = None
-        if config.compile.param_cache:
-            param_cache = os.path.join(config.compile.cache_dir or default_cache_dir(), "params")
-        self.loaded = models.load_model(config.model.model, dtype=jnp.dtype(dtype).name, param_cache=param_cache,
-                                        attention_backend=config.model.attention_backend,
-                                        attention_interpret=config.model.attention_interpret)
+        self.mesh = mesh if mesh is not None else sharding.make_mesh(par.tensor_parallel_size, 1)
+        self.loaded = loaded if loaded is not None else load_for(config, self.mesh)
         self.model_config = self.loaded.config
+        sharding.check_tensor_parallel(self.model_config, par.tensor_parallel_size)
+        # A no-op for weights loaded into their shards; moves a model loaded elsewhere (a DP replica's copy).
+        sharding.shard_model(self.loaded.model, self.mesh, expert_parallel=par.enable_expert_parallel)
         self.tokenizer = load_tokenizer(config.model.tokenizer or self.loaded.tokenizer_path)
         if config.model.chat_template:
             self.tokenizer.chat_template = read_chat_template(config.model.chat_template)
@@ -111,7 +134,8 @@ class LLMEngine:
         self.runner = ModelRunner(self.loaded.model, self.model_config, num_pages=num_pages,
                                   page_size=cache.page_size, max_model_len=max_model_len,
                                   max_num_seqs=sched.max_num_seqs,
-                                  max_num_batched_tokens=sched.max_num_batched_tokens, kv_dtype=kv_dtype)
+                                  max_num_batched_tokens=sched.max_num_batched_tokens, kv_dtype=kv_dtype,
+                                  mesh=self.mesh)
         self.pool = PagePool(num_pages, cache.page_size, enable_prefix_caching=cache.enable_prefix_caching)
         self.scheduler = Scheduler(sched, self.pool, max_logits_rows=self.runner.shapes.row_buckets[-1],
                                    max_model_len=max_model_len)
@@ -119,6 +143,10 @@ class LLMEngine:
         self.grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids)
         self.load_seconds = time.perf_counter() - t0
         self.warmup_seconds = self.runner.warmup() if config.compile.warmup else 0.0
+        per_device = self.runner.bytes_per_device()
+        for d in self.mesh.devices.flat:
+            logger.info("device %s: params %.1f MiB, KV pool %.1f MiB", d, per_device["params"].get(d, 0) / 2**20,
+                        per_device["pool"].get(d, 0) / 2**20)
         logger.info("engine ready: %s, %d KV pages x %d tokens (%.0f MiB; %.0f MiB with penalty state), "
                     "max_model_len %d, prefix caching %s, %d programs compiled in %.1fs (load %.1fs)",
                     self.model_name, num_pages, cache.page_size, self.runner.kv_pages.nbytes / 2**20,
@@ -142,12 +170,15 @@ class LLMEngine:
     def _pages_from_budget(self, max_model_len: int, itemsize: int) -> int:
         cache, sched = self.config.cache, self.config.scheduler
         page_bytes = self.model_config.kv_bytes_per_token(itemsize) * cache.page_size
+        n = self.mesh.shape[sharding.MODEL]
+        if sharding.kv_heads_sharded(self.model_config.num_kv_heads, n):
+            page_bytes //= n  # the budget is per device, and each device holds 1/n of every page
         budget = cache.kv_cache_memory
         if budget is None:
             if jax.default_backend() == "cpu":
                 budget = min(_CPU_KV_BUDGET, page_bytes * sched.max_num_seqs * -(-max_model_len // cache.page_size))
             else:
-                stats = jax.devices()[0].memory_stats() or {}
+                stats = self.mesh.devices.flat[0].memory_stats() or {}
                 free = stats.get("bytes_limit", 16 << 30) - stats.get("bytes_in_use", 0)
                 budget = int(free * cache.gpu_memory_utilization)
         return max(1, budget // page_bytes)

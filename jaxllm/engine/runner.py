@@ -32,6 +32,9 @@ from flax import nnx
 
 from jaxllm.engine.sampler import PenaltyRows, RowSpec, SamplerOutput, SamplingTensors, bucket, sample
 from jaxllm.engine.scheduler import RESET_SEAT, SchedulerOutput
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from models import sharding
 from models.base import AttentionMetadata
 
 logger = logging.getLogger(__name__)
@@ -125,7 +128,13 @@ class PendingStep:
 
 class ModelRunner:
     def __init__(self, model: nnx.Module, model_config, *, num_pages: int, page_size: int, max_model_len: int,
-                 max_num_seqs: int, max_num_batched_tokens: int, kv_dtype=jnp.float32):
+                 max_num_seqs: int, max_num_batched_tokens: int, kv_dtype=jnp.float32, mesh: Mesh | None = None):
+        # The model's parameters already carry their shardings on `mesh` (models.sharding.shard_model);
+        # the runner places the pool (split over KV heads) and the replicated penalty state on it, and
+        # traces both programs under it so the model's shard_maps find the "model" axis.
+        self.mesh = mesh if mesh is not None else sharding.make_mesh(1, 1)
+        self.replicated = NamedSharding(self.mesh, P())
+        self.pool_sharding = NamedSharding(self.mesh, sharding.pool_spec(model_config, self.mesh.shape[sharding.MODEL]))
         self.page_size = page_size
         self.max_pages_per_seq = -(-max_model_len // page_size)
         self.graphdef, self.params = nnx.split(model)
@@ -137,22 +146,28 @@ class ModelRunner:
         self.shapes = ShapeTable.build(max_num_batched_tokens, max_num_seqs)
         self.max_seqs = bucket(max_num_seqs)
         self.reset_device_state()
-        self.no_samples = jnp.zeros(self.shapes.row_buckets[-1], jnp.int32)
+        self.no_samples = jax.device_put(np.zeros(self.shapes.row_buckets[-1], np.int32), self.replicated)
         self.compiled: set[tuple] = set()
         self.warmed_up = False
         self.num_recompiles = 0
         self.compile_seconds = 0.0
-        self._forward = jax.jit(self._forward_impl, donate_argnums=(1, 2))
-        self._sample = jax.jit(self._sample_impl)
-        self._pool = jax.jit(self._pool_impl)
+        rep = self.replicated
+        self._forward = jax.jit(self._forward_impl, donate_argnums=(1, 2), out_shardings=(rep, self.pool_sharding, rep))
+        self._sample = jax.jit(self._sample_impl, out_shardings=rep)
+        self._pool = jax.jit(self._pool_impl, out_shardings=rep)
 
     def reset_device_state(self) -> None:
         """(Re)allocates the page pool and the penalty state: at start-up, and after a failed step,
         whose donated buffers are gone."""
-        self.kv_pages = jnp.zeros(self.pool_shape, self.kv_dtype)
+        self.kv_pages = jnp.zeros(self.pool_shape, self.kv_dtype, device=self.pool_sharding)
         S1 = self.num_seats + 1
-        self.penalty_state = PenaltyRows(jnp.zeros((S1, self.vocab_size), jnp.int32),
-                                         jnp.zeros((S1, self.vocab_size), bool))
+        self.penalty_state = PenaltyRows(jnp.zeros((S1, self.vocab_size), jnp.int32, device=self.replicated),
+                                         jnp.zeros((S1, self.vocab_size), bool, device=self.replicated))
+
+    def bytes_per_device(self) -> dict[str, dict]:
+        """{"params" | "pool": {device: bytes}}, read from the arrays' shards."""
+        return {"params": sharding.bytes_per_device(self.params),
+                "pool": sharding.bytes_per_device(self.kv_pages)}
 
     @property
     def device_bytes(self) -> int:
@@ -184,7 +199,9 @@ class ModelRunner:
 
     def _sample_impl(self, params, hidden, state: PenaltyRows, logits_indices, row_seats, tensors):
         model = nnx.merge(self.graphdef, params)
-        logits = model.compute_logits(hidden[logits_indices])
+        # Vocab-parallel lm_head: logits come out split over the vocabulary; only the rows that sample
+        # are gathered, and the sampler runs replicated.
+        logits = jax.lax.with_sharding_constraint(model.compute_logits(hidden[logits_indices]), self.replicated)
         pen = PenaltyRows(state.output_counts, state.in_prompt, rows=row_seats)
         out = sample(logits, tensors, pen, num_top_logprobs=NUM_TOP_LOGPROBS)
         return out, jnp.pad(out.token_ids, (0, self.shapes.row_buckets[-1] - out.token_ids.shape[0]))
@@ -275,10 +292,7 @@ class ModelRunner:
     def dispatch(self, inputs: StepInputs, rows: list[LogitsRow], prev: PendingStep | None = None) -> PendingStep:
         """Enqueues the step on the device and returns at once."""
         hidden = self._run_forward(inputs, self.no_samples if prev is None else prev.sampled)
-        pooled = None
-        if inputs.pool_segments is not None:
-            self._track(("pool",))
-            pooled = self._pool(hidden, inputs.pool_segments)
+        pooled = None if inputs.pool_segments is None else self._run_pool(hidden, inputs.pool_segments)
         if not rows:
             return PendingStep(None, self.no_samples, 0, hidden, pooled)
         R = self.shapes.pick(self.shapes.row_buckets, len(rows), "logits rows")
@@ -302,16 +316,39 @@ class ModelRunner:
 
     def _run_forward(self, inputs: StepInputs, prev_sampled):
         self._track(("forward", len(inputs.token_ids)))
-        hidden, self.kv_pages, self.penalty_state = self._forward(
-            self.params, self.kv_pages, self.penalty_state, prev_sampled, inputs.token_ids, inputs.from_prev,
-            inputs.positions, inputs.md, inputs.record)
+        with jax.set_mesh(self.mesh):
+            hidden, self.kv_pages, self.penalty_state = self._forward(
+                self.params, self.kv_pages, self.penalty_state, prev_sampled, inputs.token_ids, inputs.from_prev,
+                inputs.positions, inputs.md, inputs.record)
         return hidden
 
     def _run_sample(self, hidden, indices, seats, tensors):
         self._track(("sample", len(indices), tensors.bias_ids.shape[1]))
-        return self._sample(self.params, hidden, self.penalty_state, indices, seats, tensors)
+        with jax.set_mesh(self.mesh):
+            return self._sample(self.params, hidden, self.penalty_state, indices, seats, tensors)
+
+    def _run_pool(self, hidden, segments):
+        self._track(("pool",))
+        with jax.set_mesh(self.mesh):
+            return self._pool(hidden, segments)
 
     # ---- warm-up ------------------------------------------------------------------------------
+
+    def _padding_inputs(self, T: int) -> StepInputs:
+        """A forward step of T padding tokens: writes nothing, records nothing."""
+        S = min(T, self.max_seqs)
+        md = AttentionMetadata(slot_mapping=np.full(T, -1, np.int32), kv_lens=np.zeros(S, np.int32),
+                               page_table=np.zeros((S, self.max_pages_per_seq), np.int32),
+                               cu_q_lens=np.zeros(S + 1, np.int32), num_seqs=np.zeros(1, np.int32))
+        rec = self._record(np.full(T, self.num_seats + 1, np.int32), np.zeros(T, bool), {})
+        return StepInputs(np.zeros(T, np.int32), np.full(T, -1, np.int32), np.zeros(T, np.int32), md, rec, [])
+
+    def forward_hlo(self, T: int) -> str:
+        """The compiled forward program for T tokens as HLO text (tests count its collectives)."""
+        i = self._padding_inputs(T)
+        with jax.set_mesh(self.mesh):
+            return self._forward.lower(self.params, self.kv_pages, self.penalty_state, self.no_samples, i.token_ids,
+                                       i.from_prev, i.positions, i.md, i.record).compile().as_text()
 
     def warmup(self) -> float:
         """Compiles every program of the ShapeTable with all-padding inputs (they write nothing)."""
@@ -319,19 +356,12 @@ class ModelRunner:
         scratch = self.num_seats
         hidden = None
         for _, T in (p for p in self.shapes.programs() if p[0] == "forward"):
-            S = min(T, self.max_seqs)
-            md = AttentionMetadata(slot_mapping=np.full(T, -1, np.int32), kv_lens=np.zeros(S, np.int32),
-                                   page_table=np.zeros((S, self.max_pages_per_seq), np.int32),
-                                   cu_q_lens=np.zeros(S + 1, np.int32), num_seqs=np.zeros(1, np.int32))
-            rec = self._record(np.full(T, scratch + 1, np.int32), np.zeros(T, bool), {})
-            inputs = StepInputs(np.zeros(T, np.int32), np.full(T, -1, np.int32), np.zeros(T, np.int32), md, rec, [])
-            hidden = self._run_forward(inputs, self.no_samples)
+            hidden = self._run_forward(self._padding_inputs(T), self.no_samples)
         for _, R, B in (p for p in self.shapes.programs() if p[0] == "sample"):
             tensors = SamplingTensors.build([], R=R, B=B, W=self.mask_words)
             out = self._run_sample(hidden, np.zeros(R, np.int32), np.full(R, scratch, np.int32), tensors)
             jax.block_until_ready(out)
-        self._track(("pool",))
-        jax.block_until_ready(self._pool(hidden, np.full(self.shapes.token_buckets[-1], self.max_seqs, np.int32)))
+        jax.block_until_ready(self._run_pool(hidden, np.full(self.shapes.token_buckets[-1], self.max_seqs, np.int32)))
         jax.block_until_ready(self.kv_pages)
         self.warmed_up = True
         self.compile_seconds = time.perf_counter() - t0

@@ -27,7 +27,7 @@ from models.config import TransformerConfig
 
 CACHE_VERSION = 1
 # Fields that say how to run, not what the model is: never cached, always the caller's.
-RUNTIME_FIELDS = ("attention_backend", "attention_interpret")
+RUNTIME_FIELDS = ("attention_backend", "attention_interpret", "expert_parallel")
 
 
 def cache_key(files: list[str], dtype) -> str:

@@ -47,10 +47,11 @@ def _to_canonical(kind: str, arr: np.ndarray) -> np.ndarray:
 
 def assemble(config: TransformerConfig, specs: Mapping, sources: Mapping[str, Source | str],
              get: Callable[[str], np.ndarray | None], source: str, dtype,
-             finalize: Callable[[np.ndarray], object] | None = None) -> dict[str, np.ndarray]:
+             finalize: Callable[[str, np.ndarray], object] | None = None) -> dict[str, np.ndarray]:
     """Canonical name -> stacked ndarray of `dtype` (or what finalize makes of it).
 
-    Checkpoint tensors are read one at a time into the stacked array; finalize (e.g. a device_put)
+    Checkpoint tensors are read one at a time into the stacked array; finalize(name, array) (a device_put
+    into the weight's sharding)
     runs as soon as a weight is complete, so its host copy can go: peak host memory is the final
     arrays plus one stacked weight and one checkpoint tensor.
 
@@ -96,7 +97,7 @@ def assemble(config: TransformerConfig, specs: Mapping, sources: Mapping[str, So
                 arr = _to_canonical(spec.kind, arr)
                 index = tuple(x for x in (None if i is None else row, e) if x is not None)
                 dest[index] = arr
-        out[name] = dest if finalize is None else finalize(dest)
+        out[name] = dest if finalize is None else finalize(name, dest)
         del dest, arr
         last[:] = [None, None]
     return out
