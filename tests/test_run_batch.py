@@ -70,6 +70,21 @@ def by_id(records: list[dict]) -> dict[str, dict]:
     return out
 
 
+def first_difference(a, b, path="") -> str | None:
+    """Where two JSON bodies differ (floats within 1e-3 count as equal), or None."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b), key=str):
+            d = first_difference(a.get(k), b.get(k), f"{path}.{k}")
+            if d:
+                return d
+        return None
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        return next((d for i, (x, y) in enumerate(zip(a, b)) if (d := first_difference(x, y, f"{path}[{i}]"))), None)
+    if isinstance(a, float) and isinstance(b, float) and abs(a - b) <= 1e-3:
+        return None  # logprobs: float32 sums in another batch composition differ in the last bits
+    return None if a == b else f"{path}: {a!r} != {b!r}"
+
+
 def run_batch(args, env=None, timeout=300) -> subprocess.CompletedProcess:
     full_env = {**os.environ, "PYTHONPATH": ROOT, **(env or {})}
     return subprocess.run([sys.executable, "-m", "jaxllm.run_batch", *args, "--no-progress"], cwd=ROOT,
@@ -167,7 +182,9 @@ def test_kill_at_any_point_then_resume_gives_every_line_exactly_once(tmp_path):
 @pytest.fixture(scope="module")
 def gcs():
     """gcp-storage-emulator on 127.0.0.1, bucket `bkt`; gcsfs pointed at it (anonymous)."""
-    pytest.importorskip("gcsfs")
+    import importlib.util
+    if importlib.util.find_spec("gcsfs") is None or importlib.util.find_spec("gcp_storage_emulator") is None:
+        pytest.skip("needs the gcs and test extras (gcsfs, gcp-storage-emulator)")
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "gcp_storage_emulator", "start", "--host", "127.0.0.1", "--port",
                              str(port), "--in-memory", "--default-bucket", "bkt"],
@@ -177,7 +194,7 @@ def gcs():
            # gcsfs would otherwise ask the (absent) gRPC control API for the bucket type, for a minute
            "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
     old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
+    os.environ.update(env)  # before gcsfs is first imported: it reads GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT then
     import fsspec
     fsspec.config.conf["gs"] = {"token": "anon", "project": "test"}
     fs = fsspec.filesystem("gs", skip_instance_cache=True)
@@ -267,7 +284,7 @@ def test_gcs_job_bodies_equal_the_server(gcs, tmp_path):
             for k in ("id", "created"):
                 mine.pop(k)
                 body.pop(k)
-        assert mine == body, cid
+        assert first_difference(mine, body) is None, cid
     assert {c for c, (s, _) in expected.items() if s != 200} == {"bad-param", "bad-logprobs", "too-long", "bad-model"}
     # The parts are gone, the completed progress record stays; a re-run has nothing to do.
     assert [p.rsplit("/", 1)[-1] for p in fs.ls("bkt/out/result.jsonl.jaxllm-job")] == ["job.json"]
@@ -291,4 +308,7 @@ def test_gcs_kill_and_resume_tiny(gcs, tmp_path):
     local_in.write_text(tiny_input(12))
     r = run_batch(tiny_args(str(local_in), str(tmp_path / "ref.jsonl")))
     assert r.returncode == 0
-    assert resumed == by_id(read_output(str(tmp_path / "ref.jsonl")))
+    ref = by_id(read_output(str(tmp_path / "ref.jsonl")))
+    # A line without custom_id is keyed by its shard URL and line number, which differ from the local run.
+    assert len(resumed) == len(ref)
+    assert ({k: v for k, v in resumed.items() if v["custom_id"]} == {k: v for k, v in ref.items() if v["custom_id"]})
