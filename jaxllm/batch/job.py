@@ -13,7 +13,7 @@ import signal
 import threading
 import time
 from array import array
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -85,8 +85,11 @@ def scan(shards: list[Shard]) -> int:
 
 
 class BatchJob:
-    def __init__(self, engine, job: JobDir, resume: Resume, shards: list[Shard], total: int, config: BatchConfig):
+    def __init__(self, engine, job: JobDir, resume: Resume, shards: list[Shard], total: int, config: BatchConfig,
+                 lines: Iterable[tuple[str, int, bytes]] | None = None):
+        """lines: (source, line number, raw line) to run instead of the shards' (Ray workers pass theirs)."""
         self.engine = engine
+        self.lines = lines
         self.job = job
         self.resume = resume
         self.shards = shards
@@ -103,7 +106,7 @@ class BatchJob:
 
     def _read(self, out: queue.Queue) -> None:
         try:
-            for url, lineno, raw in iter_lines(self.shards):
+            for url, lineno, raw in (self.lines if self.lines is not None else iter_lines(self.shards)):
                 if self._stop.is_set():
                     return
                 key, _ = key_of(raw, url, lineno)
@@ -121,7 +124,9 @@ class BatchJob:
         lines: queue.Queue = queue.Queue(maxsize=self.max_seqs)
         reader = threading.Thread(target=self._read, args=(lines,), name="jaxllm-batch-reader", daemon=True)
         reader.start()
-        old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        # Signal handlers exist only in the main thread (a Ray actor runs us elsewhere).
+        old = ({s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+               if threading.current_thread() is threading.main_thread() else {})
         engine = self.engine
         inflight: dict[str, tuple[Work, int]] = {}
         buffer: list[Record] = []

@@ -40,6 +40,10 @@ class Resume:
     next_part: int
     completed: bool  # the output was assembled by an earlier run
 
+    @classmethod
+    def fresh(cls) -> "Resume":
+        return cls(np.zeros(0, np.uint64), 0, completed=False)
+
     def is_done(self, key: int) -> bool:
         i = np.searchsorted(self.done, np.uint64(key))
         return bool(i < len(self.done) and self.done[i] == key)
