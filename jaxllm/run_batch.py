@@ -69,8 +69,9 @@ def main(argv: list[str] | None = None, *, engine=None) -> int:
     try:
         shards = list_shards(config.input_file)
         total = scan(shards)
+        model = args.model or args.model_flag or (getattr(engine.config.model, "model", None) if engine else None)
         job = JobDir(config.work_dir or config.output_file.rstrip("/") + ".jaxllm-job", config.output_file,
-                     shards, total)
+                     shards, total, model=f"{model or 'default'} {args.served_model_name or ''}".strip())
         resume = job.open()
     except (StorageError, DuplicateCustomIds) as exc:
         print(f"run_batch: error: {exc}", file=sys.stderr)

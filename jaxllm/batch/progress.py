@@ -50,11 +50,12 @@ class Resume:
 
 
 class JobDir:
-    def __init__(self, work_dir: str, output: str, shards: list[Shard], total_lines: int):
+    def __init__(self, work_dir: str, output: str, shards: list[Shard], total_lines: int, model: str = ""):
         self.url = work_dir
         self.output = output
+        # What must not change between a run and its resume: the input, where it goes, the model answering.
         self.record = {"format": _FORMAT, "input": [[s.url, s.size] for s in shards], "output": output,
-                       "lines": total_lines, "completed": False}
+                       "model": model, "lines": total_lines, "completed": False}
 
     def open(self) -> Resume:
         """Checks that the work dir belongs to this job (or starts it) and reads what is done. Writing
@@ -66,9 +67,10 @@ class JobDir:
             raise StorageError(f"cannot read the job's progress record {job_url}: {exc}") from None
         if raw is not None:
             old = json.loads(raw)
-            if old.get("input") != self.record["input"] or old.get("output") != self.output:
-                raise StorageError(f"{self.url} holds the progress of another job (different input or output); "
-                                   f"remove it or pass another --work-dir")
+            changed = [k for k in ("input", "output", "model") if old.get(k) != self.record[k]]
+            if changed:
+                raise StorageError(f"{self.url} holds the progress of another job (its {', '.join(changed)} "
+                                   f"differ); remove it or pass another --work-dir")
             if old.get("completed") and self._output_exists():
                 return Resume(np.zeros(0, np.uint64), 0, completed=True)
         try:
