@@ -149,8 +149,10 @@ class BatchJob:
 
         try:
             while not self._stop.is_set():
-                # Top up the engine: it runs every step with as many requests as fit.
-                while not reader_done and len(engine.requests) < 2 * self.max_seqs:
+                # Top up the engine: it runs every step with as many requests as fit. (A run of bad lines
+                # stops at a full buffer too, so that it is committed.)
+                while (not reader_done and len(engine.requests) < 2 * self.max_seqs
+                       and len(buffer) < self.config.commit_records):
                     try:
                         item = lines.get(block=not engine.has_unfinished_requests())
                     except queue.Empty:
