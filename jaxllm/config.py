@@ -88,6 +88,20 @@ class EngineConfig:
                 for k, v in dataclasses.asdict(getattr(self, section.name)).items()}
 
 
+@dataclass
+class BatchConfig:
+    """`python -m jaxllm.run_batch`: what a batch job adds to the engine's flags."""
+
+    input_file: str = ""  # -i: local path or fsspec URL (gs://...), a glob of shards allowed
+    output_file: str = ""  # -o: local path or fsspec URL
+    work_dir: str | None = None  # committed parts + progress record; default OUTPUT + ".jaxllm-job"
+    # A part is committed when this many records are finished or this many seconds passed since the last
+    # commit, whichever comes first: the redo bound after a kill (plus what the engine holds in flight).
+    commit_records: int = 1000
+    commit_seconds: float = 30.0
+    progress: bool = True  # tqdm bar on stderr
+
+
 def default_cache_dir() -> str:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(base, "jaxllm")
@@ -136,6 +150,22 @@ def add_engine_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                 parser.add_argument(flag, *([short] if short else []), type=kind, default=default,
                                     help=_FLAG_HELP.get(f.name))
     parser.add_argument("--model", dest="model_flag", default=None, help=_FLAG_HELP["model"])
+    return parser
+
+
+def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, short: dict[str, str] | None = None,
+                       help: dict[str, str] | None = None) -> argparse.ArgumentParser:
+    """One --flag-name per field of a flat config dataclass (booleans get --no-...)."""
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        names = [short[f.name], flag] if short and f.name in short else [flag]
+        default = f.default
+        if isinstance(default, bool):
+            parser.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction, default=default)
+        else:
+            kind = type(default) if default is not None else str
+            parser.add_argument(*names, dest=f.name, type=kind, default=default, required=default == "",
+                                help=(help or {}).get(f.name))
     return parser
 
 

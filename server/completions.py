@@ -11,39 +11,14 @@ from quart_schema import document_request, document_response
 
 from server import sse
 from server.errors import APIError
-from server.generation import (ChoiceState, add_request, check_logprobs, check_model, check_stream_options,
-                               check_token_ids, close_all, completion_logprobs, engine_error, make_sampling_params,
-                               check_structured_outputs, merge, parse_body, resolve_max_tokens, state)
+from server.generation import (ChoiceState, add_request, close_all, completion_logprobs, engine_error, limits, merge,
+                               parse_body, state)
+from server.prepare import prepare_completion
 from server.protocol import (CompletionChoice, CompletionRequest, CompletionResponse, ErrorResponse,
                              PromptTokensDetails, UsageInfo, random_id)
+from server.responses import completion_response, echo_text
 
 bp = Blueprint("completions", __name__)
-
-
-def _prompts(req: CompletionRequest, tok) -> list[tuple[str | None, list[int]]]:
-    """Normalizes the four prompt forms to (text or None, token ids). Runs off the event loop: long
-    prompts take a while to tokenize and must not stall every stream."""
-    p = req.prompt
-    if isinstance(p, str):
-        items: list = [p]
-    elif not p:
-        raise APIError("the prompt is empty", 400, param="prompt")
-    elif isinstance(p[0], int):
-        items = [p]
-    else:
-        items = list(p)
-    out = []
-    for item in items:
-        if isinstance(item, str):
-            if not item:
-                raise APIError("the prompt is empty", 400, param="prompt")
-            out.append((item, tok.encode(item, add_special_tokens=True)))
-        else:
-            if not item:
-                raise APIError("the prompt is empty", 400, param="prompt")
-            check_token_ids(item, tok.vocab_size)
-            out.append((None, list(item)))
-    return out
 
 
 @bp.post("/v1/completions")
@@ -52,37 +27,17 @@ def _prompts(req: CompletionRequest, tok) -> list[tuple[str | None, list[int]]]:
 @document_response(ErrorResponse, 400)
 async def create_completion():
     req: CompletionRequest = await parse_body(CompletionRequest)
-    model = check_model(req.model)
-    check_stream_options(req)
-    structured = await check_structured_outputs(req)
-    if req.suffix:
-        raise APIError("suffix is not supported by this server", 400, param="suffix")
-    check_logprobs(req.logprobs, "logprobs")
-    check_logprobs(req.prompt_logprobs, "prompt_logprobs")
-    if req.best_of is not None:
-        if req.best_of < req.n:
-            raise APIError(f"best_of ({req.best_of}) must be at least n ({req.n})", 400, param="best_of")
-        if req.stream and req.best_of != req.n:
-            raise APIError("best_of must equal n when streaming", 400, param="best_of")
-    prompts = await asyncio.to_thread(_prompts, req, state().tokenizer())
-    max_len = state().max_model_len()
-    params = []
-    for _, ids in prompts:
-        max_tokens = resolve_max_tokens(len(ids), req.max_tokens, max_len)
-        prompt_lp = req.logprobs if (req.echo and req.logprobs is not None) else req.prompt_logprobs
-        params.append(make_sampling_params(req, max_tokens=max_tokens, logprobs=req.logprobs,
-                                           prompt_logprobs=prompt_lp, best_of=req.best_of,
-                                           structured_outputs=structured))
+    prepared = await asyncio.to_thread(prepare_completion, req, limits())
     base_id = random_id("cmpl")
     streams = []
     try:
-        for i, ((text, ids), sp) in enumerate(zip(prompts, params)):
+        for i, ((text, ids), sp) in enumerate(zip(prepared.prompts, prepared.params)):
             streams.append(await add_request(f"{base_id}-{i}", text, sp, ids, req.priority, req.cache_salt))
     except BaseException:
         close_all(streams)
         raise
     if req.stream:
-        body = _stream(req, model, base_id, prompts, streams, state().tokenizer())
+        body = _stream(req, prepared.model, base_id, prepared.prompts, streams, state().tokenizer())
         resp = Response(body, mimetype="text/event-stream", headers=sse.HEADERS)
         resp.timeout = None
         return resp
@@ -96,56 +51,7 @@ async def create_completion():
         raise engine_error(exc) from None
     finally:
         close_all(streams)
-    return _response(req, model, base_id, prompts, finals).model_dump(mode="json")
-
-
-def _echo_text(tok, text: str | None, ids: list[int]) -> str:
-    return text if text is not None else tok.decode(ids, skip_special_tokens=False)
-
-
-def _response(req, model, base_id, prompts, finals) -> CompletionResponse:
-    tok = state().tokenizer()
-    choices = []
-    completion_tokens = 0
-    for i, (text, ids) in enumerate(prompts):
-        out = finals[i]
-        for comp in out.outputs:
-            completion_tokens += len(comp.token_ids)
-            body = comp.text
-            logprobs = None
-            if req.echo:
-                prefix = _echo_text(tok, text, ids)
-                body = prefix + body
-            if req.logprobs is not None:
-                offset = 0
-                if req.echo:
-                    logprobs, offset = completion_logprobs(
-                        tok, ids, out.prompt_logprobs or [None] * len(ids), req.logprobs, 0)
-                    offset = len(_echo_text(tok, text, ids))
-                gen, _ = completion_logprobs(tok, comp.token_ids, comp.logprobs, req.logprobs, offset)
-                if logprobs is None:
-                    logprobs = gen
-                else:
-                    for f in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
-                        getattr(logprobs, f).extend(getattr(gen, f))
-            choices.append(CompletionChoice(index=i * req.n + comp.index, text=body, logprobs=logprobs,
-                                            finish_reason=comp.finish_reason, stop_reason=comp.stop_reason,
-                                            prompt_logprobs=_prompt_lp_json(out) if req.prompt_logprobs else None))
-    choices.sort(key=lambda c: c.index)
-    prompt_tokens = sum(len(ids) for _, ids in prompts)
-    cached = sum(out.num_cached_tokens for out in finals.values())
-    return CompletionResponse(id=base_id, model=model, choices=choices,
-                              usage=UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                                              total_tokens=prompt_tokens + completion_tokens,
-                                              prompt_tokens_details=PromptTokensDetails(cached_tokens=cached)))
-
-
-def _prompt_lp_json(out) -> list | None:
-    if out.prompt_logprobs is None:
-        return None
-    return [None if pos is None else {str(t): {"logprob": lp.logprob, "rank": lp.rank,
-                                                "decoded_token": lp.decoded_token} for t, lp in pos.items()}
-            for pos in out.prompt_logprobs]
+    return completion_response(req, prepared, base_id, finals, state().tokenizer()).model_dump(mode="json")
 
 
 async def _stream(req: CompletionRequest, model: str, base_id: str, prompts, streams, tok):
@@ -177,7 +83,7 @@ async def _stream(req: CompletionRequest, model: str, base_id: str, prompts, str
                 # (they arrive, complete, with the request's first output).
                 echoed.add(i)
                 text, ids = prompts[i]
-                echo = _echo_text(tok, text, ids)
+                echo = echo_text(tok, text, ids)
                 lp = None
                 if req.logprobs is not None:
                     lp, _ = completion_logprobs(tok, ids, out.prompt_logprobs or [None] * len(ids),
