@@ -29,6 +29,8 @@ async def create_completion():
     req: CompletionRequest = await parse_body(CompletionRequest)
     prepared = await asyncio.to_thread(prepare_completion, req, limits())
     base_id = random_id("cmpl")
+    if req.use_beam_search:
+        return (await _beam_search(req, prepared, base_id)).model_dump(mode="json")
     streams = []
     try:
         for i, ((text, ids), sp) in enumerate(zip(prepared.prompts, prepared.params)):
@@ -52,6 +54,53 @@ async def create_completion():
     finally:
         close_all(streams)
     return completion_response(req, prepared, base_id, finals, state().tokenizer()).model_dump(mode="json")
+
+
+async def _beam_search(req: CompletionRequest, prepared, base_id: str) -> CompletionResponse:
+    """vLLM's use_beam_search: n beams per prompt, each round one engine request per live beam."""
+    from jaxllm.beam_search import BeamSearch, BeamSearchParams
+    if req.stream:
+        raise APIError("use_beam_search cannot be streamed", 400, param="use_beam_search")
+    engine = state().require_engine()
+    searches = []
+    for (_, ids), params in zip(prepared.prompts, prepared.params):
+        bp_ = BeamSearchParams(beam_width=req.n, max_tokens=params.max_tokens, ignore_eos=req.ignore_eos,
+                               temperature=req.temperature or 0.0, length_penalty=req.length_penalty,
+                               include_stop_str_in_output=req.include_stop_str_in_output)
+        searches.append(BeamSearch(ids, bp_, engine.eos_token_ids, engine.max_model_len, engine.tokenizer))
+    round_ = 0
+    while not all(s.finished for s in searches):
+        live = [s for s in searches if not s.finished]
+        streams = []
+        try:
+            for s in live:
+                for k, beam in enumerate(s.live):
+                    rid = f"{base_id}-{searches.index(s)}-r{round_}-{k}"
+                    streams.append(await add_request(rid, None, s.step_params(), beam.tokens, req.priority,
+                                                     req.cache_salt))
+            finals: dict[int, Any] = {}
+            async for i, out in merge(streams):
+                finals[i] = out
+        except APIError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            raise engine_error(exc) from None
+        finally:
+            close_all(streams)
+        outs = [finals[i] for i in range(len(streams))]
+        for s in live:
+            s.advance(outs[:len(s.live)])
+            outs = outs[len(s.live):]
+        round_ += 1
+    choices, completion_tokens = [], 0
+    for i, s in enumerate(searches):
+        for j, seq in enumerate(s.result().sequences):
+            completion_tokens += len(seq.tokens) - s.prompt_len
+            choices.append(CompletionChoice(index=i * req.n + j, text=seq.text, finish_reason=seq.finish_reason))
+    prompt_tokens = sum(len(ids) for _, ids in prepared.prompts)
+    return CompletionResponse(id=base_id, model=prepared.model, choices=choices,
+                              usage=UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                                              total_tokens=prompt_tokens + completion_tokens))
 
 
 async def _stream(req: CompletionRequest, model: str, base_id: str, prompts, streams, tok):

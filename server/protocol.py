@@ -57,6 +57,8 @@ class SamplingFields(_Request):
     priority: StrictInt = 0
     echo: StrictBool = False
     cache_salt: StrictStr | None = None  # requests share cached prefixes only with the same salt
+    use_beam_search: StrictBool = False  # vLLM's extra: n beams instead of n samples (not streamed)
+    length_penalty: float = 1.0
     # Structured outputs (not built yet): accepted here so they can be refused by name, never ignored.
     response_format: Any = None
     structured_outputs: Any = None

@@ -174,7 +174,9 @@ def test_kill_at_any_point_then_resume_gives_every_line_exactly_once(tmp_path):
         proc.send_signal(sig)
         code = proc.wait()
         if running and sig == signal.SIGTERM:
-            assert code == 130
+            # 130: stopped in its loop, after committing what was finished. A SIGTERM that lands after
+            # the loop (assembling / cleaning up, no handler any more) kills it; the re-run must cope.
+            assert code in (130, -signal.SIGTERM), code
         r = run_batch(tiny_args(str(inp), out))
         assert r.returncode == 0, r.stderr[-3000:]
         assert by_id(read_output(out)) == ref

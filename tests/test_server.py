@@ -444,6 +444,17 @@ def test_embeddings_endpoint(client, http):
     assert_error(http.post("/v1/embeddings", json={"input": [[1, 10**7]]}), 400, param="input")
 
 
+def test_beam_search_completions(client):
+    out = client.completions.create(model="smol", prompt="The capital of France is", max_tokens=6, n=3,
+                                    extra_body={"use_beam_search": True, "ignore_eos": True})
+    texts = [c.text for c in out.choices]
+    assert len(texts) == 3 and len(set(texts)) == 3 and [c.index for c in out.choices] == [0, 1, 2]
+    assert out.usage.completion_tokens == 18
+    with pytest.raises(openai.BadRequestError, match="use_beam_search"):
+        client.completions.create(model="smol", prompt="Hi", max_tokens=2, n=2, stream=True,
+                                  extra_body={"use_beam_search": True})
+
+
 def test_chat_template_per_request(client, http):
     template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
     out = client.chat.completions.create(model="smol", messages=[{"role": "user", "content": "Hi there"}],
