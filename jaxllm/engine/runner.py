@@ -9,6 +9,9 @@ Two jitted programs per step, every shape of both declared in one `ShapeTable` a
 host can schedule and prepare the next step meanwhile (async scheduling): a decode row whose input token
 is still on the device names its row in the previous step's `sampled` (`from_prev`), and the forward
 program reads it there.
+Both programs are traced under the engine's ("data", "model") mesh (1 x 1 on one device): the pool is
+split over KV heads, the penalty state, step inputs and outputs are replicated, and the model's
+parameters carry their own shardings (models/sharding.py).
 The pool and the penalty state are donated to `forward` and updated in place. The programs are split so
 the sampler's shapes do not multiply the model's: the hidden states stay on device between the two
 calls, and only sampled ids and logprobs come back to the host.
