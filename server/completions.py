@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
 
 from quart import Blueprint, Response
 from quart_schema import document_request, document_response
 
 from server import sse
 from server.errors import APIError
-from server.generation import (ChoiceState, add_request, close_all, completion_logprobs, engine_error, limits, merge,
-                               parse_body, state)
+from server.generation import (ChoiceState, add_request, close_all, completion_logprobs, engine_error,
+                               final_outputs, limits, merge, parse_body, state)
 from server.prepare import prepare_completion
 from server.protocol import (CompletionChoice, CompletionRequest, CompletionResponse, ErrorResponse,
                              PromptTokensDetails, UsageInfo, random_id)
@@ -43,16 +42,7 @@ async def create_completion():
         resp = Response(body, mimetype="text/event-stream", headers=sse.HEADERS)
         resp.timeout = None
         return resp
-    try:
-        finals: dict[int, Any] = {}
-        async for i, out in merge(streams):
-            finals[i] = out
-    except APIError:
-        raise
-    except Exception as exc:  # noqa: BLE001
-        raise engine_error(exc) from None
-    finally:
-        close_all(streams)
+    finals = dict(enumerate(await final_outputs(streams)))
     return completion_response(req, prepared, base_id, finals, state().tokenizer()).model_dump(mode="json")
 
 
@@ -78,16 +68,10 @@ async def _beam_search(req: CompletionRequest, prepared, base_id: str) -> Comple
                     rid = f"{base_id}-{searches.index(s)}-r{round_}-{k}"
                     streams.append(await add_request(rid, None, s.step_params(), beam.tokens, req.priority,
                                                      req.cache_salt))
-            finals: dict[int, Any] = {}
-            async for i, out in merge(streams):
-                finals[i] = out
-        except APIError:
-            raise
-        except Exception as exc:  # noqa: BLE001
-            raise engine_error(exc) from None
-        finally:
+        except BaseException:
             close_all(streams)
-        outs = [finals[i] for i in range(len(streams))]
+            raise
+        outs = await final_outputs(streams)
         for s in live:
             s.advance(outs[:len(s.live)])
             outs = outs[len(s.live):]

@@ -11,7 +11,7 @@ from quart import Blueprint
 from quart_schema import document_request, document_response
 
 from server.errors import APIError
-from server.generation import add_request, check_model, check_token_ids, close_all, engine_error, merge, parse_body, state
+from server.generation import add_request, check_model, check_token_ids, close_all, final_outputs, parse_body, state
 from server.protocol import EmbeddingData, EmbeddingRequest, EmbeddingResponse, ErrorResponse, UsageInfo, random_id
 
 bp = Blueprint("embeddings", __name__)
@@ -56,15 +56,10 @@ async def create_embeddings():
     try:
         for i, ids in enumerate(inputs):
             streams.append(await add_request(f"{base_id}-{i}", None, None, ids, req.priority, pooling=True))
-        finals = {}
-        async for i, out in merge(streams):
-            finals[i] = out
-    except APIError:
-        raise
-    except Exception as exc:  # noqa: BLE001
-        raise engine_error(exc) from None
-    finally:
+    except BaseException:
         close_all(streams)
+        raise
+    finals = await final_outputs(streams)
     data = []
     for i in range(len(inputs)):
         vec = finals[i].outputs.embedding

@@ -91,6 +91,22 @@ async def merge(streams: list[RequestStream]) -> AsyncIterator[tuple[int, Any]]:
             t.cancel()
 
 
+async def final_outputs(streams: list[RequestStream]) -> list[Any]:
+    """Each request's last output, in order; engine failures become OpenAI errors; the streams are
+    closed (aborted if still running) whatever happens."""
+    finals: dict[int, Any] = {}
+    try:
+        async for i, out in merge(streams):
+            finals[i] = out
+    except APIError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise engine_error(exc) from None
+    finally:
+        close_all(streams)
+    return [finals[i] for i in range(len(streams))]
+
+
 def close_all(streams: list[RequestStream]) -> None:
     for s in streams:
         s.close()
