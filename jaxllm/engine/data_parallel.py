@@ -46,6 +46,10 @@ class DataParallelEngine:
             raise AttributeError(name)
         return getattr(self.replicas[0], name)
 
+    @property
+    def healthy(self) -> bool:
+        return all(r.healthy for r in self.replicas)
+
     def _load(self, engine: LLMEngine) -> int:
         return len(engine.scheduler.running) + engine.scheduler.num_waiting
 
