@@ -90,7 +90,8 @@ class TextPart(_Request):
 
 
 class ChatMessage(_Request):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
+    # "function" is OpenAI's deprecated predecessor of "tool"; vLLM passes it to the template, so do we.
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     # List-of-parts content is accepted when every part is text (this engine has no vision/audio input).
     content: StrictStr | list[dict[str, Any]] | None = None
     name: StrictStr | None = None

@@ -326,6 +326,9 @@ def test_chat_continue_final_message_and_tool_role(client, http):
     out = client.chat.completions.create(model="smol", messages=tool, max_tokens=4, temperature=0)
     assert out.choices[0].finish_reason in ("stop", "length") and out.usage.completion_tokens >= 1
     # The tool result really reached the model: the rendered prompt holds it, and its tokens are counted.
+    legacy = http.post("/v1/chat/completions", json={"max_tokens": 2, "messages": [
+        {"role": "user", "content": "Weather?"}, {"role": "function", "name": "get_weather", "content": "sunny"}]})
+    assert legacy.status_code == 200, legacy.text  # the deprecated function role, accepted as vLLM does
     rendered = http.post("/tokenize", json={"messages": tool}).json()
     text = http.post("/detokenize", json={"tokens": rendered["tokens"]}).json()["prompt"]
     assert "sunny, 21C" in text and out.usage.prompt_tokens == rendered["count"]
