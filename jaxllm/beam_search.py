@@ -112,3 +112,17 @@ class BeamSearch:
             seqs.append(BeamSearchSequence(b.tokens, self.tokenizer.decode(gen, skip_special_tokens=True),
                                            b.cum_logprob, b.finish_reason or "length"))
         return BeamSearchOutput(seqs)
+
+
+def live_beams(searches: list[BeamSearch]) -> list[list[int]]:
+    """The token ids of every live beam of every search, in order: one round's requests."""
+    return [b.tokens for s in searches for b in s.live]
+
+
+def advance_all(searches: list[BeamSearch], outputs: list) -> None:
+    """Hands each search the outputs of its live beams (`outputs` in `live_beams` order)."""
+    for s in searches:
+        n = len(s.live)
+        if n:
+            s.advance(outputs[:n])
+            outputs = outputs[n:]

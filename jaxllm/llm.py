@@ -34,8 +34,7 @@ class LLM:
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *,
                  use_tqdm: bool = True, priority: Sequence[int] | None = None) -> list[RequestOutput]:
         """prompts: a string, a list of token ids, {"prompt": ...} / {"prompt_token_ids": [...]}, or a list of them."""
-        if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
+        prompts = _as_list(prompts)
         params = sampling_params or SamplingParams()
         params = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
         if len(params) != len(prompts):
@@ -73,8 +72,7 @@ class LLM:
         """Embeddings of the prompts (vLLM's shape: `out.outputs.embedding`): the L2-normalized final
         hidden state of the last token (`pooling="last"`, the default of --pooling) or the mean over
         all tokens (`"mean"`), computed by the same batched step as generation."""
-        if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
+        prompts = _as_list(prompts)
         ids = []
         for prompt in prompts:
             rid = str(next(self._ids))
@@ -86,22 +84,17 @@ class LLM:
     def beam_search(self, prompts: PromptType | Sequence[PromptType], params) -> list:
         """Beam search (vLLM's `LLM.beam_search(prompts, BeamSearchParams(beam_width, max_tokens))`):
         one `BeamSearchOutput` per prompt with its beam_width best sequences, best first."""
-        from jaxllm.beam_search import BeamSearch
-        if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
+        from jaxllm.beam_search import BeamSearch, advance_all, live_beams
+        prompts = _as_list(prompts)
         eng = self.engine
         searches = []
         for prompt in prompts:
             text, ids = _split_prompt(prompt)
             ids = ids if ids is not None else eng.tokenizer.encode(text)
             searches.append(BeamSearch(ids, params, eng.eos_token_ids, eng.max_model_len, eng.tokenizer))
-        while not all(s.finished for s in searches):
-            live = [s for s in searches if not s.finished]
-            beams = [{"prompt_token_ids": b.tokens} for s in live for b in s.live]
-            outs = self.generate(beams, live[0].step_params(), use_tqdm=False)
-            for s in live:
-                s.advance(outs[:len(s.live)])
-                outs = outs[len(s.live):]
+        while beams := live_beams(searches):
+            outs = self.generate([{"prompt_token_ids": t} for t in beams], searches[0].step_params(), use_tqdm=False)
+            advance_all(searches, outs)
         return [s.result() for s in searches]
 
     def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
@@ -120,6 +113,13 @@ class LLM:
         finally:
             bar.close()
         return [finished[r] for r in request_ids]
+
+
+def _as_list(prompts: PromptType | Sequence[PromptType]) -> list[PromptType]:
+    """One prompt (a string, a dict, or a list of token ids) or a list of them -> a list of prompts."""
+    if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+        return [prompts]
+    return list(prompts)
 
 
 def _split_prompt(prompt: PromptType) -> tuple[str | None, list[int] | None]:

@@ -48,7 +48,7 @@ async def create_completion():
 
 async def _beam_search(req: CompletionRequest, prepared, base_id: str) -> CompletionResponse:
     """vLLM's use_beam_search: n beams per prompt, each round one engine request per live beam."""
-    from jaxllm.beam_search import BeamSearch, BeamSearchParams
+    from jaxllm.beam_search import BeamSearch, BeamSearchParams, advance_all, live_beams
     if req.stream:
         raise APIError("use_beam_search cannot be streamed", 400, param="use_beam_search")
     engine = state().require_engine()
@@ -59,22 +59,16 @@ async def _beam_search(req: CompletionRequest, prepared, base_id: str) -> Comple
                                include_stop_str_in_output=req.include_stop_str_in_output)
         searches.append(BeamSearch(ids, bp_, engine.eos_token_ids, engine.max_model_len, engine.tokenizer))
     round_ = 0
-    while not all(s.finished for s in searches):
-        live = [s for s in searches if not s.finished]
+    while beams := live_beams(searches):
         streams = []
         try:
-            for s in live:
-                for k, beam in enumerate(s.live):
-                    rid = f"{base_id}-{searches.index(s)}-r{round_}-{k}"
-                    streams.append(await add_request(rid, None, s.step_params(), beam.tokens, req.priority,
-                                                     req.cache_salt))
+            for k, tokens in enumerate(beams):
+                streams.append(await add_request(f"{base_id}-r{round_}-{k}", None, searches[0].step_params(),
+                                                 tokens, req.priority, req.cache_salt))
         except BaseException:
             close_all(streams)
             raise
-        outs = await final_outputs(streams)
-        for s in live:
-            s.advance(outs[:len(s.live)])
-            outs = outs[len(s.live):]
+        advance_all(searches, await final_outputs(streams))
         round_ += 1
     choices, completion_tokens = [], 0
     for i, s in enumerate(searches):

@@ -11,26 +11,11 @@ from quart import Blueprint
 from quart_schema import document_request, document_response
 
 from server.errors import APIError
-from server.generation import add_request, check_model, check_token_ids, close_all, final_outputs, parse_body, state
+from server.generation import add_request, check_model, close_all, final_outputs, parse_body, state
+from server.prepare import prompt_forms
 from server.protocol import EmbeddingData, EmbeddingRequest, EmbeddingResponse, ErrorResponse, UsageInfo, random_id
 
 bp = Blueprint("embeddings", __name__)
-
-
-def _inputs(req: EmbeddingRequest, tok) -> list[list[int]]:
-    """The four input forms as token-id lists (tokenized off the event loop by the caller)."""
-    x = req.input
-    items = [x] if isinstance(x, str) or (x and isinstance(x[0], int)) else list(x)
-    if not items:
-        raise APIError("input is empty", 400, param="input")
-    out = []
-    for item in items:
-        ids = tok.encode(item) if isinstance(item, str) else list(item)
-        if not ids:
-            raise APIError("input contains an empty string or token list", 400, param="input")
-        check_token_ids(ids, tok.vocab_size, param="input")
-        out.append(ids)
-    return out
 
 
 @bp.post("/v1/embeddings")
@@ -45,7 +30,8 @@ async def create_embeddings():
     if req.dimensions is not None and req.dimensions != hidden:
         raise APIError(f"dimensions must be {hidden} for this model (it has no Matryoshka-trained sizes)", 400,
                        param="dimensions")
-    inputs = await asyncio.to_thread(_inputs, req, state().tokenizer())
+    forms = await asyncio.to_thread(prompt_forms, req.input, state().tokenizer(), "input")
+    inputs = [ids for _, ids in forms]
     max_len = state().max_model_len()
     for ids in inputs:
         if len(ids) >= max_len:

@@ -267,11 +267,16 @@ def prepare_completion(req: CompletionRequest, limits: EngineLimits) -> Prepared
 
 def completion_prompts(req: CompletionRequest, tok) -> list[tuple[str | None, list[int]]]:
     """Normalizes the four prompt forms to (text or None, token ids)."""
-    p = req.prompt
+    return prompt_forms(req.prompt, tok, "prompt")
+
+
+def prompt_forms(p: Any, tok, param: str) -> list[tuple[str | None, list[int]]]:
+    """A string, a list of strings, token ids or a list of token-id lists -> (text or None, token ids)
+    each; empty entries and out-of-vocabulary ids are 400s naming `param`."""
     if isinstance(p, str):
         items: list = [p]
     elif not p:
-        raise APIError("the prompt is empty", 400, param="prompt")
+        raise APIError(f"the {param} is empty", 400, param=param)
     elif isinstance(p[0], int):
         items = [p]
     else:
@@ -280,12 +285,12 @@ def completion_prompts(req: CompletionRequest, tok) -> list[tuple[str | None, li
     for item in items:
         if isinstance(item, str):
             if not item:
-                raise APIError("the prompt is empty", 400, param="prompt")
+                raise APIError(f"the {param} is empty", 400, param=param)
             out.append((item, tok.encode(item, add_special_tokens=True)))
         else:
             if not item:
-                raise APIError("the prompt is empty", 400, param="prompt")
-            check_token_ids(item, tok.vocab_size)
+                raise APIError(f"the {param} is empty", 400, param=param)
+            check_token_ids(item, tok.vocab_size, param=param)
             out.append((None, list(item)))
     return out
 

@@ -280,11 +280,6 @@ class ModelRunner:
                 src[seat] = parent
         return PenaltyRecord(token_seats, token_is_output, src, reset, np.asarray(bool(seat_inits)))
 
-    def execute(self, inputs: StepInputs, rows: list[LogitsRow], prev: PendingStep | None = None
-                ) -> SamplerOutput | None:
-        """Runs the step and waits: the sampler's outputs for `rows` (NumPy, in order) or None."""
-        return self.fetch(self.dispatch(inputs, rows, prev))
-
     def fetch(self, pending: PendingStep) -> SamplerOutput | None:
         """Waits for a dispatched step; device errors surface here."""
         if pending.out is None:
