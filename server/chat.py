@@ -83,7 +83,7 @@ async def _stream(req: ChatCompletionRequest, prepared: prepare.Prepared, reques
                 tokens[comp.index] = st.num_tokens
                 if d is None:
                     continue
-                text, start, finish = d
+                text, finish = d
                 lp = None
                 if top_k is not None:
                     lp = ChatLogprobs(content=chat_logprobs(tok, comp.token_ids, comp.logprobs, top_k))

@@ -125,7 +125,7 @@ async def _stream(req: CompletionRequest, model: str, base_id: str, prompts, str
                 completion_tokens[idx] = st.num_tokens
                 if d is None:
                     continue
-                text, start, finish = d
+                text, finish = d
                 logprobs = None
                 if req.logprobs is not None:
                     logprobs, offsets[idx] = completion_logprobs(tok, comp.token_ids, comp.logprobs,

@@ -121,8 +121,7 @@ def engine_error(exc: BaseException) -> APIError:
 
 
 class ChoiceState:
-    """One streamed choice: the token count so far (for logprob offsets and usage); finish_reason is
-    reported exactly once."""
+    """One streamed choice: the token count so far (for usage); finish_reason is reported exactly once."""
 
     __slots__ = ("num_tokens", "finish_sent")
 
@@ -130,16 +129,15 @@ class ChoiceState:
         self.num_tokens = 0
         self.finish_sent = False
 
-    def delta(self, comp: Any) -> tuple[str, int, str | None] | None:
-        """For a DELTA output of the choice: (new text, index of its first token, finish reason), or
-        None when there is nothing to send."""
+    def delta(self, comp: Any) -> tuple[str, str | None] | None:
+        """For a DELTA output of the choice: (new text, finish reason), or None when there is nothing
+        to send."""
         if self.finish_sent:
             return None
-        start = self.num_tokens
         finish = comp.finish_reason
         if not comp.text and not comp.token_ids and finish is None:
             return None
         self.num_tokens += len(comp.token_ids)
         if finish is not None:
             self.finish_sent = True
-        return comp.text, start, finish
+        return comp.text, finish
