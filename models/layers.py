@@ -18,6 +18,7 @@ import numpy as np
 from flax import nnx
 
 import pallas_kernels
+from pallas_kernels.quantized_matmul import QuantizedArray, quantized_matmul, take_rows
 from pallas_kernels.ragged_paged_attention import resolve_backend
 from models.base import AttentionMetadata
 from models.config import TransformerConfig
@@ -34,16 +35,20 @@ def _precision(w: jax.Array):
     return jax.lax.Precision.HIGHEST if w.dtype == jnp.float32 else None
 
 
-def linear(x: jax.Array, w: jax.Array) -> jax.Array:
-    """x [..., in] @ w [in, out]."""
+def linear(x: jax.Array, w: jax.Array | QuantizedArray) -> jax.Array:
+    """x [..., in] @ w [in, out], or @ W^T for a quantized W [out, in]."""
+    if isinstance(w, QuantizedArray):
+        lead = x.shape[:-1]
+        return quantized_matmul(x.reshape(-1, x.shape[-1]), w).reshape(lead + (w.shape[-2],))
     return jnp.matmul(x, w, precision=_precision(w))
 
 
 class Linear(nnx.Module):
-    """The one weight type of every projection (and the untied lm_head): weight [in, out] (+ bias [out]).
+    """The one weight type of every projection (and the untied lm_head): weight [in, out] (+ bias [out]),
+    or a QuantizedArray [out, in] (pallas_kernels/quantized_matmul), which every family thus takes.
 
-    axes: logical axis names of the weight ("embed", "heads", "kv_heads", "mlp", "vocab", "experts"),
-    what sharding rules map onto the mesh. Quantized weights will replace `weight` here, in one place.
+    axes: logical axis names of the float weight ("embed", "heads", "kv_heads", "mlp", "vocab",
+    "experts"), what sharding rules map onto the mesh (reversed for a quantized one).
     With a leading layer axis (stacked layers) weight is [L, in, out]; the scan hands out one layer.
     """
 
@@ -53,7 +58,7 @@ class Linear(nnx.Module):
         self.axes = axes
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = linear(x, self.weight[...])
+        y = linear(x, self.weight.get_value())
         return y if self.bias is None else y + self.bias[...]
 
 
@@ -387,14 +392,20 @@ def paged_attention(c: TransformerConfig, q, k, v, kv_pages, md: AttentionMetada
     n = mesh.shape[sharding.MODEL]
     heads = P(None, sharding.MODEL, None)
     kv = heads if sharding.kv_heads_sharded(c.num_kv_heads, n) else P()
-    return jax.shard_map(f, in_specs=(heads, kv, kv, sharding.pool_spec(c, n), P(), P(), P()),
-                         out_specs=(heads, sharding.pool_spec(c, n)), check_vma=False)(
+    pool = sharding.pool_spec(c, n)
+    if isinstance(kv_pages, pallas_kernels.QuantizedPages):
+        pool = pallas_kernels.QuantizedPages(pool, P(*pool[:-1]))
+    return jax.shard_map(f, in_specs=(heads, kv, kv, pool, P(), P(), P()),
+                         out_specs=(heads, pool), check_vma=False)(
         q, k, v, kv_pages, md, layer, w)
 
 
-def embed_lookup(table: jax.Array, ids: jax.Array) -> jax.Array:
+def embed_lookup(table: jax.Array | QuantizedArray, ids: jax.Array, dtype=None) -> jax.Array:
     """table [V, H] rows for ids [T]. Vocab-parallel on a mesh: each device looks up the ids in its
-    slice of the vocabulary, zeros elsewhere, and one all-reduce sums the (exact) result."""
+    slice of the vocabulary, zeros elsewhere, and one all-reduce sums the (exact) result. A quantized
+    table dequantizes only the rows looked up."""
+    if isinstance(table, QuantizedArray):
+        return take_rows(table, ids, dtype)
     n = sharding.model_axis_size()
     if not sharding.vocab_sharded(table.shape[0], n):
         return jnp.take(table, ids, axis=0)

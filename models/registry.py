@@ -87,16 +87,35 @@ def _np_dtype(dtype):
     return dt
 
 
-def _to_device(dt, placement=None):
+# --quantization: "gguf" keeps a GGUF file's block-quantized weights packed; "int8" / "fp8" quantize
+# the layers' projections per output channel at load (the embedding, head and router stay float).
+QUANTIZATIONS = ("gguf", "int8", "fp8")
+CHANNEL_QUANTIZED = ("layers.q_proj", "layers.k_proj", "layers.v_proj", "layers.o_proj",
+                     "layers.gate_proj", "layers.up_proj", "layers.down_proj")
+
+
+def _to_device(dt, placement=None, quantization: str | None = None):
     """Each weight leaves the host as soon as it is assembled (see loading.weights.assemble), straight
     into its sharding when `placement` (canonical name -> jax.sharding.Sharding) is given: each device
-    receives only its shard."""
-    if placement is None:
-        return lambda name, a: jnp.asarray(a, dt)
-    return lambda name, a: jax.device_put(np.asarray(a, dt), placement(name))
+    receives only its shard. A quantized weight goes to the default device; shard_model places it."""
+    from pallas_kernels.quantized_matmul import QuantizedArray, channels_as_q8_0, quantize_channels
+
+    def put(name, a):
+        if quantization in ("int8", "fp8") and name in CHANNEL_QUANTIZED:
+            data, scale = quantize_channels(np.swapaxes(np.asarray(a, np.float32), -1, -2), quantization)
+            a = QuantizedArray(data, scale, None, quantization)
+            if quantization == "int8" and jax.default_backend() == "cpu" and data.shape[-1] % 32 == 0:
+                # XLA:CPU would expand int8 to float every step; as Q8_0 blocks ggml reads them directly
+                a = QuantizedArray(channels_as_q8_0(data, scale), None, None, "q8_0")
+        if isinstance(a, QuantizedArray):
+            return jax.tree.map(jnp.asarray, a)
+        if placement is None:
+            return jnp.asarray(a, dt)
+        return jax.device_put(np.asarray(a, dt), placement(name))
+    return put
 
 
-def _convert_gguf(path: str, dt, place) -> tuple[TransformerConfig, dict]:
+def _convert_gguf(path: str, dt, place, quantization=None) -> tuple[TransformerConfig, dict]:
     from models.loading import gguf as gguf_loading
     file = gguf_loading.open_gguf(path)
     meta = dict(file.metadata)
@@ -124,10 +143,11 @@ def _convert_gguf(path: str, dt, place) -> tuple[TransformerConfig, dict]:
         dense = tuple(i for i in range(config.num_layers) if f"blk.{i}.ffn_gate_inp.weight" not in names)
         config = dataclasses.replace(config, mlp_only_layers=dense)
     return config, gguf_loading.load_weights(file, config, param_specs(config), fam.gguf_weights(config), dt,
-                                             _to_device(dt, place(config)))
+                                             _to_device(dt, place(config), quantization),
+                                             keep_quantized=quantization == "gguf")
 
 
-def _convert_hf(path: str, dt, place) -> tuple[TransformerConfig, dict]:
+def _convert_hf(path: str, dt, place, quantization=None) -> tuple[TransformerConfig, dict]:
     from models.loading import safetensors as st_loading
     cfg = st_loading.read_hf_config(path)
     archs = cfg.get("architectures") or []
@@ -139,12 +159,19 @@ def _convert_hf(path: str, dt, place) -> tuple[TransformerConfig, dict]:
         sources = _text_model_sources(path, fam.hf_weights)
     config = dataclasses.replace(TransformerConfig.from_hf_config(cfg), **fam.hf_config(cfg))
     return config, st_loading.load_weights(path, config, param_specs(config), sources(config), dt,
-                                           _to_device(dt, place(config)))
+                                           _to_device(dt, place(config), quantization))
 
 
-def _load(path: str, gguf: bool, dtype, param_cache: str | None, runtime) -> LoadedModel:
+def _load(path: str, gguf: bool, dtype, param_cache: str | None, runtime,
+          quantization: str | None = None) -> LoadedModel:
     """Convert (or restore from the param cache), then build the model with the runtime options."""
     dt = _np_dtype(dtype)
+    if quantization is not None:
+        if quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {quantization!r}")
+        if quantization == "gguf" and not gguf:
+            raise ValueError(f"quantization 'gguf' needs a GGUF checkpoint, {path} is not one")
+        param_cache = None  # kept-quantized weights load as fast as the cache would
     mesh = runtime.pop("mesh", None)
 
     def place(config):  # canonical name -> its sharding on `mesh`, or None (default device)
@@ -163,7 +190,7 @@ def _load(path: str, gguf: bool, dtype, param_cache: str | None, runtime) -> Loa
         if put is not None:
             weights = {name: jax.device_put(np.asarray(w), put(name)) for name, w in weights.items()}
     else:
-        config, weights = (_convert_gguf if gguf else _convert_hf)(path, dt, place)
+        config, weights = (_convert_gguf if gguf else _convert_hf)(path, dt, place, quantization)
         if param_cache:
             cache.save(param_cache, key, config, weights)
     fam = family_for(config.architecture, gguf=gguf, source=path)
@@ -172,12 +199,14 @@ def _load(path: str, gguf: bool, dtype, param_cache: str | None, runtime) -> Loa
     return LoadedModel(model, config, path, path if gguf else None, path)
 
 
-def load_gguf(path: str, *, dtype="float32", param_cache: str | None = None, **runtime) -> LoadedModel:
-    return _load(path, True, dtype, param_cache, runtime)
+def load_gguf(path: str, *, dtype="float32", param_cache: str | None = None, quantization: str | None = None,
+              **runtime) -> LoadedModel:
+    return _load(path, True, dtype, param_cache, runtime, quantization)
 
 
-def load_hf_dir(path: str, *, dtype="float32", param_cache: str | None = None, **runtime) -> LoadedModel:
-    return _load(path, False, dtype, param_cache, runtime)
+def load_hf_dir(path: str, *, dtype="float32", param_cache: str | None = None, quantization: str | None = None,
+                **runtime) -> LoadedModel:
+    return _load(path, False, dtype, param_cache, runtime, quantization)
 
 
 def _text_model_sources(path: str, hf_weights):
@@ -200,27 +229,31 @@ def _text_model_sources(path: str, hf_weights):
 
 
 def load_model(source: str | None = None, *, dtype="float32", param_cache: str | None = None,
-               **runtime) -> LoadedModel:
+               quantization: str | None = None, **runtime) -> LoadedModel:
     """source: None (the default SmolLM2 GGUF), a .gguf file, a HF checkpoint directory (config.json +
     safetensors), a directory holding one .gguf, or a hub id ("org/name", downloaded when online).
     param_cache: a directory for orbax checkpoints of the converted parameters (see
     loading/param_cache.py); None converts every time.
+    quantization: None (float weights), "gguf" (a GGUF file's quantized weights kept packed), "int8" /
+    "fp8" (projections quantized per output channel at load); see QUANTIZATIONS.
     `runtime`: TransformerConfig fields that choose how, not what, to run (attention_backend=...), and
     mesh=: a ("data", "model") mesh to load each weight straight into its tensor-parallel sharding."""
     if source is None:
         source = default_model_path()
     source = os.path.expanduser(str(source))
     if os.path.isfile(source):
-        return load_gguf(source, dtype=dtype, param_cache=param_cache, **runtime)
+        return load_gguf(source, dtype=dtype, param_cache=param_cache, quantization=quantization, **runtime)
     if os.path.isdir(source):
         if os.path.isfile(os.path.join(source, "config.json")):
-            return load_hf_dir(source, dtype=dtype, param_cache=param_cache, **runtime)
+            return load_hf_dir(source, dtype=dtype, param_cache=param_cache, quantization=quantization, **runtime)
         ggufs = sorted(f for f in os.listdir(source) if f.endswith(".gguf"))
         if len(ggufs) == 1:
-            return load_gguf(os.path.join(source, ggufs[0]), dtype=dtype, param_cache=param_cache, **runtime)
+            return load_gguf(os.path.join(source, ggufs[0]), dtype=dtype, param_cache=param_cache,
+                             quantization=quantization, **runtime)
         raise CheckpointNotFoundError(f"{source}: neither config.json nor a single .gguf file found "
                                       f"(.gguf files: {ggufs})")
     from models.loading import hub
     if hub.looks_like_hub_id(source):
-        return load_model(hub.download(source), dtype=dtype, param_cache=param_cache, **runtime)
+        return load_model(hub.download(source), dtype=dtype, param_cache=param_cache, quantization=quantization,
+                          **runtime)
     raise CheckpointNotFoundError(f"model not found: {source} (no such file or directory)")

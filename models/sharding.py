@@ -17,6 +17,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from pallas_kernels.quantized_matmul import QuantizedArray
+
 DATA, MODEL = "data", "model"
 
 
@@ -88,12 +90,29 @@ def param_partition_specs(model, n: int, expert_parallel: bool = False) -> dict[
         module = model
         for p in path[:-1]:
             module = module[p] if isinstance(p, int) else getattr(module, p)
-        shape = var[...].shape
-        axes = _logical_axes(module, path[-1], len(shape))
-        mesh_axes = [rules.get(a) for a in axes]
-        mesh_axes = [a if a is None or dim % n == 0 else None for a, dim in zip(mesh_axes, shape)]
-        specs[path] = P(*mesh_axes)
+        value = var.get_value()
+        if isinstance(value, QuantizedArray):
+            specs[path] = _quantized_specs(value, _logical_axes(module, path[-1], 2), path[-1], rules, n)
+            continue
+        axes = _logical_axes(module, path[-1], len(value.shape))
+        specs[path] = _spec(axes, value.shape, rules, n)
     return specs
+
+
+def _spec(axes, shape, rules, n: int) -> P:
+    mesh_axes = [rules.get(a) for a in axes]
+    return P(*[a if a is None or dim % n == 0 else None for a, dim in zip(mesh_axes, shape)])
+
+
+def _quantized_specs(w: QuantizedArray, axes, leaf: str, rules, n: int) -> QuantizedArray:
+    """Specs of a quantized weight [..., out, packed in]: split over its output rows as the float weight
+    would be (column-parallel q/k/v/gate/up, vocab-parallel head); the packed input axis stays whole,
+    so a row-parallel o/down is replicated (its blocks would have to split on block boundaries)."""
+    rows = axes[0] if leaf == "embed_tokens" else axes[-1]
+    lead = (None,) * (w.data.ndim - 2)
+    data = _spec(lead + (rows, None), w.data.shape, rules, n)
+    scale = None if w.scale is None else _spec(lead + (rows,), w.scale.shape, rules, n)
+    return QuantizedArray(data, scale, None, w.fmt)
 
 
 def shard_model(model, mesh: Mesh, expert_parallel: bool = False) -> None:
@@ -104,7 +123,8 @@ def shard_model(model, mesh: Mesh, expert_parallel: bool = False) -> None:
     state = nnx.state(model, nnx.Param)
     flat = dict(nnx.to_flat_state(state))
     for path, var in flat.items():
-        var.set_value(jax.device_put(var.get_value(), NamedSharding(mesh, specs[path])))
+        put = jax.tree.map(lambda p: NamedSharding(mesh, p), specs[path], is_leaf=lambda x: isinstance(x, P))
+        var.set_value(jax.device_put(var.get_value(), put))
     nnx.update(model, state)
 
 

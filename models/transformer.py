@@ -32,6 +32,7 @@ from flax import nnx
 
 from models.base import AttentionMetadata
 from models.config import TransformerConfig
+from pallas_kernels.quantized_matmul import QuantizedArray, quantized_matmul
 from models.layers import (MoE, Attention, GatedMLP, RMSNorm, attention_windows, embed_lookup, rope_cos_sin,
                            rope_tables)
 
@@ -159,7 +160,7 @@ class DecoderLM(nnx.Module):
         specs = param_specs(config)
         self.config = config
         self.dtype = jnp.dtype(dtype)
-        w = {name: jnp.asarray(weights[name], dtype) for name in specs}
+        w = {name: _as_param(weights[name], dtype) for name in specs}
         self.embed_tokens = nnx.Param(w["embed_tokens"])
         groups = []
         for start, count, moe in layer_groups(config):
@@ -167,7 +168,7 @@ class DecoderLM(nnx.Module):
             for name, spec in specs.items():
                 if spec.layers is not None and start in spec.layers:
                     first = spec.layers.index(start)
-                    rows[name] = w[name][first:first + count]
+                    rows[name] = jax.tree.map(lambda a: a[first:first + count], w[name])
             groups.append(DecoderLayer(config, rows, moe))
         self.groups = nnx.List(groups)
         self.norm = RMSNorm(w["norm"], config.rms_norm_eps, config.norm_offset)
@@ -179,12 +180,12 @@ class DecoderLM(nnx.Module):
         for g in self.groups:
             for path, var in nnx.to_flat_state(nnx.state(g, nnx.Param)):
                 key = ".".join(str(p) for p in path)
-                parts.setdefault(key, []).append(var[...])
-        w = {"embed_tokens": self.embed_tokens[...], "norm": self.norm.weight[...]}
+                parts.setdefault(key, []).append(var.get_value())
+        w = {"embed_tokens": self.embed_tokens.get_value(), "norm": self.norm.weight[...]}
         for key, arrs in parts.items():
-            w[_CANONICAL[key]] = jnp.concatenate(arrs)
+            w[_CANONICAL[key]] = jax.tree.map(lambda *a: jnp.concatenate(a), *arrs)
         if self.lm_head is not None:
-            w["lm_head"] = self.lm_head[...]
+            w["lm_head"] = self.lm_head.get_value()
         return w
 
     def __call__(self, token_ids: jax.Array, positions: jax.Array, kv_pages: jax.Array,
@@ -195,7 +196,7 @@ class DecoderLM(nnx.Module):
         compiled once per group, and the pool rides in the carry so each write_kv updates it in place.
         """
         c = self.config
-        x = embed_lookup(self.embed_tokens[...], token_ids)
+        x = embed_lookup(self.embed_tokens.get_value(), token_ids, self.dtype)
         if c.embed_scale:  # HF rounds sqrt(hidden) to the activation dtype first
             x = x * jnp.asarray(math.sqrt(c.hidden_size), x.dtype)
         _, rope_index = rope_tables(c)
@@ -208,11 +209,18 @@ class DecoderLM(nnx.Module):
             ids = np.arange(start, start + count, dtype=np.int32)
             win = (np.zeros(count, np.int32) if per_layer_window is None
                    else per_layer_window[start:start + count])
-            xs = (stacked, jnp.asarray(ids), jnp.asarray(np.asarray(rope_index, np.int32)[ids]), jnp.asarray(win))
+            # Quantized weights stay whole and get this layer's index instead of being sliced: the
+            # ggml custom call reads the stack in place (a slice would be a copy every layer).
+            is_q = lambda a: isinstance(a, QuantizedArray)
+            leaves, treedef = jax.tree.flatten(stacked, is_leaf=is_q)
+            scanned = [jnp.arange(count, dtype=jnp.int32) if is_q(a) else a for a in leaves]
+            xs = (scanned, jnp.asarray(ids), jnp.asarray(np.asarray(rope_index, np.int32)[ids]), jnp.asarray(win))
 
-            def body(carry, xs, graphdef=graphdef):
+            def body(carry, xs, graphdef=graphdef, leaves=leaves, treedef=treedef):
                 h, pool = carry
-                layer_state, layer, rope_i, w = xs
+                layer_leaves, layer, rope_i, w = xs
+                layer_state = treedef.unflatten([a.at_layer(i) if is_q(a) else i
+                                                 for a, i in zip(leaves, layer_leaves)])
                 window = (("static", distinct[0]) if mode == "static" else ("traced", w) if mode == "traced"
                           else ("switch", (w, distinct)))
                 h, pool = nnx.merge(graphdef, layer_state)(h, positions, pool, md, layer, (cos[rope_i], sin[rope_i]),
@@ -225,15 +233,26 @@ class DecoderLM(nnx.Module):
 
     def compute_logits(self, hidden: jax.Array) -> jax.Array:
         """hidden [R, H] -> float32 logits [R, V] (soft-capped when the family caps them)."""
+        head = (self.embed_tokens if self.lm_head is None else self.lm_head).get_value()
+        cap = self.config.final_logit_softcap
+        if isinstance(head, QuantizedArray):  # [V, H] either way: a quantized weight is [out, in]
+            logits = quantized_matmul(hidden.astype(jnp.float32), head)
+            return logits if cap is None else cap * jnp.tanh(logits / cap)
         if self.lm_head is None:
-            head, dims = self.embed_tokens[...], (((1,), (1,)), ((), ()))
+            dims = (((1,), (1,)), ((), ()))
         else:
-            head, dims = self.lm_head[...], (((1,), (0,)), ((), ()))
+            dims = (((1,), (0,)), ((), ()))
         precision = jax.lax.Precision.HIGHEST if head.dtype == jnp.float32 else None
         logits = jax.lax.dot_general(hidden.astype(self.dtype), head, dims, precision=precision,
                                      preferred_element_type=jnp.float32)
-        cap = self.config.final_logit_softcap
         return logits if cap is None else cap * jnp.tanh(logits / cap)
+
+
+def _as_param(w, dtype):
+    """A loaded weight as a parameter: float arrays in the model dtype; quantized ones as they are."""
+    if isinstance(w, QuantizedArray):
+        return jax.tree.map(jnp.asarray, w)
+    return jnp.asarray(w, dtype)
 
 
 # Module path inside a DecoderLayer -> canonical name (for canonical_weights).

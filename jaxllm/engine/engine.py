@@ -73,9 +73,16 @@ def load_for(config: EngineConfig, mesh=None) -> "models.LoadedModel":
     if config.compile.param_cache:
         param_cache = os.path.join(config.compile.cache_dir or default_cache_dir(), "params")
     return models.load_model(config.model.model, dtype=jnp.dtype(_resolve_dtype(config.model.dtype)).name,
-                             param_cache=param_cache, attention_backend=config.model.attention_backend,
+                             param_cache=param_cache, quantization=config.model.quantization,
+                             attention_backend=config.model.attention_backend,
                              attention_interpret=config.model.attention_interpret,
                              expert_parallel=config.parallel.enable_expert_parallel, mesh=mesh)
+
+
+# --kv-cache-dtype (vLLM's names): int8 / fp8 pools store a scale per token and K/V head, ~2x the
+# tokens of a bfloat16 pool (~4x float32) in the same memory.
+KV_CACHE_DTYPES = {"auto": None, "float32": jnp.float32, "bfloat16": jnp.bfloat16, "int8": jnp.int8,
+                   "fp8": jnp.float8_e4m3fn, "fp8_e4m3": jnp.float8_e4m3fn, "fp8_e5m2": jnp.float8_e5m2}
 
 
 def _resolve_dtype(name: str) -> jnp.dtype:
@@ -98,9 +105,9 @@ class LLMEngine:
                              "jaxllm.engine.data_parallel.create_engine / DataParallelEngine")
         if par.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {par.tensor_parallel_size}")
-        if config.cache.kv_cache_dtype not in ("auto", "float32", "bfloat16"):
-            raise ValueError(f"kv_cache_dtype must be auto, float32 or bfloat16, got {config.cache.kv_cache_dtype!r}"
-                             " (quantized KV pages are not wired into the engine yet)")
+        if config.cache.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, "
+                             f"got {config.cache.kv_cache_dtype!r}")
         t0 = time.perf_counter()
         if config.compile.persistent_cache:
             enable_persistent_compilation_cache(config.compile.cache_dir)
@@ -118,10 +125,12 @@ class LLMEngine:
         self.eos_token_ids = set(self.tokenizer.eos_token_ids) | set(self.model_config.eos_token_ids)
 
         cache, sched = config.cache, config.scheduler
-        kv_dtype = dtype if config.cache.kv_cache_dtype == "auto" else _resolve_dtype(config.cache.kv_cache_dtype)
+        kv_dtype = jnp.dtype(dtype if cache.kv_cache_dtype == "auto" else KV_CACHE_DTYPES[cache.kv_cache_dtype])
         max_model_len = config.model.max_model_len or min(
             self.model_config.max_position_embeddings, 2048 if jax.default_backend() == "cpu" else 8192)
-        num_pages = cache.num_pages or self._pages_from_budget(max_model_len, jnp.dtype(kv_dtype).itemsize)
+        # A quantized pool also keeps a float32 scale per token and K/V head (pallas_kernels.QuantizedPages).
+        bytes_per_value = kv_dtype.itemsize + (4 / self.model_config.head_dim if kv_dtype.itemsize == 1 else 0)
+        num_pages = cache.num_pages or self._pages_from_budget(max_model_len, bytes_per_value)
         pool_tokens = num_pages * cache.page_size
         if pool_tokens < max_model_len:
             logger.warning("KV pool holds %d tokens < max_model_len %d; lowering max_model_len", pool_tokens,
@@ -167,7 +176,7 @@ class LLMEngine:
         self.generation_tokens_total = 0
         self.last_iteration_tokens = 0
 
-    def _pages_from_budget(self, max_model_len: int, itemsize: int) -> int:
+    def _pages_from_budget(self, max_model_len: int, itemsize: float) -> int:
         cache, sched = self.config.cache, self.config.scheduler
         page_bytes = self.model_config.kv_bytes_per_token(itemsize) * cache.page_size
         n = self.mesh.shape[sharding.MODEL]
@@ -181,7 +190,7 @@ class LLMEngine:
                 stats = self.mesh.devices.flat[0].memory_stats() or {}
                 free = stats.get("bytes_limit", 16 << 30) - stats.get("bytes_in_use", 0)
                 budget = int(free * cache.gpu_memory_utilization)
-        return max(1, budget // page_bytes)
+        return max(1, int(budget // page_bytes))
 
     # ---- requests -------------------------------------------------------------------------------
 

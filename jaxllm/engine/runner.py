@@ -37,6 +37,7 @@ from jaxllm.engine.sampler import PenaltyRows, RowSpec, SamplerOutput, SamplingT
 from jaxllm.engine.scheduler import RESET_SEAT, SchedulerOutput
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+import pallas_kernels
 from models import sharding
 from models.base import AttentionMetadata
 
@@ -155,14 +156,15 @@ class ModelRunner:
         self.num_recompiles = 0
         self.compile_seconds = 0.0
         rep = self.replicated
-        self._forward = jax.jit(self._forward_impl, donate_argnums=(1, 2), out_shardings=(rep, self.pool_sharding, rep))
+        pool_out = jax.tree.map(lambda a: a.sharding, self.kv_pages)  # scales of a quantized pool included
+        self._forward = jax.jit(self._forward_impl, donate_argnums=(1, 2), out_shardings=(rep, pool_out, rep))
         self._sample = jax.jit(self._sample_impl, out_shardings=rep)
         self._pool = jax.jit(self._pool_impl, out_shardings=rep)
 
     def reset_device_state(self) -> None:
         """(Re)allocates the page pool and the penalty state: at start-up, and after a failed step,
         whose donated buffers are gone."""
-        self.kv_pages = jnp.zeros(self.pool_shape, self.kv_dtype, device=self.pool_sharding)
+        self.kv_pages = pallas_kernels.allocate_pages(self.pool_shape, self.kv_dtype, self.pool_sharding)
         S1 = self.num_seats + 1
         self.penalty_state = PenaltyRows(jnp.zeros((S1, self.vocab_size), jnp.int32, device=self.replicated),
                                          jnp.zeros((S1, self.vocab_size), bool, device=self.replicated))

@@ -46,13 +46,21 @@ def unpermute_qk(w: np.ndarray, num_heads: int) -> np.ndarray:
     return w.reshape(num_heads, head_dim // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def load_weights(file: GGUFFile, config, specs, sources, dtype, finalize=None) -> dict[str, np.ndarray]:
-    """Canonical stacked weights of a GGUF file (see models.loading.weights.assemble)."""
+def load_weights(file: GGUFFile, config, specs, sources, dtype, finalize=None,
+                 keep_quantized: bool = False) -> dict[str, np.ndarray]:
+    """Canonical stacked weights of a GGUF file (see models.loading.weights.assemble). keep_quantized:
+    block-quantized projections, embedding and head stay packed as the file stores them (QuantizedArray)."""
     from models.loading.weights import assemble
+    from pallas_kernels.quantized_matmul import GGML_FORMATS
     tensors = {t.name: t for t in file.tensors}
 
     def get(name):
         t = tensors.get(name)
         return None if t is None else dequantize(t, file.path)
 
-    return assemble(config, specs, sources, get, file.path, dtype, finalize)
+    def packed(name):
+        t = tensors.get(name)
+        fmt = None if t is None else t.tensor_type.name.lower()
+        return (fmt, np.asarray(t.data)) if fmt in GGML_FORMATS else None
+
+    return assemble(config, specs, sources, get, file.path, dtype, finalize, packed if keep_quantized else None)

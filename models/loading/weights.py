@@ -4,6 +4,9 @@ A family maps each canonical weight (models/transformer.py, param_specs) to a So
 tensor's name template ("{i}" layer, "{e}" expert) and an optional transform of that tensor in the
 checkpoint's layout (split a fused qkv / gate_up, undo llama.cpp's q/k permutation or Gemma's +1).
 After it, the weight's kind fixes the layout: Linear weights and experts [out, in] -> [in, out].
+
+Weights kept quantized (GGUF blocks, see `packed`) stay [out, row_bytes], rows as the file has them:
+transforms of linear weights only move or select whole rows, so they apply to packed rows unchanged.
 """
 
 from __future__ import annotations
@@ -15,6 +18,12 @@ import numpy as np
 
 from models.config import TransformerConfig
 from models.loading.errors import CheckpointError
+from pallas_kernels.quantized_matmul import QuantizedArray
+from pallas_kernels.quantized_matmul.reference import row_bytes
+
+# Weights that may stay quantized: the projections, the embedding and the head (not the router, whose
+# float32 routing decides which experts run).
+KEEPABLE_KINDS = ("linear", "embed")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +56,8 @@ def _to_canonical(kind: str, arr: np.ndarray) -> np.ndarray:
 
 def assemble(config: TransformerConfig, specs: Mapping, sources: Mapping[str, Source | str],
              get: Callable[[str], np.ndarray | None], source: str, dtype,
-             finalize: Callable[[str, np.ndarray], object] | None = None) -> dict[str, np.ndarray]:
+             finalize: Callable[[str, np.ndarray], object] | None = None,
+             packed: Callable[[str], tuple[str, np.ndarray] | None] | None = None) -> dict[str, np.ndarray]:
     """Canonical name -> stacked ndarray of `dtype` (or what finalize makes of it).
 
     Checkpoint tensors are read one at a time into the stacked array; finalize(name, array) (a device_put
@@ -58,6 +68,9 @@ def assemble(config: TransformerConfig, specs: Mapping, sources: Mapping[str, So
     specs: canonical name -> models.transformer.ParamSpec (shape with the stacked axis, kind, layers).
     sources: canonical name -> Source (or a bare template) in the checkpoint.
     get: checkpoint tensor name -> array in the checkpoint's layout, None if absent.
+    packed: checkpoint tensor name -> (format, uint8 [out, row_bytes]) for a tensor to keep quantized,
+    else None. A weight stays quantized when every layer's tensor has the same format; otherwise (a
+    Q4_K_M file mixes Q4_K and Q6_K layers of one weight) it is dequantized like any other.
     """
     dtype = np.dtype(dtype)
     out = {}
@@ -74,6 +87,10 @@ def assemble(config: TransformerConfig, specs: Mapping, sources: Mapping[str, So
             raise CheckpointError(f"{source}: no checkpoint tensor is known for weight {name!r}")
         src = Source(src) if isinstance(src, str) else src
         layers = spec.layers if spec.layers is not None else [None]
+        kept = None if packed is None else _assemble_packed(name, spec, src, layers, packed, source)
+        if kept is not None:
+            out[name] = kept if finalize is None else finalize(name, kept)
+            continue
         one_shape = spec.shape[1:] if spec.layers is not None else spec.shape
         per_expert = "{e}" in src.template
         experts = range(one_shape[0]) if per_expert else [None]
@@ -101,3 +118,29 @@ def assemble(config: TransformerConfig, specs: Mapping, sources: Mapping[str, So
         del dest, arr
         last[:] = [None, None]
     return out
+
+
+def _assemble_packed(name, spec, src: Source, layers, packed, source: str) -> QuantizedArray | None:
+    """The stacked [.., out, row_bytes] quantized weight, or None if it cannot stay quantized."""
+    if spec.kind not in KEEPABLE_KINDS or name == "layers.router" or "{e}" in src.template:
+        return None
+    tensors = [packed(src.template.format(i=i)) for i in layers]
+    formats = {t[0] if t is not None else None for t in tensors}
+    if len(formats) != 1 or None in formats:
+        return None
+    fmt = formats.pop()
+    one_shape = spec.shape[1:] if spec.layers is not None else spec.shape
+    rows, inputs = (one_shape[0], one_shape[1]) if spec.kind == "embed" else (one_shape[1], one_shape[0])
+    if inputs % 256 and fmt.endswith("_k") or inputs % 32:
+        return None
+    want_rows = src.shape if src.shape is not None else rows
+    want = (want_rows, row_bytes(fmt, inputs))
+    dest = np.empty(spec.shape[:-2] + (rows, want[1]), np.uint8)
+    for row, (i, (_, arr)) in enumerate(zip(layers, tensors)):
+        if tuple(arr.shape) != want:
+            raise CheckpointError(f"{source}: tensor {src.template.format(i=i)!r} ({fmt}) has shape "
+                                  f"{tuple(arr.shape)}, expected {want} for {name}")
+        if src.transform is not None:
+            arr = src.transform(arr)
+        dest[row if i is not None else ...] = arr
+    return QuantizedArray(dest, None, None, fmt)

@@ -23,7 +23,7 @@ import jax
 from pallas_kernels.ragged_paged_attention import gpu as _gpu
 from pallas_kernels.ragged_paged_attention import tpu as _tpu
 from pallas_kernels.ragged_paged_attention.reference import ragged_paged_attention as reference_attention
-from pallas_kernels.ragged_paged_attention.reference import write_kv
+from pallas_kernels.ragged_paged_attention.reference import QuantizedPages, allocate_pages, write_kv
 
 BACKENDS = ("auto", "reference", "tpu", "gpu")
 # Kernels that have passed tests/test_attention_kernels.py compiled on real hardware; "auto" only
@@ -69,11 +69,14 @@ def ragged_paged_attention(q, kv_pages, kv_lens, page_table, cu_q_lens, num_seqs
     kwargs = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
                   k_scale=k_scale, v_scale=v_scale, layer=layer)
     args = (q, kv_pages, kv_lens, page_table, cu_q_lens, num_seqs)
+    if isinstance(kv_pages, QuantizedPages) and impl != "reference":
+        raise NotImplementedError(f"the {impl} kernel takes per-page or per-head KV scales, not the engine's "
+                                  "per-token ones: use attention_backend='reference' with a quantized KV cache")
     if impl == "reference":
         return reference_attention(*args, **kwargs)
     fn = _tpu.ragged_paged_attention if impl == "tpu" else _gpu.ragged_paged_attention
     return fn(*args, interpret=interpret, **kwargs, **tuning)
 
 
-__all__ = ["ragged_paged_attention", "reference_attention", "write_kv", "resolve_backend", "native_kernel",
+__all__ = ["ragged_paged_attention", "reference_attention", "write_kv", "QuantizedPages", "allocate_pages", "resolve_backend", "native_kernel",
            "BACKENDS"]

@@ -1,0 +1,115 @@
+"""Matmuls with weights kept quantized: `QuantizedArray` (the weight type) and `quantized_matmul`.
+
+  quantized_matmul(x [T, in], w: QuantizedArray [out, in]) -> [T, out] in x's dtype
+
+Dispatch:
+  - ggml block formats on CPU, T <= GGML_MAX_ROWS, extension built: ggml's kernels (ggml_cpu.py);
+  - everything else: reference.py (dequantize, then one dot). GPU/TPU compilers fuse that
+    dequantization into the dot; XLA:CPU materializes it, which is why the CPU has the ggml path.
+
+Measured on the 2-core dev VM (SmolLM2-135M's 30 layers of Q4_1 projections, 7 matmuls each, in one
+jitted loop): T=1 f32 weights 36 ms, Q4_1 via ggml 8.2 ms, Q4_1 dequantized in XLA 85 ms; T=16: 55,
+51, 100 ms; T=64: 96, 183, ~140 ms. ggml's Q4_1 kernel is a per-row dot product (llama.cpp's batched
+GEMMs cover other formats), so past a few dozen rows the reference path wins: hence the row cap.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels.quantized_matmul import ggml_cpu, reference
+from pallas_kernels.quantized_matmul.reference import CHANNEL_FORMATS, GGML_FORMATS, dequantize
+
+FORMATS = tuple(GGML_FORMATS) + tuple(CHANNEL_FORMATS)
+GGML_MAX_ROWS = 32
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizedArray:
+    """A weight [..., out, in] in one of reference.py's formats (data, and per-channel scale for
+    int8 / fp8). Leading axes are stacked layers; inside a layer scan `layer` names this layer and
+    `data` stays the whole stack (a custom call would otherwise be handed a copied slice)."""
+
+    data: jax.Array
+    scale: jax.Array | None
+    layer: jax.Array | None
+    fmt: str
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        lead = self.data.shape[:-1] if self.layer is None else self.data.shape[1:-1]
+        return tuple(lead) + (reference.in_features(self.fmt, self.data.shape),)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in (self.data, self.scale) if a is not None)
+
+    def at_layer(self, layer) -> QuantizedArray:
+        return dataclasses.replace(self, layer=layer)
+
+    def one_layer(self) -> tuple[jax.Array, jax.Array | None]:
+        """(data, scale) of this weight alone (sliced out of the stack when `layer` is set)."""
+        if self.layer is None:
+            return self.data, self.scale
+        take = lambda a: None if a is None else jax.lax.dynamic_index_in_dim(a, self.layer, keepdims=False)
+        return take(self.data), take(self.scale)
+
+
+jax.tree_util.register_dataclass(QuantizedArray, data_fields=["data", "scale", "layer"], meta_fields=["fmt"])
+
+
+def _use_ggml(x: jax.Array, w: QuantizedArray) -> bool:
+    if w.fmt not in GGML_FORMATS or x.shape[0] > GGML_MAX_ROWS or jax.default_backend() != "cpu":
+        return False
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty and mesh.size > 1:  # a custom call is one device's program; GSPMD cannot split it
+        return False
+    return ggml_cpu.available()
+
+
+def quantized_matmul(x: jax.Array, w: QuantizedArray) -> jax.Array:
+    """x [T, in] @ W^T -> [T, out] in x's dtype."""
+    if _use_ggml(x, w):
+        y = ggml_cpu.mul_mat(x, GGML_FORMATS[w.fmt][0], w.data, w.layer)
+        return y.astype(x.dtype)
+    data, scale = w.one_layer()
+    return reference.quantized_matmul(x, w.fmt, data, scale)
+
+
+def take_rows(w: QuantizedArray, ids: jax.Array, dtype=jnp.float32) -> jax.Array:
+    """Rows `ids` of a [rows, in] weight, dequantized: an embedding lookup that never expands the table."""
+    data, scale = w.one_layer()
+    return dequantize(w.fmt, jnp.take(data, ids, axis=0),
+                      None if scale is None else jnp.take(scale, ids, axis=0), dtype)
+
+
+def quantize_channels(w: np.ndarray, fmt: str) -> tuple[np.ndarray, np.ndarray]:
+    """float [..., out, in] -> (data [..., out, in], scale [..., out] f32): symmetric per output channel,
+    the largest |w| of a row mapped to the format's largest value."""
+    w = np.asarray(w, np.float32)
+    dtype = CHANNEL_FORMATS[fmt]
+    top = 127.0 if fmt == "int8" else float(jnp.finfo(dtype).max)
+    amax = np.max(np.abs(w), axis=-1)
+    scale = np.where(amax > 0, amax / top, 1.0).astype(np.float32)
+    q = w / scale[..., None]
+    if fmt == "int8":
+        return np.clip(np.rint(q), -127, 127).astype(np.int8), scale
+    return np.asarray(jnp.asarray(q).astype(dtype)), scale
+
+
+def channels_as_q8_0(data: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """Per-channel int8 weights [..., out, in] as ggml Q8_0 blocks [..., out, row_bytes] holding the same
+    int8 values with the row's scale (rounded to float16) in every block: the same weight, in a layout
+    ggml's CPU kernels read."""
+    blocks = data.reshape(data.shape[:-1] + (-1, 32)).view(np.uint8)
+    d = np.broadcast_to(scale.astype(np.float16)[..., None, None], blocks.shape[:-1] + (1,)).view(np.uint8)
+    d = np.ascontiguousarray(d).reshape(blocks.shape[:-1] + (2,))
+    return np.concatenate([d, blocks], axis=-1).reshape(data.shape[:-1] + (-1,))
+
+
+__all__ = ["channels_as_q8_0", "QuantizedArray", "quantized_matmul", "take_rows", "dequantize", "quantize_channels", "FORMATS",
+           "GGML_FORMATS", "CHANNEL_FORMATS", "GGML_MAX_ROWS"]

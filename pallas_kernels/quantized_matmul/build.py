@@ -1,0 +1,132 @@
+"""Builds the ggml quantized-matmul extension for the CPU path (`make` runs this once).
+
+  python -m pallas_kernels.quantized_matmul.build [--force]
+
+ggml (llama.cpp's tensor library) is taken from the pinned llama-cpp-python sdist on PyPI, which vendors
+it (or from JAXLLM_GGML_SRC, a llama.cpp checkout). Only ggml's CPU backend is compiled, as
+static libraries without OpenMP (the extension drives ggml's own thread pool), for the instruction sets
+this host reports: -march=native is avoided because ggml's AMX paths crash on some hosts. The result,
+ggml_ffi.cc linked against it, goes to the cache directory `library_path()` names.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+GGML_SDIST = "llama-cpp-python==0.3.36"
+HERE = Path(__file__).resolve().parent
+
+
+def cache_dir() -> Path:
+    root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return root / "jaxllm" / "ggml"
+
+
+def cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def ggml_options(flags: set[str]) -> list[str]:
+    """cmake -D options enabling exactly the x86 extensions this CPU has (AMX left off)."""
+    want = {"GGML_AVX": "avx", "GGML_AVX2": "avx2", "GGML_FMA": "fma", "GGML_F16C": "f16c",
+            "GGML_BMI2": "bmi2", "GGML_AVX512": "avx512f", "GGML_AVX512_VBMI": "avx512vbmi",
+            "GGML_AVX512_VNNI": "avx512_vnni", "GGML_AVX512_BF16": "avx512_bf16", "GGML_AVX_VNNI": "avx_vnni"}
+    return [f"-D{opt}={'ON' if flag in flags else 'OFF'}" for opt, flag in want.items()]
+
+
+def key() -> str:
+    import jaxlib
+    flags = ggml_options(cpu_flags())
+    src = (HERE / "ggml_ffi.cc").read_bytes()
+    digest = hashlib.sha256(repr((GGML_SDIST, jaxlib.__version__, flags)).encode() + src).hexdigest()[:16]
+    return digest
+
+
+def library_path() -> Path:
+    return cache_dir() / key() / "libjaxllm_ggml.so"
+
+
+def _ggml_source(work: Path) -> Path:
+    src = os.environ.get("JAXLLM_GGML_SRC")
+    if src:
+        root = Path(src)
+    else:
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
+                        "-d", str(work), GGML_SDIST], check=True)
+        archive = next(work.glob("*.tar.gz"))
+        with tarfile.open(archive) as tar:
+            members = [m for m in tar.getmembers() if "/vendor/llama.cpp/" in m.name]
+            tar.extractall(work, members=members, filter="data")
+        root = next(work.glob("*/vendor/llama.cpp"))
+    return root
+
+
+def build(force: bool = False) -> Path:
+    out = library_path()
+    if out.exists() and not force:
+        return out
+    import jax.ffi
+    if shutil.which("c++") is None:
+        raise RuntimeError("building the ggml extension needs a C++ compiler ('c++' on PATH)")
+    cmake = shutil.which("cmake") or shutil.which("cmake", path=str(Path(sys.executable).parent))
+    if cmake is None:  # PyPI's cmake wheel, into this environment
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "cmake>=3.20"], check=True)
+        cmake = shutil.which("cmake", path=str(Path(sys.executable).parent))
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        llama_cpp = _ggml_source(work)
+        ggml = llama_cpp / "ggml"
+        build_dir = work / "build"
+        # Configured through llama.cpp's top level (ggml alone wants its test tree), building ggml only.
+        subprocess.run([cmake, "-S", str(llama_cpp), "-B", str(build_dir), "-DCMAKE_BUILD_TYPE=Release",
+                        "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_TOOLS=OFF",
+                        "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_COMMON=OFF", "-DLLAMA_CURL=OFF",
+                        "-DBUILD_SHARED_LIBS=OFF", "-DCMAKE_POSITION_INDEPENDENT_CODE=ON", "-DGGML_NATIVE=OFF",
+                        "-DGGML_OPENMP=OFF", "-DGGML_BACKEND_DL=OFF", "-DGGML_CPU_REPACK=OFF",
+                        "-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF",
+                        "-DGGML_BUILD_TESTS=OFF", "-DGGML_BUILD_EXAMPLES=OFF", *ggml_options(cpu_flags())],
+                       check=True, stdout=subprocess.DEVNULL)
+        subprocess.run([cmake, "--build", str(build_dir), "--target", "ggml-cpu", "ggml-base",
+                        "-j", str(os.cpu_count() or 2)], check=True, stdout=subprocess.DEVNULL)
+        libs = {p.name: p for p in build_dir.rglob("*.a")}
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp_out = out.with_suffix(".tmp")
+        subprocess.run(["c++", "-O2", "-std=c++17", "-shared", "-fPIC", "-w", str(HERE / "ggml_ffi.cc"),
+                        "-I", str(ggml / "include"), "-I", jax.ffi.include_dir(),
+                        "-Wl,--whole-archive", str(libs["libggml-cpu.a"]), "-Wl,--no-whole-archive",
+                        str(libs["libggml-base.a"]), "-lpthread", "-lm", "-o", str(tmp_out)], check=True)
+        tmp_out.replace(out)
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--force", action="store_true")
+    parser.add_argument("--optional", action="store_true", help="report a failed build and exit 0")
+    args = parser.parse_args()
+    try:
+        print(f"ggml extension: {build(args.force)}")
+    except Exception as e:  # noqa: BLE001 - the XLA path still works without the extension
+        if not args.optional:
+            raise
+        print(f"ggml extension not built ({e}); quantized matmuls on CPU will dequantize in XLA", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,54 @@
+"""The CPU path of quantized matmuls: ggml's kernels (llama.cpp's) through an XLA FFI custom call.
+
+XLA:CPU cannot fuse a dequantization into a dot: it writes a float copy of the weight every step, which
+makes a 4-bit weight slower than a float one (see __init__.py for the figures). ggml's kernels read the
+packed blocks directly (the activations are quantized to 8 bits per block, as llama.cpp does), so a
+decode step reads ~1/6 of the bytes. The extension is built once by build.py; without it, every
+quantized matmul takes the reference path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+TARGET = "jaxllm_ggml_mul_mat"
+
+
+@functools.cache
+def available() -> bool:
+    """Whether the extension is built and registered (False with JAXLLM_GGML=0)."""
+    if os.environ.get("JAXLLM_GGML", "1") == "0":
+        return False
+    from pallas_kernels.quantized_matmul import build
+    path = os.environ.get("JAXLLM_GGML_LIB") or str(build.library_path())
+    if not os.path.exists(path):
+        logger.info("ggml extension not built (%s); quantized matmuls dequantize in XLA. "
+                    "Build it with: python -m pallas_kernels.quantized_matmul.build", path)
+        return False
+    lib = ctypes.cdll.LoadLibrary(path)
+    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.JaxllmGgmlMulMat), platform="cpu")
+    return True
+
+
+def num_threads() -> int:
+    return int(os.environ.get("JAXLLM_GGML_THREADS") or len(os.sched_getaffinity(0)))
+
+
+def mul_mat(x: jax.Array, ggml_type: int, data: jax.Array, layer: jax.Array | None) -> jax.Array:
+    """x [T, in] f32 @ W^T -> [T, out] f32, W [out, row_bytes] (or [L, out, row_bytes] with `layer`
+    picking one: the stack is passed whole, so a layer scan never copies a slice of it out)."""
+    if data.ndim == 3 and layer is None:
+        raise ValueError("a stacked weight needs the layer index")
+    index = jnp.zeros((), jnp.int32) if layer is None else jnp.asarray(layer, jnp.int32).reshape(())
+    out = jax.ShapeDtypeStruct((x.shape[0], data.shape[-2]), jnp.float32)
+    return jax.ffi.ffi_call(TARGET, out, has_side_effect=False)(
+        x.astype(jnp.float32), data, index, ggml_type=np.int64(ggml_type), n_threads=np.int64(num_threads()))
