@@ -175,3 +175,16 @@ def test_quantized_kv_cache_perplexity():
         assert abs(ppl[dtype] / ppl["auto"] - 1) < 0.01, (dtype, ppl)
         # float32 values -> 1 byte + a float32 scale per head_dim (64) values
         assert pool_bytes[dtype] == pytest.approx(pool_bytes["auto"] * (1 + 4 / 64) / 4)
+
+
+def test_cpu_decode_never_expands_the_weight():
+    """The point of the ggml path: the compiled decode matmul reads the packed bytes through the custom
+    call, and no float32 tensor of the weight's size exists in the optimized HLO (XLA:CPU would write
+    one every step on the reference path, as the second half checks it does)."""
+    _require_ggml()
+    w = QuantizedArray(jnp.asarray(_random_blocks("q4_1", 256, 512)), None, None, "q4_1")
+    x = jnp.ones((1, 512), jnp.float32)
+    hlo = jax.jit(quantized_matmul).lower(x, w).compile().as_text()
+    assert "jaxllm_ggml_mul_mat" in hlo and "f32[256,512]" not in hlo
+    ref = jax.jit(lambda x, w: qm.reference.quantized_matmul(x, w.fmt, w.data)).lower(x, w).compile().as_text()
+    assert "f32[256,512]" in ref

@@ -43,6 +43,11 @@ def num_threads() -> int:
     return int(os.environ.get("JAXLLM_GGML_THREADS") or len(os.sched_getaffinity(0)))
 
 
+def poll() -> int:
+    """How hard ggml's idle workers spin for the next call (0-100)."""
+    return int(os.environ.get("JAXLLM_GGML_POLL", "50"))
+
+
 def mul_mat(x: jax.Array, ggml_type: int, data: jax.Array, layer: jax.Array | None) -> jax.Array:
     """x [T, in] f32 @ W^T -> [T, out] f32, W [out, row_bytes] (or [L, out, row_bytes] with `layer`
     picking one: the stack is passed whole, so a layer scan never copies a slice of it out)."""
@@ -51,4 +56,5 @@ def mul_mat(x: jax.Array, ggml_type: int, data: jax.Array, layer: jax.Array | No
     index = jnp.zeros((), jnp.int32) if layer is None else jnp.asarray(layer, jnp.int32).reshape(())
     out = jax.ShapeDtypeStruct((x.shape[0], data.shape[-2]), jnp.float32)
     return jax.ffi.ffi_call(TARGET, out, has_side_effect=False)(
-        x.astype(jnp.float32), data, index, ggml_type=np.int64(ggml_type), n_threads=np.int64(num_threads()))
+        x.astype(jnp.float32), data, index, ggml_type=np.int64(ggml_type), n_threads=np.int64(num_threads()),
+        poll=np.int64(poll()))

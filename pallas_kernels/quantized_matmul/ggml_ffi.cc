@@ -5,7 +5,7 @@
 //          scan passes the stack whole instead of copying a slice out every layer)
 //   layer: s32 scalar
 //   y:     f32 [T, N]
-//   attrs: ggml_type (ggml's type id), n_threads
+//   attrs: ggml_type (ggml's type id), n_threads, poll (ggml's idle-polling level of its workers, 0-100)
 //
 // ggml computes it as llama.cpp does: x is quantized per block to 8 bits and dotted with the packed
 // rows by ggml's SIMD kernels, never expanding W. The tensors are views of XLA's buffers (no copies);
@@ -27,11 +27,12 @@ namespace {
 std::mutex mu;
 ggml_threadpool* pool = nullptr;
 int pool_threads = 0;
+int64_t pool_poll = -1;
 std::vector<uint8_t> work;
 alignas(64) uint8_t arena[16 * 1024];
 
 ffi::Error MulMat(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w, ffi::Buffer<ffi::S32> layer,
-                  ffi::ResultBuffer<ffi::F32> y, int64_t ggml_type_id, int64_t n_threads) {
+                  ffi::ResultBuffer<ffi::F32> y, int64_t ggml_type_id, int64_t n_threads, int64_t poll) {
   const auto xd = x.dimensions();
   const auto wd = w.dimensions();
   if (xd.size() != 2 || (wd.size() != 2 && wd.size() != 3)) {
@@ -52,11 +53,13 @@ ffi::Error MulMat(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w, ffi::Buffer<ffi::S3
   std::lock_guard<std::mutex> lock(mu);
   static const bool initialized = (ggml_cpu_init(), true);
   (void)initialized;
-  if (pool == nullptr || pool_threads != n_threads) {
+  if (pool == nullptr || pool_threads != n_threads || pool_poll != poll) {
     if (pool != nullptr) ggml_threadpool_free(pool);
     ggml_threadpool_params params = ggml_threadpool_params_default(static_cast<int>(n_threads));
+    params.poll = static_cast<uint32_t>(poll);
     pool = ggml_threadpool_new(&params);
     pool_threads = static_cast<int>(n_threads);
+    pool_poll = poll;
   }
   ggml_init_params init = {sizeof(arena), arena, /*no_alloc=*/true};
   ggml_context* ctx = ggml_init(init);
@@ -86,4 +89,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxllmGgmlMulMat, MulMat,
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("ggml_type")
-                                  .Attr<int64_t>("n_threads"));
+                                  .Attr<int64_t>("n_threads")
+                                  .Attr<int64_t>("poll"));
