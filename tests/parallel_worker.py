@@ -35,8 +35,10 @@ def expected_bytes(llm) -> tuple[int, int]:
     specs = sharding.param_partition_specs(model, n, model.config.expert_parallel)
     params = 0
     for path, var in nnx.to_flat_state(runner.params):
-        split = any(a is not None for a in specs[path])
-        params += var[...].nbytes // n if split else var[...].nbytes
+        # a quantized weight's spec is a QuantizedArray of specs, one per array (data, scale)
+        leaf_specs = jax.tree.leaves(specs[path], is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+        for leaf, spec in zip(jax.tree.leaves(var.get_value()), leaf_specs):
+            params += leaf.nbytes // n if any(a is not None for a in spec) else leaf.nbytes
     pool_split = any(a is not None for a in sharding.pool_spec(model.config, n))
     return params, runner.kv_pages.nbytes // n if pool_split else runner.kv_pages.nbytes
 
