@@ -62,6 +62,14 @@ class ParallelConfig:
     tensor_parallel_size: int = 1  # Megatron-style over the mesh's "model" axis (-tp)
     data_parallel_size: int = 1
     enable_expert_parallel: bool = False  # MoE experts split over the "model" axis instead of their width
+    # Many hosts (vLLM's names): nnodes processes, one per host, form one mesh over all their devices
+    # (jax.distributed, coordinator on master_addr:master_port, step channel on master_port + 1); rank 0
+    # runs the engine, the others follow it (jaxllm/engine/multihost.py).
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29501
+    node_timeout: float = 30.0  # seconds without a heartbeat before rank 0 declares a node lost
 
 
 @dataclass
@@ -117,6 +125,11 @@ _FLAG_HELP = {
     "quantization": "weights kept quantized in the matmuls: gguf (a GGUF file's quantized tensors as "
                     "stored: Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q5_K/Q6_K), int8 or fp8 (per output channel)",
     "kv_cache_dtype": "KV page pool dtype: auto (the model dtype), float32, bfloat16, int8, fp8 (= fp8_e4m3)",
+    "nnodes": "number of hosts (processes) forming one mesh; start one process per host",
+    "node_rank": "this host's rank: 0 runs the engine / server, the others follow it",
+    "master_addr": "rank 0's address (jax.distributed coordinator)",
+    "master_port": "coordinator port on rank 0; the step channel uses master_port + 1",
+    "node_timeout": "seconds without a heartbeat before rank 0 declares a node lost and exits",
     "chat_template": "chat template (a .jinja file or the template itself) used instead of the checkpoint's; "
                      "e.g. configs/chat_templates/gemma.jinja for Gemma GGUFs that ship none",
 }

@@ -20,11 +20,18 @@ class LLM:
 
     `model=None` loads the embedded default (SmolLM2-135M-Instruct); other keyword arguments are engine
     flags with vLLM's names (max_num_seqs=..., max_model_len=..., kv_cache_memory=..., dtype=...,
-    tensor_parallel_size=..., data_parallel_size=..., enable_expert_parallel=...).
+    tensor_parallel_size=..., data_parallel_size=..., enable_expert_parallel=...; many hosts: nnodes=...,
+    node_rank=..., master_addr=..., master_port=...). Many hosts run the same script: on rank 0 `LLM(...)`
+    is the engine; on the other ranks it follows rank 0 and then exits the process (SystemExit) when
+    rank 0 is done, so what comes after it only runs on rank 0.
     """
 
     def __init__(self, model: str | None = None, **engine_flags):
-        self.engine = create_engine(EngineConfig.from_flags(model=model, **engine_flags))
+        config = EngineConfig.from_flags(model=model, **engine_flags)
+        if config.parallel.nnodes > 1 and config.parallel.node_rank != 0:
+            from jaxllm.engine.multihost import run_follower
+            raise SystemExit(run_follower(config))
+        self.engine = create_engine(config)
         self._ids = itertools.count()
 
     def get_tokenizer(self):

@@ -61,6 +61,10 @@ def main(argv: list[str] | None = None, *, engine=None) -> int:
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = batch_config(args)
+    engine_config = config_from_args(args, args.model)
+    if engine_config.parallel.nnodes > 1 and engine_config.parallel.node_rank != 0:
+        from jaxllm.engine.multihost import run_follower
+        return run_follower(engine_config)  # rank 0 reads and writes the files
     from jaxllm.batch.job import BatchJob, DuplicateCustomIds, scan
     from jaxllm.batch.progress import JobDir
     from jaxllm.batch.storage import StorageError, list_shards
@@ -80,8 +84,8 @@ def main(argv: list[str] | None = None, *, engine=None) -> int:
         print(f"run_batch: {config.output_file} is already complete ({total} requests); nothing to do")
         return 0
     if engine is None:
-        from jaxllm.engine.engine import LLMEngine
-        engine = LLMEngine(config_from_args(args, args.model))
+        from jaxllm.engine.data_parallel import create_engine
+        engine = create_engine(engine_config)
     try:
         summary = BatchJob(engine, job, resume, shards, total, config).run()
     except KeyboardInterrupt as exc:

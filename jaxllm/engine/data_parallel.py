@@ -101,7 +101,10 @@ class DataParallelEngine:
 
 
 def create_engine(config: EngineConfig):
-    """LLMEngine, or DataParallelEngine when data_parallel_size > 1."""
+    """LLMEngine, DataParallelEngine when data_parallel_size > 1, or rank 0's LeaderEngine when nnodes > 1."""
+    if config.parallel.nnodes > 1:
+        from jaxllm.engine.multihost import LeaderEngine
+        return LeaderEngine(config)
     if config.parallel.data_parallel_size > 1:
         return DataParallelEngine(config)
     return LLMEngine(config)

@@ -94,10 +94,11 @@ def _resolve_dtype(name: str) -> jnp.dtype:
 
 class LLMEngine:
     def __init__(self, config: EngineConfig | None = None, *, mesh=None, loaded: models.LoadedModel | None = None,
-                 **flags):
+                 mirror=None, **flags):
         """mesh: a ("data", "model") mesh of shape (1, tensor_parallel_size) to run on (data-parallel
         replicas get one each); default: the first tensor_parallel_size devices. loaded: an already
-        converted model (its parameters are moved onto `mesh`)."""
+        converted model (its parameters are moved onto `mesh`). mirror: many hosts, rank 0: sends every
+        device call to the other ranks (engine/multihost.py)."""
         self.config = config = config or EngineConfig.from_flags(**flags)
         par = config.parallel
         if par.data_parallel_size != 1:
@@ -144,7 +145,7 @@ class LLMEngine:
                                   page_size=cache.page_size, max_model_len=max_model_len,
                                   max_num_seqs=sched.max_num_seqs,
                                   max_num_batched_tokens=sched.max_num_batched_tokens, kv_dtype=kv_dtype,
-                                  mesh=self.mesh)
+                                  mesh=self.mesh, mirror=mirror)
         self.pool = PagePool(num_pages, cache.page_size, enable_prefix_caching=cache.enable_prefix_caching)
         self.scheduler = Scheduler(sched, self.pool, max_logits_rows=self.runner.shapes.row_buckets[-1],
                                    max_model_len=max_model_len)

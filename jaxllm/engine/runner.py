@@ -108,14 +108,33 @@ class PenaltyRecord:
     any_init: np.ndarray
 
 
-@dataclass
-class StepInputs:
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class ForwardArrays:
+    """What the forward program reads from the host: plain NumPy arrays only, so that on many hosts
+    rank 0 can send them to the other ranks (engine/multihost.py), which hold no engine state."""
+
     token_ids: np.ndarray  # [T] i32
     from_prev: np.ndarray  # [T] i32: row of the previous step's samples holding this token, or -1
     positions: np.ndarray  # [T] i32
     md: AttentionMetadata  # NumPy arrays, device_put with the rest
     record: PenaltyRecord
-    row_offsets: list[int]  # first flat row of each scheduled sequence, in SchedulerOutput order
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class SampleArrays:
+    """What the sample program reads from the host (plain arrays, like ForwardArrays)."""
+
+    logits_indices: np.ndarray  # [R] i32 flat rows needing logits
+    row_seats: np.ndarray  # [R] i32 whose penalty state applies (the scratch seat for none)
+    tensors: SamplingTensors
+
+
+@dataclass
+class StepInputs:
+    forward: ForwardArrays  # the device's part
+    row_offsets: list[int]  # host only: first flat row of each scheduled sequence, in SchedulerOutput order
     pool_segments: np.ndarray | None = None  # [T_max] i32: embedding requests' rows -> scheduled index
 
 
@@ -132,10 +151,21 @@ class PendingStep:
 
 class ModelRunner:
     def __init__(self, model: nnx.Module, model_config, *, num_pages: int, page_size: int, max_model_len: int,
-                 max_num_seqs: int, max_num_batched_tokens: int, kv_dtype=jnp.float32, mesh: Mesh | None = None):
+                 max_num_seqs: int, max_num_batched_tokens: int, kv_dtype=jnp.float32, mesh: Mesh | None = None,
+                 mirror=None):
         # The model's parameters already carry their shardings on `mesh` (models.sharding.shard_model);
         # the runner places the pool (split over KV heads) and the replicated penalty state on it, and
         # traces both programs under it so the model's shard_maps find the "model" axis.
+        # mirror (many hosts, rank 0): told of every device call; it builds the same runner on the other
+        # ranks from `init_args` (what rank 0 computed, e.g. num_pages from its memory budget).
+        self.init_args = dict(num_pages=num_pages, page_size=page_size, max_model_len=max_model_len,
+                              max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                              kv_dtype=jnp.dtype(kv_dtype).name)
+        self.mirror = None
+        if mirror is not None:
+            # Before any device work: a device_put onto a mesh spanning hosts is itself a collective
+            # (jax checks the value is the same everywhere), so the other ranks must be building theirs.
+            mirror.attach(self)
         self.mesh = mesh if mesh is not None else sharding.make_mesh(1, 1)
         self.replicated = NamedSharding(self.mesh, P())
         self.pool_sharding = NamedSharding(self.mesh, sharding.pool_spec(model_config, self.mesh.shape[sharding.MODEL]))
@@ -160,10 +190,13 @@ class ModelRunner:
         self._forward = jax.jit(self._forward_impl, donate_argnums=(1, 2), out_shardings=(rep, pool_out, rep))
         self._sample = jax.jit(self._sample_impl, out_shardings=rep)
         self._pool = jax.jit(self._pool_impl, out_shardings=rep)
+        self.mirror = mirror
 
     def reset_device_state(self) -> None:
         """(Re)allocates the page pool and the penalty state: at start-up, and after a failed step,
         whose donated buffers are gone."""
+        if self.mirror is not None:
+            self.mirror.reset()  # raises when a rank is lost: then nothing can run any more
         self.kv_pages = pallas_kernels.allocate_pages(self.pool_shape, self.kv_dtype, self.pool_sharding)
         S1 = self.num_seats + 1
         self.penalty_state = PenaltyRows(jnp.zeros((S1, self.vocab_size), jnp.int32, device=self.replicated),
@@ -181,8 +214,8 @@ class ModelRunner:
 
     # ---- jitted bodies ------------------------------------------------------------------------
 
-    def _forward_impl(self, params, kv_pages, state: PenaltyRows, prev_sampled, token_ids, from_prev, positions,
-                      md, rec: PenaltyRecord):
+    def _forward_impl(self, params, kv_pages, state: PenaltyRows, prev_sampled, x: ForwardArrays):
+        token_ids, from_prev, positions, md, rec = x.token_ids, x.from_prev, x.positions, x.md, x.record
         model = nnx.merge(self.graphdef, params)
         token_ids = jnp.where(from_prev >= 0, prev_sampled[jnp.maximum(from_prev, 0)], token_ids)
         hidden, kv_pages = model(token_ids, positions, kv_pages, md)
@@ -202,7 +235,8 @@ class ModelRunner:
         marks = marks.at[jnp.where(rec.token_is_output, S1, rec.token_seats), token_ids].set(True, mode="drop")
         return hidden, kv_pages, PenaltyRows(counts, marks)
 
-    def _sample_impl(self, params, hidden, state: PenaltyRows, logits_indices, row_seats, tensors):
+    def _sample_impl(self, params, hidden, state: PenaltyRows, x: SampleArrays):
+        logits_indices, row_seats, tensors = x.logits_indices, x.row_seats, x.tensors
         model = nnx.merge(self.graphdef, params)
         # Vocab-parallel lm_head: logits come out split over the vocabulary; only the rows that sample
         # are gathered, and the sampler runs replicated.
@@ -269,8 +303,8 @@ class ModelRunner:
                     pool_segments[end - 1] = k
         md = AttentionMetadata(slot_mapping=slots, kv_lens=kv_lens, page_table=page_table, cu_q_lens=cu,
                                num_seqs=np.array([len(items)], np.int32))
-        return StepInputs(token_ids, from_prev, positions, md,
-                          self._record(token_seats, token_is_output, sched.seat_inits), offsets, pool_segments)
+        record = self._record(token_seats, token_is_output, sched.seat_inits)
+        return StepInputs(ForwardArrays(token_ids, from_prev, positions, md, record), offsets, pool_segments)
 
     def _record(self, token_seats, token_is_output, seat_inits: dict[int, int]) -> PenaltyRecord:
         S1 = self.num_seats + 1
@@ -291,7 +325,7 @@ class ModelRunner:
 
     def dispatch(self, inputs: StepInputs, rows: list[LogitsRow], prev: PendingStep | None = None) -> PendingStep:
         """Enqueues the step on the device and returns at once."""
-        hidden = self._run_forward(inputs, self.no_samples if prev is None else prev.sampled)
+        hidden = self._run_forward(inputs.forward, self.no_samples if prev is None else prev.sampled)
         pooled = None if inputs.pool_segments is None else self._run_pool(hidden, inputs.pool_segments)
         if not rows:
             return PendingStep(None, self.no_samples, 0, hidden, pooled)
@@ -302,7 +336,7 @@ class ModelRunner:
         indices[:len(rows)] = [r.flat_row for r in rows]
         seats = np.full(R, self.num_seats, np.int32)
         seats[:len(rows)] = [self.num_seats if r.seat is None else r.seat for r in rows]
-        out, sampled = self._run_sample(hidden, indices, seats, tensors)
+        out, sampled = self._run_sample(hidden, SampleArrays(indices, seats, tensors))
         return PendingStep(out, sampled, len(rows), hidden, pooled)
 
     def _track(self, signature: tuple) -> None:
@@ -314,21 +348,32 @@ class ModelRunner:
             logger.warning("compiling %s after warm-up (recompile #%d): a shape outside the ShapeTable",
                            signature, self.num_recompiles)
 
-    def _run_forward(self, inputs: StepInputs, prev_sampled):
-        self._track(("forward", len(inputs.token_ids)))
+    # The only entry points to the device: on many hosts `mirror` sends each call's plain arrays to
+    # the other ranks first, so that every rank enqueues the same programs in the same order.
+
+    def _run_forward(self, x: ForwardArrays, prev_sampled):
+        self._track(("forward", len(x.token_ids)))
+        if self.mirror is not None:
+            self.mirror.forward(x, prev_sampled)
         with jax.set_mesh(self.mesh):
             hidden, self.kv_pages, self.penalty_state = self._forward(
-                self.params, self.kv_pages, self.penalty_state, prev_sampled, inputs.token_ids, inputs.from_prev,
-                inputs.positions, inputs.md, inputs.record)
+                self.params, self.kv_pages, self.penalty_state, prev_sampled, x)
         return hidden
 
-    def _run_sample(self, hidden, indices, seats, tensors):
-        self._track(("sample", len(indices), tensors.bias_ids.shape[1]))
+    def _run_sample(self, hidden, x: SampleArrays):
+        self._track(("sample", len(x.logits_indices), x.tensors.bias_ids.shape[1]))
+        if self.mirror is not None:
+            self.mirror.sample(x)
         with jax.set_mesh(self.mesh):
-            return self._sample(self.params, hidden, self.penalty_state, indices, seats, tensors)
+            out, sampled = self._sample(self.params, hidden, self.penalty_state, x)
+        if self.mirror is not None:
+            self.mirror.sampled(sampled)
+        return out, sampled
 
     def _run_pool(self, hidden, segments):
         self._track(("pool",))
+        if self.mirror is not None:
+            self.mirror.pool(segments)
         with jax.set_mesh(self.mesh):
             return self._pool(hidden, segments)
 
@@ -341,14 +386,15 @@ class ModelRunner:
                                page_table=np.zeros((S, self.max_pages_per_seq), np.int32),
                                cu_q_lens=np.zeros(S + 1, np.int32), num_seqs=np.zeros(1, np.int32))
         rec = self._record(np.full(T, self.num_seats + 1, np.int32), np.zeros(T, bool), {})
-        return StepInputs(np.zeros(T, np.int32), np.full(T, -1, np.int32), np.zeros(T, np.int32), md, rec, [])
+        return StepInputs(ForwardArrays(np.zeros(T, np.int32), np.full(T, -1, np.int32), np.zeros(T, np.int32), md,
+                                        rec), [])
 
     def forward_hlo(self, T: int) -> str:
         """The compiled forward program for T tokens as HLO text (tests count its collectives)."""
-        i = self._padding_inputs(T)
+        x = self._padding_inputs(T).forward
         with jax.set_mesh(self.mesh):
-            return self._forward.lower(self.params, self.kv_pages, self.penalty_state, self.no_samples, i.token_ids,
-                                       i.from_prev, i.positions, i.md, i.record).compile().as_text()
+            return self._forward.lower(self.params, self.kv_pages, self.penalty_state, self.no_samples,
+                                       x).compile().as_text()
 
     def warmup(self) -> float:
         """Compiles every program of the ShapeTable with all-padding inputs (they write nothing)."""
@@ -356,10 +402,10 @@ class ModelRunner:
         scratch = self.num_seats
         hidden = None
         for _, T in (p for p in self.shapes.programs() if p[0] == "forward"):
-            hidden = self._run_forward(self._padding_inputs(T), self.no_samples)
+            hidden = self._run_forward(self._padding_inputs(T).forward, self.no_samples)
         for _, R, B in (p for p in self.shapes.programs() if p[0] == "sample"):
             tensors = SamplingTensors.build([], R=R, B=B, W=self.mask_words)
-            out = self._run_sample(hidden, np.zeros(R, np.int32), np.full(R, scratch, np.int32), tensors)
+            out = self._run_sample(hidden, SampleArrays(np.zeros(R, np.int32), np.full(R, scratch, np.int32), tensors))
             jax.block_until_ready(out)
         jax.block_until_ready(self._run_pool(hidden, np.full(self.shapes.token_buckets[-1], self.max_seqs, np.int32)))
         jax.block_until_ready(self.kv_pages)
