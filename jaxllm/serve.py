@@ -58,6 +58,9 @@ def main(argv: list[str] | None = None, *, engine_factory: Callable[[EngineConfi
     if config.parallel.nnodes > 1 and config.parallel.node_rank != 0:
         from jaxllm.engine.multihost import run_follower
         return run_follower(config)  # no HTTP server: rank 0 serves, this rank runs its shards of each step
+    if config.parallel.nnodes > 1:
+        from jaxllm.engine.multihost import initialize
+        initialize(config.parallel)  # on the main thread (signal handlers), before the port: all nodes joined
     code = asyncio.run(serve(config, args, engine_factory=engine_factory, sampling_params_cls=sampling_params_cls))
     if any(t.name == "jaxllm-engine" and t.is_alive() for t in threading.enumerate()):
         # Stopped during warm-up: the engine thread is inside XLA; interpreter teardown under it can

@@ -4,7 +4,8 @@
 
 spec: {"model": path, "flags": engine flags (nnodes, node_rank, master_port, tensor_parallel_size, ...),
        "prompts": [[ids]], "max_tokens": n, "step_sleep": s | absent}
-Rank 0 prints {"ids", "logprobs"} of greedy generation, or, when a step fails, {"error", "failed"} (the
+Rank 0 prints {"ids", "logprobs", "preemptions", "compiles", "recompiles", "warmup_seconds"} of greedy
+generation, or, when a step fails, {"error", "failed"} (the
 request ids that were in flight) and exits 1. With step_sleep it prints a line "STEPPING" after its
 first steps, then sleeps that long between steps, so that the test can kill rank 1 mid-generation.
 Other ranks follow inside LLM(...) and exit with its code.
@@ -29,7 +30,10 @@ def main(spec: dict) -> int:
     prompts = [{"prompt_token_ids": p} for p in spec["prompts"]]
     if "step_sleep" not in spec:
         outs = llm.generate(prompts, params, use_tqdm=False)
+        stats = llm.engine.get_stats()
         print(json.dumps({
+            "preemptions": stats.num_preemptions_total, "compiles": stats.num_compiles,
+            "recompiles": stats.num_recompiles_after_warmup, "warmup_seconds": stats.warmup_seconds,
             "ids": [o.outputs[0].token_ids for o in outs],
             "logprobs": [[{str(t): lp.logprob for t, lp in step.items() if lp.rank <= 5}
                           for step in o.outputs[0].logprobs] for o in outs]}), flush=True)

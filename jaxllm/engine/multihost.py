@@ -35,6 +35,7 @@ import json
 import logging
 import os
 import select
+import signal
 import socket
 import struct
 import sys
@@ -203,11 +204,10 @@ class Leader:
             for sock in readable:
                 rank = self._ranks[sock.fileno()]
                 try:
-                    data = sock.recv(4096)
+                    data, why = sock.recv(4096), "its connection closed"
                 except OSError as exc:
                     data, why = b"", f"its connection failed ({exc})"
-                else:
-                    why = "its connection closed (the process exited or was killed)"
+                why += ": the process exited or was killed"
                 if not data:
                     if not self._closed:
                         self._lose(rank, why)
@@ -308,10 +308,16 @@ def initialize(par: ParallelConfig) -> Leader | Follower | None:
                          "over all nodes' devices")
     # Cross-process collectives on CPU (the default in jax 0.10; set so that no site config changes it).
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    main_thread = threading.current_thread() is threading.main_thread()
+    sigterm = signal.getsignal(signal.SIGTERM) if main_thread else None
     jax.distributed.initialize(coordinator_address=f"{par.master_addr}:{par.master_port}",
                                num_processes=par.nnodes, process_id=par.node_rank,
                                # Our own channel notices a lost rank first; this abort is the backstop.
                                heartbeat_timeout_seconds=max(100, int(3 * par.node_timeout)))
+    if main_thread:
+        # jax.distributed's preemption notifier swallows SIGTERM (a TPU-pod convention): a follower
+        # would then outlive `kill`, and the server would lose its drain-on-SIGTERM. Put ours back.
+        signal.signal(signal.SIGTERM, sigterm if sigterm is not None else signal.SIG_DFL)
     n = jax.device_count()
     if par.tensor_parallel_size != n:
         raise ValueError(f"with nnodes {par.nnodes}, tensor_parallel_size must span every device of every node "
