@@ -143,3 +143,41 @@ def test_multihost_flags():
     assert (par.nnodes, par.node_rank, par.master_addr, par.master_port, par.tensor_parallel_size) == \
         (2, 1, "10.0.0.1", 1234, 16)
     assert EngineConfig.from_flags(nnodes=2, node_rank=1).parallel.node_rank == 1
+
+
+def test_server_on_two_nodes_fails_streams_when_a_node_dies():
+    """`jaxllm.serve` on both nodes: rank 0 serves HTTP, rank 1 follows (and never binds its port). A
+    request completes; then killing rank 1 under a stream ends the stream with an error naming rank 1,
+    and the server exits non-zero."""
+    import httpx
+
+    import models
+    from tests.server_support import ServerProcess, sse_payloads
+    port = free_port_pair()
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    common = [MODEL, "--tokenizer", models.default_model_path(), "-tp", "8", "--nnodes", "2",
+              "--master-port", str(port), "--max-model-len", "512", "--max-num-seqs", "4", "--no-warmup",
+              "--no-param-cache", "--no-persistent-cache", "--served-model-name", "tiny"]
+    nodes = [ServerProcess(common + ["--node-rank", str(r)], env=env) for r in (0, 1)]
+    try:
+        nodes[0].wait_ready(300)
+        body = {"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+        r = httpx.post(nodes[0].base_url + "/v1/completions", json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["completion_tokens"] == 8
+        body = dict(body, max_tokens=480, stream=True)
+        with httpx.stream("POST", nodes[0].base_url + "/v1/completions", json=body, timeout=120) as stream:
+            lines = stream.iter_lines()
+            first = next(line for line in lines if line.startswith("data:"))
+            nodes[1].proc.kill()
+            t0 = time.monotonic()
+            rest = list(lines)
+        payloads = sse_payloads([first] + rest)
+        errors = [p["error"]["message"] for p in payloads if isinstance(p, dict) and "error" in p]
+        assert errors and "node rank 1 of 2" in errors[0], payloads[-3:]
+        assert nodes[0].proc.wait(30) != 0
+        assert time.monotonic() - t0 < 20
+        assert "node rank 1 of 2" in nodes[0].log_text()
+    finally:
+        for n in nodes:
+            n.proc.kill()

@@ -220,6 +220,9 @@ class AsyncEngine:
             return
         self._ready.set()
         self._post(self._resolve_ready, None)
+        on_fatal = getattr(self.engine, "on_fatal", None)
+        if on_fatal is not None:  # multi-host: a lost node, reported while this thread may be stuck on it
+            on_fatal(lambda exc: self._post(self._die, exc))
         try:
             while not self._stopped:
                 try:

@@ -100,6 +100,7 @@ class Leader:
     def __init__(self, par: ParallelConfig):
         self.nnodes, self.timeout = par.nnodes, par.node_timeout
         self.lost: LostRankError | None = None
+        self.on_lost: list = []  # callbacks(exc), run on the watcher thread
         self.runner = None
         self._last_sampled = None
         self._closed = False
@@ -232,6 +233,11 @@ class Leader:
         timer = threading.Timer(_EXIT_GRACE_S, _hard_exit, args=(f"multi-host: {self.lost}",))
         timer.daemon = True
         timer.start()
+        for callback in self.on_lost:
+            try:
+                callback(self.lost)
+            except Exception:  # noqa: BLE001
+                logger.exception("multi-host: a lost-node callback failed")
 
     def close(self) -> None:
         """Tells the followers to exit (they then leave jax.distributed with rank 0)."""
@@ -383,6 +389,12 @@ class LeaderEngine:
             if self.leader.lost is not None and exc is not self.leader.lost:
                 raise self.leader.lost from exc
             raise
+
+    def on_fatal(self, callback) -> None:
+        """callback(exc) runs (on another thread) as soon as a node is lost. The engine thread may never
+        see the error itself: a collective whose peer died mid-way can block for good (measured with
+        gloo on CPU), so the server fails its streams from here (AsyncEngine)."""
+        self.leader.on_lost.append(callback)
 
     def get_stats(self):
         stats = self.engine.get_stats()
