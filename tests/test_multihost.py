@@ -181,3 +181,30 @@ def test_server_on_two_nodes_fails_streams_when_a_node_dies():
     finally:
         for n in nodes:
             n.proc.kill()
+
+
+def test_run_batch_on_two_nodes(tmp_path):
+    """`jaxllm.run_batch` with the same flags on both nodes: rank 0 reads and writes the files, rank 1
+    follows; both exit 0."""
+    import models
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"custom_id": f"r{i}", "method": "POST", "url": "/v1/completions",
+                                       "body": {"model": "tiny", "prompt": [5, 6 + i, 7], "max_tokens": 6,
+                                                "temperature": 0}}) + "\n" for i in range(4)))
+    port = free_port_pair()
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu",
+           "PYTHONPATH": os.path.dirname(HERE) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    args = [sys.executable, "-m", "jaxllm.run_batch", MODEL, "--tokenizer", models.default_model_path(), "-tp", "8",
+            "--nnodes", "2", "--master-port", str(port), "--no-warmup", "--no-param-cache", "--no-persistent-cache",
+            "--served-model-name", "tiny", "--no-progress", "-i", str(src), "-o", str(tmp_path / "out.jsonl")]
+    procs = [subprocess.Popen(args + ["--node-rank", str(r)], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for r in (1, 0)]
+    try:
+        outs = [p.communicate(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [0, 0], outs[1][1][-4000:] + outs[0][1][-4000:]
+    records = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert sorted(r["custom_id"] for r in records) == ["r0", "r1", "r2", "r3"]
+    assert all(r["response"]["body"]["usage"]["completion_tokens"] == 6 for r in records)
