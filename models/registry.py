@@ -191,7 +191,9 @@ def _load(path: str, gguf: bool, dtype, param_cache: str | None, runtime,
             weights = {name: jax.device_put(np.asarray(w), put(name)) for name, w in weights.items()}
     else:
         config, weights = (_convert_gguf if gguf else _convert_hf)(path, dt, place, quantization)
-        if param_cache:
+        # Weights split over several hosts (jax.distributed) cannot be read back whole here; such runs
+        # still read an entry that a one-host run wrote.
+        if param_cache and all(getattr(a, "is_fully_addressable", True) for a in jax.tree.leaves(weights)):
             cache.save(param_cache, key, config, weights)
     fam = family_for(config.architecture, gguf=gguf, source=path)
     config = dataclasses.replace(config, **runtime)
