@@ -58,6 +58,9 @@ def main(spec: dict) -> int:
 
 
 if __name__ == "__main__":
+    import faulthandler
+    import signal
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1` shows where a hung rank is
     if os.environ.get("JAXLLM_HANG_DUMP"):  # debugging: where each rank is after that many seconds
         import faulthandler
         import logging

@@ -391,9 +391,10 @@ class LeaderEngine:
             raise
 
     def on_fatal(self, callback) -> None:
-        """callback(exc) runs (on another thread) as soon as a node is lost. The engine thread may never
-        see the error itself: a collective whose peer died mid-way can block for good (measured with
-        gloo on CPU), so the server fails its streams from here (AsyncEngine)."""
+        """callback(exc) runs (on another thread) as soon as a node is lost. The engine thread may not see
+        the error for a long time: measured on CPU, a step whose peer died mid-way leaves it blocked in
+        `fetch` until XLA's CPU collective timeout (--xla_cpu_collective_timeout_seconds, long by default;
+        at 3 s the step fails in 3 s), so the server fails its streams from here (AsyncEngine)."""
         self.leader.on_lost.append(callback)
 
     def get_stats(self):
