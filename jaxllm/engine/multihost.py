@@ -41,7 +41,6 @@ import struct
 import sys
 import threading
 import time
-from typing import Any
 
 import jax
 import numpy as np
