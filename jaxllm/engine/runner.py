@@ -190,7 +190,7 @@ class ModelRunner:
         self._forward = jax.jit(self._forward_impl, donate_argnums=(1, 2), out_shardings=(rep, pool_out, rep))
         self._sample = jax.jit(self._sample_impl, out_shardings=rep)
         self._pool = jax.jit(self._pool_impl, out_shardings=rep)
-        self.mirror = mirror
+        self.mirror = mirror  # only now: the followers' own runners made the first allocation, not a reset
 
     def reset_device_state(self) -> None:
         """(Re)allocates the page pool and the penalty state: at start-up, and after a failed step,
