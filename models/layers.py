@@ -18,7 +18,7 @@ import numpy as np
 from flax import nnx
 
 import pallas_kernels
-from pallas_kernels.quantized_matmul import QuantizedArray, quantized_matmul, take_rows
+from pallas_kernels.quantized_matmul import QuantizedArray, quantized_matmul, quantized_matmuls, take_rows
 from pallas_kernels.ragged_paged_attention import resolve_backend
 from models.base import AttentionMetadata
 from models.config import TransformerConfig
@@ -60,6 +60,18 @@ class Linear(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         y = linear(x, self.weight.get_value())
         return y if self.bias is None else y + self.bias[...]
+
+
+def project(x: jax.Array, *projections: Linear) -> list[jax.Array]:
+    """Several projections of the same input: quantized weights share one matmul call (see
+    quantized_matmuls: one ggml graph on CPU), float ones are a matmul each."""
+    weights = [p.weight.get_value() for p in projections]
+    if len(weights) > 1 and all(isinstance(w, QuantizedArray) for w in weights):
+        lead = x.shape[:-1]
+        ys = quantized_matmuls(x.reshape(-1, x.shape[-1]), weights)
+        ys = [y.reshape(lead + (y.shape[-1],)) for y in ys]
+        return [y if p.bias is None else y + p.bias[...] for y, p in zip(ys, projections)]
+    return [p(x) for p in projections]
 
 
 class RMSNorm(nnx.Module):
@@ -210,7 +222,8 @@ class GatedMLP(nnx.Module):
         self.act = act
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down_proj(ACTIVATIONS[self.act](self.gate_proj(x)) * self.up_proj(x))
+        gate, up = project(x, self.gate_proj, self.up_proj)
+        return self.down_proj(ACTIVATIONS[self.act](gate) * up)
 
 
 def route(x: jax.Array, router: jax.Array, top_k: int, norm_topk_prob: bool):
@@ -334,9 +347,10 @@ class Attention(nnx.Module):
         """
         c = self.config
         t = x.shape[0]
-        q = self.q_proj(x).reshape(t, c.num_heads, c.head_dim)
-        k = self.k_proj(x).reshape(t, c.num_kv_heads, c.head_dim)
-        v = self.v_proj(x).reshape(t, c.num_kv_heads, c.head_dim)
+        q, k, v = project(x, self.q_proj, self.k_proj, self.v_proj)
+        q = q.reshape(t, c.num_heads, c.head_dim)
+        k = k.reshape(t, c.num_kv_heads, c.head_dim)
+        v = v.reshape(t, c.num_kv_heads, c.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = rotate(q, *rope), rotate(k, *rope)

@@ -213,13 +213,15 @@ class DecoderLM(nnx.Module):
             # ggml custom call reads the stack in place (a slice would be a copy every layer).
             is_q = lambda a: isinstance(a, QuantizedArray)
             leaves, treedef = jax.tree.flatten(stacked, is_leaf=is_q)
-            scanned = [jnp.arange(count, dtype=jnp.int32) if is_q(a) else a for a in leaves]
-            xs = (scanned, jnp.asarray(ids), jnp.asarray(np.asarray(rope_index, np.int32)[ids]), jnp.asarray(win))
+            scanned = [None if is_q(a) else a for a in leaves]
+            xs = (scanned, jnp.asarray(ids), jnp.asarray(np.asarray(rope_index, np.int32)[ids]), jnp.asarray(win),
+                  jnp.arange(count, dtype=jnp.int32))
 
             def body(carry, xs, graphdef=graphdef, leaves=leaves, treedef=treedef):
                 h, pool = carry
-                layer_leaves, layer, rope_i, w = xs
-                layer_state = treedef.unflatten([a.at_layer(i) if is_q(a) else i
+                layer_leaves, layer, rope_i, w, index = xs
+                # one index shared by all quantized weights, so weights fed the same input fuse in one call
+                layer_state = treedef.unflatten([a.at_layer(index) if is_q(a) else i
                                                  for a, i in zip(leaves, layer_leaves)])
                 window = (("static", distinct[0]) if mode == "static" else ("traced", w) if mode == "traced"
                           else ("switch", (w, distinct)))

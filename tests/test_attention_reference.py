@@ -278,3 +278,45 @@ def test_write_kv_matches_numpy(kv_dtype, scales, layered):
             view[p, o, 2 * head] = np.asarray(kk, np.float32).astype(kv_dtype).astype(np.float32)
             view[p, o, 2 * head + 1] = np.asarray(vv, np.float32).astype(kv_dtype).astype(np.float32)
     np.testing.assert_array_equal(out, want)
+
+
+@pytest.mark.parametrize("window", [None, 40])
+def test_reference_single_row_step(window):
+    """The 1-token bucket takes its own path (no tile loop): one decode row over a context spanning
+    several key blocks, and an all-padding step of one row."""
+    for seqs in ([(1, 300)], []):
+        b = make_batch(7, seqs, group=3, extra_rows=0, extra_seqs=2)
+        assert b.q.shape[0] == 1
+        got = np.asarray(reference.ragged_paged_attention(*b.args(), sm_scale=0.125, sliding_window=window))
+        np.testing.assert_allclose(got, naive_attention(b, sm_scale=0.125, sliding_window=window),
+                                   atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("kv_dtype", [jnp.int8, jnp.float8_e4m3fn])
+def test_quantized_pages_per_token_scales(kv_dtype):
+    """QuantizedPages: write_kv stores round(x / s) with s = max|x| / top per token and head; attention
+    over them equals attention over the float pool holding exactly those dequantized values."""
+    rng = np.random.default_rng(2)
+    h, d, page_size, num_pages, layers = 2, 64, 16, 8, 2
+    pool = reference.allocate_pages((layers, num_pages, page_size, 2 * h, d), kv_dtype)
+    t = 40
+    k = rng.normal(0, 3, (t, h, d)).astype(np.float32)
+    v = rng.normal(0, 1, (t, h, d)).astype(np.float32)
+    slots = np.arange(16, 16 + t, dtype=np.int32)  # pages 1.. of one sequence
+    pool = reference.write_kv(pool, jnp.asarray(k), jnp.asarray(v), jnp.asarray(slots), layer=1)
+    vals = np.asarray(pool.pages[1]).astype(np.float32)
+    scales = np.asarray(pool.scales[1])
+    deq = vals * scales[..., None]
+    top = 127.0 if kv_dtype == jnp.int8 else 448.0
+    p, o = slots // page_size, slots % page_size
+    np.testing.assert_allclose(scales[p, o, 0], np.abs(k[:, 0]).max(-1) / top, rtol=1e-6)
+    step = scales[p, o][..., None] * (0.5 if kv_dtype == jnp.int8 else 16)  # int8 rounding / e4m3 spacing
+    assert np.all(np.abs(deq[p, o, 0::2] - k) <= step[:, 0::2] + 1e-7)
+    assert np.all(np.abs(deq[p, o, 1::2] - v) <= step[:, 1::2] + 1e-7)
+    q = jnp.asarray(rng.normal(0, 1, (3, 2 * h, d)).astype(np.float32))
+    args = (jnp.array([t], jnp.int32), jnp.asarray(np.arange(1, 5, dtype=np.int32)[None]),
+            jnp.array([0, 3], jnp.int32), jnp.array([1], jnp.int32))
+    got = reference.ragged_paged_attention(q, pool, *args, sm_scale=0.125, layer=1)
+    float_pool = jnp.zeros((layers, num_pages, page_size, 2 * h, d)).at[1].set(jnp.asarray(deq))
+    want = reference.ragged_paged_attention(q, float_pool, *args, sm_scale=0.125, layer=1)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5)

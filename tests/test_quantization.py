@@ -188,3 +188,22 @@ def test_cpu_decode_never_expands_the_weight():
     assert "jaxllm_ggml_mul_mat" in hlo and "f32[256,512]" not in hlo
     ref = jax.jit(lambda x, w: qm.reference.quantized_matmul(x, w.fmt, w.data)).lower(x, w).compile().as_text()
     assert "f32[256,512]" in ref
+
+
+def test_fused_projections_equal_separate_ones():
+    """q/k/v (and gate/up) go to ggml as one call of several weights: the same numbers as one call each,
+    including weights of different formats and output sizes from one layer of a stack."""
+    _require_ggml()
+    formats = (("q4_1", 64), ("q8_0", 16), ("q6_k", 16))
+    stacks = [jnp.asarray(np.stack([_random_blocks(fmt, rows, 256, seed) for seed in range(2)]))
+              for fmt, rows in formats]
+    x = jnp.asarray(np.random.default_rng(5).standard_normal((3, 256)).astype(np.float32))
+
+    def fused(x, stacks, layer):  # one layer index shared by the weights, as the layer scan gives them
+        return qm.quantized_matmuls(x, [QuantizedArray(d, None, layer, f) for d, (f, _) in zip(stacks, formats)])
+
+    hlo = jax.jit(fused).lower(x, stacks, jnp.int32(1)).compile().as_text()
+    assert hlo.count('custom_call_target="jaxllm_ggml_mul_mat"') == 1
+    for y, d, (f, _) in zip(jax.jit(fused)(x, stacks, jnp.int32(1)), stacks, formats):
+        alone = quantized_matmul(x, QuantizedArray(d[1], None, None, f))
+        np.testing.assert_array_equal(np.asarray(y), np.asarray(alone))

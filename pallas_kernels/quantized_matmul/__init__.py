@@ -90,11 +90,19 @@ def _prefill_in_bf16(x: jax.Array, w: QuantizedArray) -> bool:
             and jax.default_backend() == "cpu" and _cpu_has_bf16_dots())
 
 
+def quantized_matmuls(x: jax.Array, ws: list[QuantizedArray]) -> list[jax.Array]:
+    """[x @ W^T for W in ws]: one ggml call for all of them when each takes the ggml path (q/k/v and
+    gate/up share their input), otherwise one matmul each."""
+    if len(ws) <= 4 and all(_use_ggml(x, w) and w.layer is ws[0].layer for w in ws):
+        ys = ggml_cpu.mul_mats(x, [(GGML_FORMATS[w.fmt][0], w.data) for w in ws], ws[0].layer)
+        return [y.astype(x.dtype) for y in ys]
+    return [quantized_matmul(x, w) for w in ws]
+
+
 def quantized_matmul(x: jax.Array, w: QuantizedArray) -> jax.Array:
     """x [T, in] @ W^T -> [T, out] in x's dtype."""
     if _use_ggml(x, w):
-        y = ggml_cpu.mul_mat(x, GGML_FORMATS[w.fmt][0], w.data, w.layer)
-        return y.astype(x.dtype)
+        return quantized_matmuls(x, [w])[0]
     data, scale = w.one_layer()
     if _prefill_in_bf16(x, w):
         wb = dequantize(w.fmt, data, dtype=jnp.bfloat16)
@@ -135,5 +143,6 @@ def channels_as_q8_0(data: np.ndarray, scale: np.ndarray) -> np.ndarray:
     return np.concatenate([d, blocks], axis=-1).reshape(data.shape[:-1] + (-1,))
 
 
-__all__ = ["channels_as_q8_0", "QuantizedArray", "quantized_matmul", "take_rows", "dequantize", "quantize_channels", "FORMATS",
+__all__ = ["channels_as_q8_0", "QuantizedArray", "quantized_matmul", "quantized_matmuls", "take_rows", "dequantize",
+           "quantize_channels", "FORMATS",
            "GGML_FORMATS", "CHANNEL_FORMATS", "GGML_MAX_ROWS"]

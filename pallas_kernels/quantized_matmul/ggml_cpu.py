@@ -48,13 +48,15 @@ def poll() -> int:
     return int(os.environ.get("JAXLLM_GGML_POLL", "50"))
 
 
-def mul_mat(x: jax.Array, ggml_type: int, data: jax.Array, layer: jax.Array | None) -> jax.Array:
-    """x [T, in] f32 @ W^T -> [T, out] f32, W [out, row_bytes] (or [L, out, row_bytes] with `layer`
-    picking one: the stack is passed whole, so a layer scan never copies a slice of it out)."""
-    if data.ndim == 3 and layer is None:
+def mul_mats(x: jax.Array, weights: list[tuple[int, jax.Array]], layer: jax.Array | None) -> list[jax.Array]:
+    """x [T, in] f32 @ W_i^T -> [T, out_i] f32 for each (ggml type, W_i [out_i, row_bytes]) in one call
+    (one ggml graph: the thread pool wakes once). W_i may be [L, out_i, row_bytes] with `layer` picking
+    one: the stack is passed whole, so a layer scan never copies a slice of it out."""
+    if any(data.ndim == 3 for _, data in weights) and layer is None:
         raise ValueError("a stacked weight needs the layer index")
     index = jnp.zeros((), jnp.int32) if layer is None else jnp.asarray(layer, jnp.int32).reshape(())
-    out = jax.ShapeDtypeStruct((x.shape[0], data.shape[-2]), jnp.float32)
-    return jax.ffi.ffi_call(TARGET, out, has_side_effect=False)(
-        x.astype(jnp.float32), data, index, ggml_type=np.int64(ggml_type), n_threads=np.int64(num_threads()),
+    outs = [jax.ShapeDtypeStruct((x.shape[0], data.shape[-2]), jnp.float32) for _, data in weights]
+    return jax.ffi.ffi_call(TARGET, outs, has_side_effect=False)(
+        x.astype(jnp.float32), index, *[data for _, data in weights],
+        ggml_types=np.array([t for t, _ in weights], np.int64), n_threads=np.int64(num_threads()),
         poll=np.int64(poll()))

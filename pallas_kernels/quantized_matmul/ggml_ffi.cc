@@ -1,15 +1,18 @@
-// XLA FFI custom call "jaxllm_ggml_mul_mat": y[T, N] = x[T, K] @ W^T, W [N, K] in a ggml block format.
+// XLA FFI custom call "jaxllm_ggml_mul_mat": y_i[T, N_i] = x[T, K] @ W_i^T for one or more weights W_i
+// [N_i, K] in ggml block formats, all applied to the same x (q/k/v, gate/up) in one ggml graph, so the
+// thread pool wakes once for them.
 //
-//   x:     f32 [T, K]
-//   w:     u8  [N, row_bytes] or [L, N, row_bytes] (a stack of layers; `layer` picks one, so a layer
-//          scan passes the stack whole instead of copying a slice out every layer)
-//   layer: s32 scalar
-//   y:     f32 [T, N]
-//   attrs: ggml_type (ggml's type id), n_threads, poll (ggml's idle-polling level of its workers, 0-100)
+//   x:       f32 [T, K]
+//   layer:   s32 scalar
+//   w_1..n:  u8 [N_i, row_bytes_i] or [L, N_i, row_bytes_i] (a stack of layers; `layer` picks one, so a
+//            layer scan passes the stack whole instead of copying a slice out every layer)
+//   y_1..n:  f32 [T, N_i]
+//   attrs:   ggml_types (ggml's type id of each weight), n_threads, poll (ggml's idle-polling level of
+//            its workers, 0-100)
 //
 // ggml computes it as llama.cpp does: x is quantized per block to 8 bits and dotted with the packed
 // rows by ggml's SIMD kernels, never expanding W. The tensors are views of XLA's buffers (no copies);
-// one graph of one node is built per call in a small static arena.
+// one small graph is built per call in a static arena.
 #include <cstdint>
 #include <mutex>
 #include <vector>
@@ -29,26 +32,19 @@ ggml_threadpool* pool = nullptr;
 int pool_threads = 0;
 int64_t pool_poll = -1;
 std::vector<uint8_t> work;
-alignas(64) uint8_t arena[16 * 1024];
+alignas(64) uint8_t arena[32 * 1024];
+constexpr size_t kMaxWeights = 4;
 
-ffi::Error MulMat(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w, ffi::Buffer<ffi::S32> layer,
-                  ffi::ResultBuffer<ffi::F32> y, int64_t ggml_type_id, int64_t n_threads, int64_t poll) {
+ffi::Error MulMats(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> layer, ffi::RemainingArgs weights,
+                   ffi::RemainingRets outs, ffi::Span<const int64_t> ggml_types, int64_t n_threads,
+                   int64_t poll) {
   const auto xd = x.dimensions();
-  const auto wd = w.dimensions();
-  if (xd.size() != 2 || (wd.size() != 2 && wd.size() != 3)) {
-    return ffi::Error::InvalidArgument("jaxllm_ggml_mul_mat: x must be [T, K], w [N, row_bytes] or [L, N, row_bytes]");
-  }
+  if (xd.size() != 2) return ffi::Error::InvalidArgument("jaxllm_ggml_mul_mat: x must be [T, K]");
   const int64_t t = xd[0], k = xd[1];
-  const int64_t n = wd[wd.size() - 2], row_bytes = wd[wd.size() - 1];
-  const auto type = static_cast<ggml_type>(ggml_type_id);
-  if (ggml_row_size(type, k) != static_cast<size_t>(row_bytes)) {
-    return ffi::Error::InvalidArgument("jaxllm_ggml_mul_mat: row_bytes does not match K for this ggml type");
+  const size_t n_weights = weights.size();
+  if (n_weights == 0 || outs.size() != n_weights || ggml_types.size() != n_weights || n_weights > kMaxWeights) {
+    return ffi::Error::InvalidArgument("jaxllm_ggml_mul_mat: one output and one ggml type per weight (at most 4)");
   }
-  const int64_t index = wd.size() == 3 ? layer.typed_data()[0] : 0;
-  if (index < 0 || (wd.size() == 3 && index >= wd[0])) {
-    return ffi::Error::InvalidArgument("jaxllm_ggml_mul_mat: layer index out of range");
-  }
-  const uint8_t* rows = static_cast<const uint8_t*>(w.untyped_data()) + index * n * row_bytes;
 
   std::lock_guard<std::mutex> lock(mu);
   static const bool initialized = (ggml_cpu_init(), true);
@@ -63,14 +59,31 @@ ffi::Error MulMat(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w, ffi::Buffer<ffi::S3
   }
   ggml_init_params init = {sizeof(arena), arena, /*no_alloc=*/true};
   ggml_context* ctx = ggml_init(init);
-  ggml_tensor* wt = ggml_new_tensor_2d(ctx, type, k, n);
-  wt->data = const_cast<uint8_t*>(rows);
   ggml_tensor* xt = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, k, t);
   xt->data = const_cast<float*>(x.typed_data());
-  ggml_tensor* yt = ggml_mul_mat(ctx, wt, xt);  // [N, T] in ggml's order = row-major [T, N]
-  yt->data = y->typed_data();
-  ggml_cgraph* graph = ggml_new_graph_custom(ctx, 4, false);
-  ggml_build_forward_expand(graph, yt);
+  ggml_cgraph* graph = ggml_new_graph_custom(ctx, 2 * kMaxWeights, false);
+  for (size_t i = 0; i < n_weights; ++i) {
+    auto w = weights.get<ffi::AnyBuffer>(i);
+    auto y = outs.get<ffi::AnyBuffer>(i);
+    if (!w.has_value() || !y.has_value()) {
+      ggml_free(ctx);
+      return ffi::Error::InvalidArgument("jaxllm_ggml_mul_mat: bad weight or output buffer");
+    }
+    const auto wd = w->dimensions();
+    const auto type = static_cast<ggml_type>(ggml_types[i]);
+    const int64_t n = wd.size() >= 2 ? wd[wd.size() - 2] : 0, row_bytes = wd.size() == 0 ? 0 : wd[wd.size() - 1];
+    const int64_t index = wd.size() == 3 ? layer.typed_data()[0] : 0;
+    if ((wd.size() != 2 && wd.size() != 3) || ggml_row_size(type, k) != static_cast<size_t>(row_bytes) ||
+        index < 0 || (wd.size() == 3 && index >= wd[0]) || (*y)->element_count() != t * n) {
+      ggml_free(ctx);
+      return ffi::Error::InvalidArgument("jaxllm_ggml_mul_mat: a weight's shape does not match x, its type or its output");
+    }
+    ggml_tensor* wt = ggml_new_tensor_2d(ctx, type, k, n);
+    wt->data = static_cast<uint8_t*>(w->untyped_data()) + index * n * row_bytes;
+    ggml_tensor* yt = ggml_mul_mat(ctx, wt, xt);  // [N, T] in ggml's order = row-major [T, N]
+    yt->data = (*y)->untyped_data();
+    ggml_build_forward_expand(graph, yt);
+  }
   ggml_cplan plan = ggml_graph_plan(graph, pool_threads, pool);
   if (work.size() < plan.work_size) work.resize(plan.work_size);
   plan.work_data = work.data();
@@ -82,12 +95,12 @@ ffi::Error MulMat(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w, ffi::Buffer<ffi::S3
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxllmGgmlMulMat, MulMat,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxllmGgmlMulMat, MulMats,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("ggml_type")
+                                  .RemainingArgs()
+                                  .RemainingRets()
+                                  .Attr<ffi::Span<const int64_t>>("ggml_types")
                                   .Attr<int64_t>("n_threads")
                                   .Attr<int64_t>("poll"));

@@ -282,6 +282,12 @@ def ragged_paged_attention(q: jax.Array, kv_pages: jax.Array, kv_lens: jax.Array
         res = jnp.where(live_t[:, None, None, None], res, 0.0)
         return jax.lax.dynamic_update_slice_in_dim(out, res, r0, axis=0)
 
+    if num_rows == 1:
+        # Single-stream decode (the 1-token bucket): one row of one sequence, so no tile loop and no
+        # choice of path; each control-flow op costs XLA:CPU tens of microseconds per layer.
+        res = attend(qg, q_pos, row_kv_len, page_table[seq_of_row[0]], shared=True)
+        res = jnp.where(live_row[:, None, None, None], res, 0.0)
+        return res.reshape(1, num_q_heads, head_dim).astype(q.dtype)
     out = jnp.zeros((padded_rows, num_kv_heads, group, head_dim), jnp.float32)
     out = jax.lax.fori_loop(0, (num_live_rows + tile - 1) // tile, tile_body, out)
     return out[:num_rows].reshape(num_rows, num_q_heads, head_dim).astype(q.dtype)
