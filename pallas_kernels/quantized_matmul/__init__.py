@@ -6,8 +6,9 @@ Dispatch:
   - ggml block formats on CPU, T <= GGML_MAX_ROWS, extension built: ggml's kernels (ggml_cpu.py);
   - ggml block formats on a CPU with bf16 dots, T >= BF16_MIN_ROWS (prefill): dequantized to bfloat16
     and one bf16 GEMM (see _prefill_in_bf16);
-  - everything else: reference.py (dequantize, then one dot). GPU/TPU compilers fuse that
-    dequantization into the dot; XLA:CPU materializes it, which is why the CPU has the ggml path.
+  - everything else: reference.py (dequantize, then one dot). The GPU/TPU compilers may fuse that
+    dequantization into the dot (not yet measured on a device); XLA:CPU materializes it, which is
+    why the CPU has the ggml path.
 
 Measured on the 2-core dev VM (SmolLM2-135M's 30 layers of Q4_1 projections, 7 matmuls each, in one
 jitted loop): T=1 f32 weights 36 ms, Q4_1 via ggml 8.2 ms, Q4_1 dequantized in XLA 85 ms; T=16: 55,

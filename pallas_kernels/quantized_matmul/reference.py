@@ -1,6 +1,7 @@
 """Pure-jnp dequantization of every weight format, and the reference quantized matmul built on it:
-the oracle the ggml path is tested against, and the path of every backend without one (GPU/TPU
-fuse the dequantization into the dot; XLA:CPU materializes it, see __init__.py).
+the oracle the ggml path is tested against, and the path of every backend without one (the GPU/TPU
+compilers may fuse the dequantization into the dot, not yet measured on a device; XLA:CPU
+materializes it, see __init__.py).
 
 Weights are [out, in] (one row per output feature, as GGUF and HF store them), optionally with leading
 axes (stacked layers). Formats:
