@@ -25,15 +25,18 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PROMPT = "Tell me a story about a dragon who learns to paint."
 
 
+def nbytes(tree) -> int:
+    return sum(x.nbytes for x in jax.tree.leaves(tree))
+
+
 def weight_bytes_per_decode_step(model) -> int:
     """Bytes of every parameter a one-token step reads: all of them but the embedding table, of which
     it reads one row (unless the table is also the tied head)."""
     from flax import nnx
-    total = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    total = nbytes(nnx.state(model, nnx.Param))
     if model.lm_head is not None:
-        table = model.embed_tokens.get_value()
-        total -= sum(x.nbytes for x in jax.tree.leaves(table))
-        total += sum(x.nbytes for x in jax.tree.leaves(table)) // model.config.vocab_size
+        table = nbytes(model.embed_tokens.get_value())
+        total += table // model.config.vocab_size - table
     return total
 
 
@@ -54,7 +57,7 @@ def bench_weights(args, quantization: str | None) -> dict:
     elapsed = time.perf_counter() - t0
     from flax import nnx
     return {"quantization": quantization or "none",
-            "param_mib": sum(x.nbytes for x in jax.tree.leaves(nnx.state(model, nnx.Param))) / 2**20,
+            "param_mib": nbytes(nnx.state(model, nnx.Param)) / 2**20,
             "weight_mib_per_decode_step": weight_bytes_per_decode_step(model) / 2**20,
             "tpot_ms_c1_median": statistics.median(tpots),
             "output_tok_s_c16": sum(len(o.outputs[0].token_ids) for o in outs) / elapsed}

@@ -71,6 +71,11 @@ class ParallelConfig:
     master_port: int = 29501
     node_timeout: float = 30.0  # seconds without a heartbeat before rank 0 declares a node lost
 
+    @property
+    def follows_rank0(self) -> bool:
+        """A rank > 0 of many hosts: it runs rank 0's steps on its shards instead of an engine."""
+        return self.nnodes > 1 and self.node_rank != 0
+
 
 @dataclass
 class EngineConfig:

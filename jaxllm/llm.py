@@ -28,7 +28,7 @@ class LLM:
 
     def __init__(self, model: str | None = None, **engine_flags):
         config = EngineConfig.from_flags(model=model, **engine_flags)
-        if config.parallel.nnodes > 1 and config.parallel.node_rank != 0:
+        if config.parallel.follows_rank0:
             from jaxllm.engine.multihost import run_follower
             raise SystemExit(run_follower(config))
         self.engine = create_engine(config)

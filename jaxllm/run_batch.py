@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None, *, engine=None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = batch_config(args)
     engine_config = config_from_args(args, args.model)
-    if engine_config.parallel.nnodes > 1 and engine_config.parallel.node_rank != 0:
+    if engine_config.parallel.follows_rank0:
         from jaxllm.engine.multihost import run_follower
         return run_follower(engine_config)  # rank 0 reads and writes the files
     from jaxllm.batch.job import BatchJob, DuplicateCustomIds, scan

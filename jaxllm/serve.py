@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None, *, engine_factory: Callable[[EngineConfi
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = config_from_args(args, args.model)
-    if config.parallel.nnodes > 1 and config.parallel.node_rank != 0:
+    if config.parallel.follows_rank0:
         from jaxllm.engine.multihost import run_follower
         return run_follower(config)  # no HTTP server: rank 0 serves, this rank runs its shards of each step
     if config.parallel.nnodes > 1:

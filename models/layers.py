@@ -18,7 +18,7 @@ import numpy as np
 from flax import nnx
 
 import pallas_kernels
-from pallas_kernels.quantized_matmul import QuantizedArray, quantized_matmul, quantized_matmuls, take_rows
+from pallas_kernels.quantized_matmul import QuantizedArray, quantized_matmuls, take_rows
 from pallas_kernels.ragged_paged_attention import resolve_backend
 from models.base import AttentionMetadata
 from models.config import TransformerConfig
@@ -38,9 +38,14 @@ def _precision(w: jax.Array):
 def linear(x: jax.Array, w: jax.Array | QuantizedArray) -> jax.Array:
     """x [..., in] @ w [in, out], or @ W^T for a quantized W [out, in]."""
     if isinstance(w, QuantizedArray):
-        lead = x.shape[:-1]
-        return quantized_matmul(x.reshape(-1, x.shape[-1]), w).reshape(lead + (w.shape[-2],))
+        return _quantized_linears(x, [w])[0]
     return jnp.matmul(x, w, precision=_precision(w))
+
+
+def _quantized_linears(x: jax.Array, ws: list[QuantizedArray]) -> list[jax.Array]:
+    """x [..., in] @ W_i^T -> [..., out_i] for each quantized W_i [out_i, in] (one call where it can)."""
+    ys = quantized_matmuls(x.reshape(-1, x.shape[-1]), ws)
+    return [y.reshape(x.shape[:-1] + (y.shape[-1],)) for y in ys]
 
 
 class Linear(nnx.Module):
@@ -67,9 +72,7 @@ def project(x: jax.Array, *projections: Linear) -> list[jax.Array]:
     quantized_matmuls: one ggml graph on CPU), float ones are a matmul each."""
     weights = [p.weight.get_value() for p in projections]
     if len(weights) > 1 and all(isinstance(w, QuantizedArray) for w in weights):
-        lead = x.shape[:-1]
-        ys = quantized_matmuls(x.reshape(-1, x.shape[-1]), weights)
-        ys = [y.reshape(lead + (y.shape[-1],)) for y in ys]
+        ys = _quantized_linears(x, weights)
         return [y if p.bias is None else y + p.bias[...] for y, p in zip(ys, projections)]
     return [p(x) for p in projections]
 

@@ -28,8 +28,8 @@ import numpy as np
 from pallas_kernels.quantized_matmul import ggml_cpu, reference
 from pallas_kernels.quantized_matmul.reference import CHANNEL_FORMATS, GGML_FORMATS, dequantize
 
-FORMATS = tuple(GGML_FORMATS) + tuple(CHANNEL_FORMATS)
 GGML_MAX_ROWS = 32
+GGML_MAX_WEIGHTS = 4  # per call: ggml_ffi.cc's kMaxWeights
 BF16_MIN_ROWS = 128
 
 
@@ -48,10 +48,6 @@ class QuantizedArray:
     def shape(self) -> tuple[int, ...]:
         lead = self.data.shape[:-1] if self.layer is None else self.data.shape[1:-1]
         return tuple(lead) + (reference.in_features(self.fmt, self.data.shape),)
-
-    @property
-    def nbytes(self) -> int:
-        return sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in (self.data, self.scale) if a is not None)
 
     def at_layer(self, layer) -> QuantizedArray:
         return dataclasses.replace(self, layer=layer)
@@ -91,19 +87,23 @@ def _prefill_in_bf16(x: jax.Array, w: QuantizedArray) -> bool:
             and jax.default_backend() == "cpu" and _cpu_has_bf16_dots())
 
 
+def _ggml(x: jax.Array, ws: list[QuantizedArray]) -> list[jax.Array]:
+    ys = ggml_cpu.mul_mats(x, [(GGML_FORMATS[w.fmt][0], w.data) for w in ws], ws[0].layer)
+    return [y.astype(x.dtype) for y in ys]
+
+
 def quantized_matmuls(x: jax.Array, ws: list[QuantizedArray]) -> list[jax.Array]:
     """[x @ W^T for W in ws]: one ggml call for all of them when each takes the ggml path (q/k/v and
     gate/up share their input), otherwise one matmul each."""
-    if len(ws) <= 4 and all(_use_ggml(x, w) and w.layer is ws[0].layer for w in ws):
-        ys = ggml_cpu.mul_mats(x, [(GGML_FORMATS[w.fmt][0], w.data) for w in ws], ws[0].layer)
-        return [y.astype(x.dtype) for y in ys]
+    if len(ws) <= GGML_MAX_WEIGHTS and all(_use_ggml(x, w) and w.layer is ws[0].layer for w in ws):
+        return _ggml(x, ws)
     return [quantized_matmul(x, w) for w in ws]
 
 
 def quantized_matmul(x: jax.Array, w: QuantizedArray) -> jax.Array:
     """x [T, in] @ W^T -> [T, out] in x's dtype."""
     if _use_ggml(x, w):
-        return quantized_matmuls(x, [w])[0]
+        return _ggml(x, [w])[0]
     data, scale = w.one_layer()
     if _prefill_in_bf16(x, w):
         wb = dequantize(w.fmt, data, dtype=jnp.bfloat16)
@@ -144,6 +144,5 @@ def channels_as_q8_0(data: np.ndarray, scale: np.ndarray) -> np.ndarray:
     return np.concatenate([d, blocks], axis=-1).reshape(data.shape[:-1] + (-1,))
 
 
-__all__ = ["channels_as_q8_0", "QuantizedArray", "quantized_matmul", "quantized_matmuls", "take_rows", "dequantize",
-           "quantize_channels", "FORMATS",
-           "GGML_FORMATS", "CHANNEL_FORMATS", "GGML_MAX_ROWS"]
+__all__ = ["QuantizedArray", "quantized_matmul", "quantized_matmuls", "take_rows", "dequantize", "quantize_channels",
+           "channels_as_q8_0", "GGML_FORMATS", "CHANNEL_FORMATS", "GGML_MAX_ROWS", "GGML_MAX_WEIGHTS"]

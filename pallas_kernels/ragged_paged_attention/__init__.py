@@ -78,5 +78,5 @@ def ragged_paged_attention(q, kv_pages, kv_lens, page_table, cu_q_lens, num_seqs
     return fn(*args, interpret=interpret, **kwargs, **tuning)
 
 
-__all__ = ["ragged_paged_attention", "reference_attention", "write_kv", "QuantizedPages", "allocate_pages", "resolve_backend", "native_kernel",
-           "BACKENDS"]
+__all__ = ["ragged_paged_attention", "reference_attention", "write_kv", "QuantizedPages", "allocate_pages",
+           "resolve_backend", "native_kernel", "BACKENDS"]

@@ -78,10 +78,7 @@ def _per_token_quantize(new: jax.Array, dtype):
     top = float(jnp.iinfo(dtype).max) if jnp.issubdtype(dtype, jnp.integer) else float(jnp.finfo(dtype).max)
     scale = jnp.max(jnp.abs(x), axis=-1) / top
     scale = jnp.where(scale > 0, scale, 1.0)
-    q = x / scale[..., None]
-    if jnp.issubdtype(dtype, jnp.integer):
-        q = jnp.round(q)
-    return jnp.clip(q, -top, top).astype(dtype), scale
+    return _to_grid(x / scale[..., None], dtype).astype(dtype), scale
 
 # Keys are processed this many tokens at a time; a block spans whole pages.
 _KEY_BLOCK_TOKENS = 128
@@ -137,14 +134,16 @@ def _quantize(new, pages, dtype, k_scale, v_scale):
     ks = _scales_for(k_scale, pages, h)
     vs = _scales_for(v_scale, pages, h)
     scale = jnp.stack([ks, vs], axis=-1).reshape(new.shape[0], 2 * h)[..., None]
-    x = new.astype(jnp.float32) / scale
+    return _to_grid(new.astype(jnp.float32) / scale, dtype)
+
+
+def _to_grid(x, dtype):
+    """Scaled values -> the nearest values `dtype` holds (rounded for integers), clipped to its range."""
     if jnp.issubdtype(dtype, jnp.integer):
         info = jnp.iinfo(dtype)
-        x = jnp.clip(jnp.round(x), info.min, info.max)
-    else:
-        info = jnp.finfo(dtype)
-        x = jnp.clip(x, float(info.min), float(info.max))
-    return x
+        return jnp.clip(jnp.round(x), info.min, info.max)
+    info = jnp.finfo(dtype)
+    return jnp.clip(x, float(info.min), float(info.max))
 
 
 def ragged_paged_attention(q: jax.Array, kv_pages: jax.Array, kv_lens: jax.Array, page_table: jax.Array,
