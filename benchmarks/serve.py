@@ -10,6 +10,10 @@ metric definitions so numbers compare with vLLM's:
       --request-rate 4 --max-concurrency 32
 Arrivals are Poisson at --request-rate (inf = all at once); --max-concurrency caps requests in flight.
 Output token counts come from the server's usage (stream_options.include_usage).
+
+  --dataset multiturn --num-prompts 16 --turns 4: 16 ShareGPT chats, each sending its turns one after
+  another with the whole history (the server's own replies included) resent every turn; arrivals and
+  --max-concurrency count chats. Later turns' TTFT is reported apart: it is what prefix caching cuts.
 """
 
 from __future__ import annotations
@@ -27,8 +31,8 @@ import aiohttp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.datasets import (BenchRequest, sample_random, sample_shared_prefix,  # noqa: E402
-                                 sample_sharegpt)
+from benchmarks.datasets import (BenchRequest, Conversation, sample_multiturn, sample_random,  # noqa: E402
+                                 sample_shared_prefix, sample_sharegpt)
 
 
 @dataclass
@@ -40,6 +44,8 @@ class Result:
     latency: float = 0.0
     itl: list[float] = field(default_factory=list)
     error: str = ""
+    turn: int = 0  # multi-turn chats: 0 for a chat's first request
+    text: str = ""
 
 
 class RemoteTokenizer:
@@ -94,7 +100,9 @@ async def one_request(session: aiohttp.ClientSession, url: str, model: str | Non
                         return res
                     if chunk.get("usage"):
                         res.output_tokens = chunk["usage"]["completion_tokens"]
+                        res.prompt_len = res.prompt_len or chunk["usage"].get("prompt_tokens", 0)
                     if chunk.get("choices") and chunk["choices"][0].get("text"):
+                        res.text += chunk["choices"][0]["text"]
                         now = time.perf_counter()
                         if res.ttft == 0.0:
                             res.ttft = now - start
@@ -110,7 +118,23 @@ async def one_request(session: aiohttp.ClientSession, url: str, model: str | Non
     return res
 
 
-async def run(args, requests: list[BenchRequest]) -> tuple[list[Result], float]:
+async def chat(session, url: str, model: str | None, conv: Conversation, ignore_eos: bool,
+               headers: dict) -> list[Result]:
+    """One conversation, turn after turn, each prompt resending the history with the model's replies."""
+    history, results = "", []
+    for turn, message in enumerate(conv.user_turns):
+        prompt = f"{history}User: {message}\nAssistant:"
+        res = await one_request(session, url, model, BenchRequest(prompt, 0, conv.output_len), ignore_eos,
+                                headers)
+        res.turn = turn
+        results.append(res)
+        if not res.ok:
+            break
+        history = f"{prompt}{res.text}\n"
+    return results
+
+
+async def run(args, requests: list[BenchRequest] | list[Conversation]) -> tuple[list[Result], float]:
     url = args.base_url.rstrip("/") + "/v1/completions"
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     limit = asyncio.Semaphore(args.max_concurrency) if args.max_concurrency else None
@@ -121,10 +145,14 @@ async def run(args, requests: list[BenchRequest]) -> tuple[list[Result], float]:
     async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0, force_close=True)) as session:
 
         async def go(req):
+            if isinstance(req, Conversation):
+                call = chat(session, url, args.model, req, args.ignore_eos, headers)
+            else:
+                call = one_request(session, url, args.model, req, args.ignore_eos, headers)
             if limit is None:
-                return await one_request(session, url, args.model, req, args.ignore_eos, headers)
+                return await call
             async with limit:
-                return await one_request(session, url, args.model, req, args.ignore_eos, headers)
+                return await call
 
         tasks = []
         start = time.perf_counter()
@@ -133,7 +161,8 @@ async def run(args, requests: list[BenchRequest]) -> tuple[list[Result], float]:
             if args.request_rate != float("inf"):
                 await asyncio.sleep(rng.exponential(1.0 / args.request_rate))  # Poisson arrivals
         results = await asyncio.gather(*tasks)
-        return results, time.perf_counter() - start
+        flat = [r for res in results for r in (res if isinstance(res, list) else [res])]
+        return flat, time.perf_counter() - start
 
 
 def summarize(results: list[Result], duration: float) -> dict:
@@ -155,6 +184,10 @@ def summarize(results: list[Result], duration: float) -> dict:
         out[f"mean_{name}_ms"] = float(ms.mean())
         out[f"median_{name}_ms"] = float(np.median(ms))
         out[f"p99_{name}_ms"] = float(np.percentile(ms, 99))
+    later = [r.ttft * 1000 for r in ok if r.turn > 0]
+    if later:  # multi-turn: the turns that resend a history a prefix cache can serve
+        out["median_ttft_first_turn_ms"] = float(np.median([r.ttft * 1000 for r in ok if r.turn == 0]))
+        out["median_ttft_later_turns_ms"] = float(np.median(later))
     errors = sorted({r.error for r in results if not r.ok})
     if errors:
         out["errors"] = errors[:5]
@@ -166,9 +199,10 @@ def main(argv=None) -> int:
     p.add_argument("--base-url", default="http://127.0.0.1:8000")
     p.add_argument("--model", default=None, help="model name to send (default: the server's default)")
     p.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY") or os.environ.get("JAXLLM_API_KEY"))
-    p.add_argument("--dataset", choices=["sharegpt", "random", "prefix"], default="sharegpt",
+    p.add_argument("--dataset", choices=["sharegpt", "random", "prefix", "multiturn"], default="sharegpt",
                    help="prefix: one ~--prefix-len token system prompt shared by every request")
     p.add_argument("--prefix-len", type=int, default=1000)
+    p.add_argument("--turns", type=int, default=4, help="multiturn: user turns per chat")
     p.add_argument("--preset", choices=["decode-heavy"], default=None,
                    help="decode-heavy: ShareGPT prompts <= 128 tokens, 256 output tokens, ignore_eos")
     p.add_argument("--num-prompts", type=int, default=100)
@@ -189,7 +223,10 @@ def main(argv=None) -> int:
     if args.preset == "decode-heavy":
         args.dataset, args.sharegpt_output_len, args.ignore_eos, max_prompt_len = "sharegpt", 256, True, 128
 
-    if args.dataset == "random":
+    if args.dataset == "multiturn":
+        requests = sample_multiturn(args.num_prompts, turns=args.turns,
+                                    output_len=args.sharegpt_output_len or 64, seed=args.seed)
+    elif args.dataset == "random":
         requests = sample_random(args.random_vocab_size, args.num_prompts, args.random_input_len,
                                  args.random_output_len, seed=args.seed, range_ratio=args.random_range_ratio)
     else:
@@ -214,7 +251,8 @@ def main(argv=None) -> int:
     if args.result_json:
         with open(args.result_json, "w") as f:
             json.dump({"args": {k: v for k, v in vars(args).items() if k != "api_key"}, **summary,
-                       "per_request": [asdict(r) for r in results]}, f, indent=1, default=str)
+                       "per_request": [{k: v for k, v in asdict(r).items() if k != "text"} for r in results]},
+                      f, indent=1, default=str)
     return 0 if summary["completed"] else 1
 
 

@@ -411,7 +411,7 @@ def paged_attention(c: TransformerConfig, q, k, v, kv_pages, md: AttentionMetada
     kv = heads if sharding.kv_heads_sharded(c.num_kv_heads, n) else P()
     pool = sharding.pool_spec(c, n)
     if isinstance(kv_pages, pallas_kernels.QuantizedPages):
-        pool = pallas_kernels.QuantizedPages(pool, P(*pool[:-1]))
+        pool = pallas_kernels.QuantizedPages(pool, P(*pool[:-1]), kv_pages.value_dtype)
     return jax.shard_map(f, in_specs=(heads, kv, kv, pool, P(), P(), P()),
                          out_specs=(heads, pool), check_vma=False)(
         q, k, v, kv_pages, md, layer, w)

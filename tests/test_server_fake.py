@@ -200,6 +200,18 @@ def test_bench_serve_sharegpt(server, tmp_path):
     assert all(p["prompt_len"] >= 4 for p in r["per_request"])
 
 
+def test_bench_serve_multiturn(server, tmp_path):
+    r = _bench(server, tmp_path, "--dataset", "multiturn", "--num-prompts", "3", "--turns", "3",
+               "--sharegpt-output-len", "4", "--ignore-eos", "--max-concurrency", "2")
+    assert r["completed"] == 9 and r["failed"] == 0 and r["total_output_tokens"] == 36
+    chats = [r["per_request"][i:i + 3] for i in range(0, 9, 3)]
+    for chat in chats:
+        assert [t["turn"] for t in chat] == [0, 1, 2]
+        # Each turn resends the previous prompt, its 4-token reply and a new message.
+        assert chat[0]["prompt_len"] + 4 < chat[1]["prompt_len"] and chat[1]["prompt_len"] + 4 < chat[2]["prompt_len"]
+    assert r["median_ttft_later_turns_ms"] > 0 and r["median_ttft_first_turn_ms"] > 0
+
+
 def test_cli_entry_points():
     help_text = subprocess.run([sys.executable, "-m", "jaxllm.cli", "serve", "--help"], capture_output=True,
                                text=True, cwd=ROOT, timeout=120)
