@@ -203,6 +203,7 @@ def main(argv=None) -> int:
                    help="prefix: one ~--prefix-len token system prompt shared by every request")
     p.add_argument("--prefix-len", type=int, default=1000)
     p.add_argument("--turns", type=int, default=4, help="multiturn: user turns per chat")
+    p.add_argument("--turn-chars", type=int, default=400, help="multiturn: each user message cut to this")
     p.add_argument("--preset", choices=["decode-heavy"], default=None,
                    help="decode-heavy: ShareGPT prompts <= 128 tokens, 256 output tokens, ignore_eos")
     p.add_argument("--num-prompts", type=int, default=100)
@@ -225,7 +226,8 @@ def main(argv=None) -> int:
 
     if args.dataset == "multiturn":
         requests = sample_multiturn(args.num_prompts, turns=args.turns,
-                                    output_len=args.sharegpt_output_len or 64, seed=args.seed)
+                                    output_len=args.sharegpt_output_len or 64, seed=args.seed,
+                                    max_turn_chars=args.turn_chars)
     elif args.dataset == "random":
         requests = sample_random(args.random_vocab_size, args.num_prompts, args.random_input_len,
                                  args.random_output_len, seed=args.seed, range_ratio=args.random_range_ratio)

@@ -202,8 +202,8 @@ def test_bench_serve_sharegpt(server, tmp_path):
 
 def test_bench_serve_multiturn(server, tmp_path):
     r = _bench(server, tmp_path, "--dataset", "multiturn", "--num-prompts", "3", "--turns", "3",
-               "--sharegpt-output-len", "4", "--ignore-eos", "--max-concurrency", "2")
-    assert r["completed"] == 9 and r["failed"] == 0 and r["total_output_tokens"] == 36
+               "--turn-chars", "30", "--sharegpt-output-len", "4", "--ignore-eos", "--max-concurrency", "2")
+    assert r["completed"] == 9 and r["failed"] == 0 and r["total_output_tokens"] == 36, r.get("errors")
     chats = [r["per_request"][i:i + 3] for i in range(0, 9, 3)]
     for chat in chats:
         assert [t["turn"] for t in chat] == [0, 1, 2]
