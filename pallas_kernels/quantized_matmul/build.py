@@ -6,7 +6,8 @@ ggml (llama.cpp's tensor library) is taken from the pinned llama-cpp-python sdis
 it (or from JAXLLM_GGML_SRC, a llama.cpp checkout). Only ggml's CPU backend is compiled, as
 static libraries without OpenMP (the extension drives ggml's own thread pool), for the instruction sets
 this host reports: -march=native is avoided because ggml's AMX paths crash on some hosts. The result,
-ggml_ffi.cc linked against it, goes to the cache directory `library_path()` names.
+ggml_ffi.cc and the CPU paged attention (ragged_paged_attention/cpu_ffi.cc, which runs on ggml's
+thread pool) linked against it, go to the cache directory `library_path()` names.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from pathlib import Path
 
 GGML_SDIST = "llama-cpp-python==0.3.36"
 HERE = Path(__file__).resolve().parent
+SOURCES = (HERE / "ggml_ffi.cc", HERE.parent / "ragged_paged_attention" / "cpu_ffi.cc")
+HEADERS = (HERE / "ggml_runtime.h",)
 
 
 def cache_dir() -> Path:
@@ -49,10 +52,16 @@ def ggml_options(flags: set[str]) -> list[str]:
     return [f"-D{opt}={'ON' if flag in flags else 'OFF'}" for opt, flag in want.items()]
 
 
+def isa_flags(flags: set[str]) -> list[str]:
+    """Compiler flags for our own loops (the attention's head_dim loops vectorize with them)."""
+    known = {"avx2": "-mavx2", "fma": "-mfma", "f16c": "-mf16c", "avx512f": "-mavx512f"}
+    return [opt for flag, opt in known.items() if flag in flags]
+
+
 def key() -> str:
     import jaxlib
     flags = ggml_options(cpu_flags())
-    src = (HERE / "ggml_ffi.cc").read_bytes()
+    src = b"".join(p.read_bytes() for p in SOURCES + HEADERS)
     digest = hashlib.sha256(repr((GGML_SDIST, jaxlib.__version__, flags)).encode() + src).hexdigest()[:16]
     return digest
 
@@ -106,8 +115,9 @@ def build(force: bool = False) -> Path:
         libs = {p.name: p for p in build_dir.rglob("*.a")}
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp_out = out.with_suffix(".tmp")
-        subprocess.run(["c++", "-O2", "-std=c++17", "-shared", "-fPIC", "-w", str(HERE / "ggml_ffi.cc"),
-                        "-I", str(ggml / "include"), "-I", jax.ffi.include_dir(),
+        subprocess.run(["c++", "-O3", "-std=c++17", "-shared", "-fPIC", "-w", "-fopenmp-simd",
+                        *isa_flags(cpu_flags()),
+                        *map(str, SOURCES), "-I", str(HERE), "-I", str(ggml / "include"), "-I", jax.ffi.include_dir(),
                         "-Wl,--whole-archive", str(libs["libggml-cpu.a"]), "-Wl,--no-whole-archive",
                         str(libs["libggml-base.a"]), "-lpthread", "-lm", "-o", str(tmp_out)], check=True)
         tmp_out.replace(out)

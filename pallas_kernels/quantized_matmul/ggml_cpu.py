@@ -21,11 +21,12 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 TARGET = "jaxllm_ggml_mul_mat"
+ATTENTION_TARGET = "jaxllm_cpu_paged_attention"
 
 
 @functools.cache
 def available() -> bool:
-    """Whether the extension is built and registered (False with JAXLLM_GGML=0)."""
+    """Whether the extension is built and its custom calls registered (False with JAXLLM_GGML=0)."""
     if os.environ.get("JAXLLM_GGML", "1") == "0":
         return False
     from pallas_kernels.quantized_matmul import build
@@ -36,6 +37,8 @@ def available() -> bool:
         return False
     lib = ctypes.cdll.LoadLibrary(path)
     jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.JaxllmGgmlMulMat), platform="cpu")
+    # The same library holds the CPU paged attention (ragged_paged_attention/cpu.py), on the same pool.
+    jax.ffi.register_ffi_target(ATTENTION_TARGET, jax.ffi.pycapsule(lib.JaxllmCpuPagedAttention), platform="cpu")
     return True
 
 

@@ -17,23 +17,42 @@
 #include <mutex>
 #include <vector>
 
-#include "ggml-cpu.h"
-#include "ggml.h"
+#include "ggml_runtime.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-// XLA may run independent custom calls concurrently; ggml's thread pool and the arena are not
-// reentrant, and a second pool would only oversubscribe the cores, so calls take turns.
-std::mutex mu;
+std::recursive_mutex mu;  // guards the pool, its work buffer and the matmul's graph arena
 ggml_threadpool* pool = nullptr;
 int pool_threads = 0;
 int64_t pool_poll = -1;
 std::vector<uint8_t> work;
 alignas(64) uint8_t arena[32 * 1024];
 constexpr size_t kMaxWeights = 4;
+
+}  // namespace
+
+ggml_status jaxllm_ggml_compute(ggml_cgraph* graph, int n_threads, int poll) {
+  std::lock_guard<std::recursive_mutex> lock(mu);
+  static const bool initialized = (ggml_cpu_init(), true);
+  (void)initialized;
+  if (pool == nullptr || pool_threads != n_threads || pool_poll != poll) {
+    if (pool != nullptr) ggml_threadpool_free(pool);
+    ggml_threadpool_params params = ggml_threadpool_params_default(n_threads);
+    params.poll = static_cast<uint32_t>(poll);
+    pool = ggml_threadpool_new(&params);
+    pool_threads = n_threads;
+    pool_poll = poll;
+  }
+  ggml_cplan plan = ggml_graph_plan(graph, pool_threads, pool);
+  if (work.size() < plan.work_size) work.resize(plan.work_size);
+  plan.work_data = work.data();
+  return ggml_graph_compute(graph, &plan);
+}
+
+namespace {
 
 ffi::Error MulMats(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> layer, ffi::RemainingArgs weights,
                    ffi::RemainingRets outs, ffi::Span<const int64_t> ggml_types, int64_t n_threads,
@@ -46,17 +65,7 @@ ffi::Error MulMats(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> layer, ffi::Re
     return ffi::Error::InvalidArgument("jaxllm_ggml_mul_mat: one output and one ggml type per weight (at most 4)");
   }
 
-  std::lock_guard<std::mutex> lock(mu);
-  static const bool initialized = (ggml_cpu_init(), true);
-  (void)initialized;
-  if (pool == nullptr || pool_threads != n_threads || pool_poll != poll) {
-    if (pool != nullptr) ggml_threadpool_free(pool);
-    ggml_threadpool_params params = ggml_threadpool_params_default(static_cast<int>(n_threads));
-    params.poll = static_cast<uint32_t>(poll);
-    pool = ggml_threadpool_new(&params);
-    pool_threads = static_cast<int>(n_threads);
-    pool_poll = poll;
-  }
+  std::lock_guard<std::recursive_mutex> lock(mu);  // the arena
   ggml_init_params init = {sizeof(arena), arena, /*no_alloc=*/true};
   ggml_context* ctx = ggml_init(init);
   ggml_tensor* xt = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, k, t);
@@ -84,10 +93,7 @@ ffi::Error MulMats(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> layer, ffi::Re
     yt->data = (*y)->untyped_data();
     ggml_build_forward_expand(graph, yt);
   }
-  ggml_cplan plan = ggml_graph_plan(graph, pool_threads, pool);
-  if (work.size() < plan.work_size) work.resize(plan.work_size);
-  plan.work_data = work.data();
-  const ggml_status status = ggml_graph_compute(graph, &plan);
+  const ggml_status status = jaxllm_ggml_compute(graph, static_cast<int>(n_threads), static_cast<int>(poll));
   ggml_free(ctx);
   if (status != GGML_STATUS_SUCCESS) return ffi::Error::Internal("jaxllm_ggml_mul_mat: ggml_graph_compute failed");
   return ffi::Error::Success();

@@ -1,9 +1,10 @@
 """Ragged paged attention: one entry point, dispatched by backend.
 
   backend="auto" (default): TPU -> the Mosaic kernel (tpu.py); NVIDIA GPU -> the Pallas-Triton kernel
-                            (gpu.py), each once listed in HARDWARE_VERIFIED; anything else (CPU,
-                            ROCm, unverified kernels) -> the pure-jnp reference.
-  backend="reference" | "tpu" | "gpu": force one implementation anywhere (debugging, tests).
+                            (gpu.py), each once listed in HARDWARE_VERIFIED; CPU -> the custom call
+                            of cpu.py for a float32 pool when the ggml extension is built; anything
+                            else (ROCm, unverified kernels, quantized pools) -> the pure-jnp reference.
+  backend="reference" | "tpu" | "gpu" | "cpu": force one implementation (debugging, tests).
   interpret=True: run the chosen Pallas kernel in interpret mode (TPU interpret mode for "tpu", the
                   generic Pallas interpreter for "gpu"); with backend="auto" on a CPU host this
                   selects the TPU kernel, so a CPU run still exercises a real kernel end to end.
@@ -20,12 +21,13 @@ from __future__ import annotations
 
 import jax
 
+from pallas_kernels.ragged_paged_attention import cpu as _cpu
 from pallas_kernels.ragged_paged_attention import gpu as _gpu
 from pallas_kernels.ragged_paged_attention import tpu as _tpu
 from pallas_kernels.ragged_paged_attention.reference import ragged_paged_attention as reference_attention
 from pallas_kernels.ragged_paged_attention.reference import QuantizedPages, allocate_pages, write_kv
 
-BACKENDS = ("auto", "reference", "tpu", "gpu")
+BACKENDS = ("auto", "reference", "tpu", "gpu", "cpu")
 # Kernels that have passed tests/test_attention_kernels.py compiled on real hardware; "auto" only
 # picks these (force the others with backend="tpu" / "gpu").
 HARDWARE_VERIFIED: frozenset[str] = frozenset()
@@ -72,6 +74,12 @@ def ragged_paged_attention(q, kv_pages, kv_lens, page_table, cu_q_lens, num_seqs
     if isinstance(kv_pages, QuantizedPages) and impl != "reference":
         raise NotImplementedError(f"the {impl} kernel takes per-page or per-head KV scales, not the engine's "
                                   "per-token ones: use attention_backend='reference' with a quantized KV cache")
+    if impl == "cpu" or (impl == "reference" and backend == "auto" and _cpu.usable(q, kv_pages, k_scale, v_scale)):
+        if not _cpu.usable(q, kv_pages, k_scale, v_scale):
+            raise NotImplementedError("the cpu kernel needs the ggml extension built, a CPU backend and a "
+                                      "float32 pool without k_scale / v_scale")
+        return _cpu.ragged_paged_attention(*args, sm_scale=sm_scale, sliding_window=sliding_window,
+                                           soft_cap=soft_cap, layer=layer)
     if impl == "reference":
         return reference_attention(*args, **kwargs)
     fn = _tpu.ragged_paged_attention if impl == "tpu" else _gpu.ragged_paged_attention

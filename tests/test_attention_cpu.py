@@ -1,0 +1,69 @@
+"""The CPU paged-attention custom call (pallas_kernels/ragged_paged_attention/cpu.py) against the naive
+NumPy attention, and its batch invariance: a row's output does not depend on the rest of its step."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from pallas_kernels.ragged_paged_attention import cpu, ragged_paged_attention
+from models.layers import NO_WINDOW
+from tests.test_attention_reference import SETTINGS, make_batch, naive_attention, ragged_seqs
+
+pytestmark = pytest.mark.skipif(not cpu.usable(jnp.zeros(1), jnp.zeros(1)),
+                                reason="the ggml extension is not built (python -m pallas_kernels.quantized_matmul.build)")
+
+jitted = jax.jit(cpu.ragged_paged_attention, static_argnames=("sm_scale", "soft_cap"))
+
+
+@SETTINGS
+@given(seqs=ragged_seqs(), seed=st.integers(0, 2**16), group=st.sampled_from([1, 2, 3]),
+       window=st.sampled_from([None, 1, 7, 20]), soft_cap=st.sampled_from([None, 5.0]),
+       page_size=st.sampled_from([16, 32]))
+def test_cpu_kernel_matches_naive(seqs, seed, group, window, soft_cap, page_size):
+    b = make_batch(seed, seqs, group=group, page_size=page_size, shape_of=(4, 20, 60))
+    got = np.asarray(jitted(*b.args(), sm_scale=0.125, sliding_window=window, soft_cap=soft_cap))
+    want = naive_attention(b, sm_scale=0.125, sliding_window=window, soft_cap=soft_cap)
+    assert np.isfinite(got).all()  # unowned slots hold NaN: none may be read
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
+    assert not got[b.num_live_rows:].any()
+
+
+def test_layered_pool_traced_window_and_threaded_step():
+    """A stacked pool picked by a traced layer, a traced window (NO_WINDOW = none), and a step large
+    enough to be split over ggml's thread pool."""
+    b = make_batch(4, [(1, 37), (120, 300), (0, 5), (64, 64), (1, 1)], num_layers=3, head_dim=128, group=3)
+    f = jax.jit(lambda *a, layer, window: cpu.ragged_paged_attention(*a, sm_scale=0.1, layer=layer,
+                                                                    sliding_window=window))
+    for window in (None, 50):
+        got = np.asarray(f(*b.args(), layer=jnp.int32(b.layer), window=jnp.int32(window or NO_WINDOW)))
+        np.testing.assert_allclose(got, naive_attention(b, sm_scale=0.1, sliding_window=window),
+                                   atol=2e-5, rtol=2e-5)
+
+
+def test_a_rows_output_is_the_same_alone_and_in_any_step():
+    """Bit-identical: the engine's batch invariance rests on it (steps of any bucket use this kernel)."""
+    alone = make_batch(9, [(1, 200)], extra_rows=0, extra_seqs=0, poison=False)
+    (got_alone,) = np.asarray(jitted(*alone.args(), sm_scale=0.125))
+    # The same sequence (same pages and values) as the third of a large mixed step.
+    q = np.concatenate([np.ones((150, *alone.q.shape[1:]), np.float32), alone.q], axis=0)
+    table = np.stack([alone.page_table[0]] * 3)
+    args = (jnp.asarray(q), jnp.asarray(alone.kv_pages), jnp.array([100, 200, 200], jnp.int32), jnp.asarray(table),
+            jnp.array([0, 50, 150, 151], jnp.int32), jnp.array([3], jnp.int32))
+    got = np.asarray(jitted(*args, sm_scale=0.125))
+    np.testing.assert_array_equal(got[150], got_alone)
+
+
+def test_auto_backend_picks_it_for_float32_pools_only():
+    b = make_batch(1, [(3, 20)], poison=False)
+    hlo = jax.jit(lambda *a: ragged_paged_attention(*a, sm_scale=0.1)).lower(*b.args()).as_text()
+    assert "jaxllm_cpu_paged_attention" in hlo
+    forced = jax.jit(lambda *a: ragged_paged_attention(*a, sm_scale=0.1, backend="reference"))
+    assert "jaxllm_cpu_paged_attention" not in forced.lower(*b.args()).as_text()
+    bf16 = (b.args()[0], b.args()[1].astype(jnp.bfloat16)) + b.args()[2:]
+    assert "jaxllm_cpu_paged_attention" not in jax.jit(
+        lambda *a: ragged_paged_attention(*a, sm_scale=0.1)).lower(*bf16).as_text()
