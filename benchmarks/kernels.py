@@ -146,7 +146,7 @@ def scenarios(small: bool):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--small", action="store_true", help="tiny shapes, reference only (runs on CPU)")
-    p.add_argument("--backend", default=None, choices=["auto", "reference", "tpu", "gpu"])
+    p.add_argument("--backend", default=None, choices=["auto", "reference", "tpu", "gpu", "cpu"])
     p.add_argument("--interpret", action="store_true", help="run the Pallas kernel interpreted")
     p.add_argument("--num-q-heads", type=int, default=32)
     p.add_argument("--num-kv-heads", type=int, default=8)

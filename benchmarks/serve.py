@@ -45,6 +45,7 @@ class Result:
     itl: list[float] = field(default_factory=list)
     error: str = ""
     turn: int = 0  # multi-turn chats: 0 for a chat's first request
+    cached_tokens: int = 0  # usage.prompt_tokens_details.cached_tokens, where the server reports it
     text: str = ""
 
 
@@ -101,6 +102,7 @@ async def one_request(session: aiohttp.ClientSession, url: str, model: str | Non
                     if chunk.get("usage"):
                         res.output_tokens = chunk["usage"]["completion_tokens"]
                         res.prompt_len = res.prompt_len or chunk["usage"].get("prompt_tokens", 0)
+                        res.cached_tokens = (chunk["usage"].get("prompt_tokens_details") or {}).get("cached_tokens", 0)
                     if chunk.get("choices") and chunk["choices"][0].get("text"):
                         res.text += chunk["choices"][0]["text"]
                         now = time.perf_counter()
@@ -169,7 +171,8 @@ def summarize(results: list[Result], duration: float) -> dict:
     ok = [r for r in results if r.ok]
     out: dict = {"completed": len(ok), "failed": len(results) - len(ok), "duration_s": duration,
                  "total_input_tokens": sum(r.prompt_len for r in ok),
-                 "total_output_tokens": sum(r.output_tokens for r in ok)}
+                 "total_output_tokens": sum(r.output_tokens for r in ok),
+                 "total_cached_prompt_tokens": sum(r.cached_tokens for r in ok)}
     out["request_throughput"] = len(ok) / duration
     out["output_throughput"] = out["total_output_tokens"] / duration
     out["total_token_throughput"] = (out["total_input_tokens"] + out["total_output_tokens"]) / duration

@@ -18,7 +18,7 @@ class ModelConfig:
     max_model_len: int | None = None  # defaults to min(model's context, 2048 on CPU / 8192 elsewhere)
     seed: int = 0
     revision: str | None = None
-    attention_backend: str = "auto"  # auto | reference | tpu | gpu (force one ragged attention kernel)
+    attention_backend: str = "auto"  # auto | reference | tpu | gpu | cpu (force one ragged attention kernel)
     attention_interpret: bool = False  # run the Pallas kernel in interpret mode (debugging on CPU)
     chat_template: str | None = None  # a Jinja file or inline template replacing the checkpoint's own
     pooling: str = "last"  # embeddings: last | mean over the final hidden states, then L2-normalized

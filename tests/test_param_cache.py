@@ -25,8 +25,9 @@ def test_param_cache_round_trip(tmp_path):
     w1, w2 = first.model.canonical_weights(), second.model.canonical_weights()
     assert w1.keys() == w2.keys() and all(np.array_equal(w1[k], w2[k]) for k in w1)
     prompt = [3, 17, 99, 120, 5]
-    np.testing.assert_array_equal(PagedRunner(second.model).step([(0, prompt, 0)]),
-                                  PagedRunner(first.model).step([(0, prompt, 0)]))
+    # Same weights; on CPU "auto" runs the attention custom call, so the two differ by float rounding.
+    np.testing.assert_allclose(PagedRunner(second.model).step([(0, prompt, 0)]),
+                               PagedRunner(first.model).step([(0, prompt, 0)]), rtol=1e-4, atol=1e-5)
     # a changed source (size / mtime) gets its own entry
     with open(src / "config.json", "a") as f:
         f.write("\n")
