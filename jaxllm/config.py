@@ -43,8 +43,9 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 512
     policy: str = "fcfs"  # fcfs | priority
     max_waiting_requests: int | None = None  # server back-pressure; None = unbounded
-    # Prepare step N+1 on the host while the device runs step N (vLLM's --async-scheduling).
-    async_scheduling: bool = False
+    # Prepare step N+1 on the host while the device runs step N (vLLM's --async-scheduling, on by
+    # default since vLLM 0.14; --no-async-scheduling turns it off).
+    async_scheduling: bool = True
 
 
 @dataclass
