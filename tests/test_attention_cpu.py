@@ -67,3 +67,32 @@ def test_auto_backend_picks_it_for_float32_pools_only():
     bf16 = (b.args()[0], b.args()[1].astype(jnp.bfloat16)) + b.args()[2:]
     assert "jaxllm_cpu_paged_attention" not in jax.jit(
         lambda *a: ragged_paged_attention(*a, sm_scale=0.1)).lower(*bf16).as_text()
+
+
+@pytest.mark.parametrize("kv_dtype", [jnp.int8, jnp.float8_e4m3fn, jnp.float8_e5m2])
+def test_quantized_pages_match_the_reference(kv_dtype):
+    """Per-token int8 / float8 pools (float8 held as bits): each byte read through the dtype's value
+    table times its token's scale, the same dequantized values the reference attends over."""
+    from pallas_kernels.ragged_paged_attention import reference
+    rng = np.random.default_rng(5)
+    layers, num_pages, page_size, h, d = 2, 12, 16, 2, 64
+    pool = reference.allocate_pages((layers, num_pages, page_size, 2 * h, d), kv_dtype)
+    t = num_pages * page_size
+    k, v = (jnp.asarray(rng.normal(0, s, (t, h, d)).astype(np.float32)) for s in (3.0, 1.0))
+    pool = reference.write_kv(pool, k, v, jnp.arange(t, dtype=jnp.int32), layer=1)
+    seqs = [(1, 70), (20, 45), (3, 3)]  # (q_len, kv_len)
+    table = np.full((4, 8), -1, np.int32)
+    for i, perm in enumerate([rng.permutation(num_pages)[:5], rng.permutation(num_pages)[:3], [7]]):
+        table[i, :len(perm)] = perm
+    rows = sum(q for q, _ in seqs) + 2
+    q = jnp.asarray(rng.normal(0, 1, (rows, 2 * h, d)).astype(np.float32))
+    cu = np.concatenate([[0], np.cumsum([q_len for q_len, _ in seqs]), [0]]).astype(np.int32)
+    args = (q, pool, jnp.array([kv for _, kv in seqs] + [0], jnp.int32), jnp.asarray(table), jnp.asarray(cu),
+            jnp.array([3], jnp.int32))
+    hlo = jax.jit(lambda *a: ragged_paged_attention(*a, sm_scale=0.125, layer=1)).lower(*args).as_text()
+    # "auto" takes int8 pools only (float8's table lookups made prefill slower than the reference)
+    assert ("jaxllm_cpu_paged_attention" in hlo) == (kv_dtype == jnp.int8)
+    got = np.asarray(cpu.ragged_paged_attention(*args, sm_scale=0.125, layer=1))
+    want = np.asarray(ragged_paged_attention(*args, sm_scale=0.125, layer=1, backend="reference"))
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
+    assert np.abs(want[:rows - 2]).sum() > 0 and not got[rows - 2:].any()

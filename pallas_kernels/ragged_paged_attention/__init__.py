@@ -2,8 +2,9 @@
 
   backend="auto" (default): TPU -> the Mosaic kernel (tpu.py); NVIDIA GPU -> the Pallas-Triton kernel
                             (gpu.py), each once listed in HARDWARE_VERIFIED; CPU -> the custom call
-                            of cpu.py for a float32 pool when the ggml extension is built; anything
-                            else (ROCm, unverified kernels, quantized pools) -> the pure-jnp reference.
+                            of cpu.py for float32 and per-token int8 pools when the ggml extension is
+                            built; anything else (ROCm, unverified kernels, float8 pools on CPU) -> the
+                            pure-jnp reference.
   backend="reference" | "tpu" | "gpu" | "cpu": force one implementation (debugging, tests).
   interpret=True: run the chosen Pallas kernel in interpret mode (TPU interpret mode for "tpu", the
                   generic Pallas interpreter for "gpu"); with backend="auto" on a CPU host this
@@ -71,13 +72,13 @@ def ragged_paged_attention(q, kv_pages, kv_lens, page_table, cu_q_lens, num_seqs
     kwargs = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
                   k_scale=k_scale, v_scale=v_scale, layer=layer)
     args = (q, kv_pages, kv_lens, page_table, cu_q_lens, num_seqs)
-    if isinstance(kv_pages, QuantizedPages) and impl != "reference":
+    if isinstance(kv_pages, QuantizedPages) and impl not in ("reference", "cpu"):
         raise NotImplementedError(f"the {impl} kernel takes per-page or per-head KV scales, not the engine's "
-                                  "per-token ones: use attention_backend='reference' with a quantized KV cache")
+                                  "per-token ones: use attention_backend='reference' (or 'cpu') with a quantized KV cache")
     if impl == "cpu" or (impl == "reference" and backend == "auto" and _cpu.usable(q, kv_pages, k_scale, v_scale)):
-        if not _cpu.usable(q, kv_pages, k_scale, v_scale):
+        if not _cpu.usable(q, kv_pages, k_scale, v_scale, float8=True):
             raise NotImplementedError("the cpu kernel needs the ggml extension built, a CPU backend and a "
-                                      "float32 pool without k_scale / v_scale")
+                                      "float32 pool without k_scale / v_scale, or QuantizedPages")
         return _cpu.ragged_paged_attention(*args, sm_scale=sm_scale, sliding_window=sliding_window,
                                            soft_cap=soft_cap, layer=layer)
     if impl == "reference":

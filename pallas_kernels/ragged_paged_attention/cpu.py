@@ -5,9 +5,13 @@ per layer per 128 keys even for a single decode row. The custom call walks each 
 place (a (row, KV head) per task, on ggml's thread pool for large steps), and takes every step shape,
 prefill included, so a row's result never depends on the bucket its step fell in.
 
-Used by backend="auto" on CPU for a float32 pool with no k_scale / v_scale when the extension is built
-(`python -m pallas_kernels.quantized_matmul.build`; `JAXLLM_GGML=0` turns it off); otherwise the
-reference runs.
+Pools: float32, or per-token QuantizedPages (int8 values converted directly; float8 bytes read through
+a 256-entry table of their values; either times its token's scale). backend="auto" on CPU uses it for
+float32 and int8 pools when the extension is built (`python -m pallas_kernels.quantized_matmul.build`;
+`JAXLLM_GGML=0` turns it off). Float8 pools stay on the reference under "auto" (backend="cpu" forces
+them here): the table lookup does not vectorize, and each (row, head) dequantizes its own keys, so a
+512-token prefill's attention took 653 ms vs the reference's 319 ms (30 layers), though decode was
+faster (1 row over 1,000 keys: 11.4 vs 18.9 ms). int8: 380 vs 316 ms prefill, 7.6 vs 18.1 ms decode.
 """
 
 from __future__ import annotations
@@ -17,25 +21,37 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.quantized_matmul import ggml_cpu
+from pallas_kernels.ragged_paged_attention.reference import QuantizedPages
 
 
-def usable(q: jax.Array, kv_pages, k_scale=None, v_scale=None) -> bool:
-    """Whether this call can take the custom call: CPU, extension built, float32 q and pool."""
-    return (jax.default_backend() == "cpu" and k_scale is None and v_scale is None
-            and isinstance(kv_pages, jax.Array) and kv_pages.dtype == jnp.float32
+def _byte_values(dtype) -> np.ndarray:
+    """f32 [256]: the value of each byte as `dtype` (int8, or a float8's bit pattern)."""
+    return np.arange(256, dtype=np.uint8).view(np.dtype(dtype)).astype(np.float32)
+
+
+def usable(q: jax.Array, kv_pages, k_scale=None, v_scale=None, *, float8: bool = False) -> bool:
+    """Whether this call can take the custom call: CPU, extension built, float32 q, and a float32 or
+    per-token int8 pool (float8 too with float8=True)."""
+    pool_ok = ((isinstance(kv_pages, QuantizedPages) and (float8 or kv_pages.dtype == jnp.int8))
+               or (isinstance(kv_pages, jax.Array) and kv_pages.dtype == jnp.float32))
+    return (jax.default_backend() == "cpu" and k_scale is None and v_scale is None and pool_ok
             and q.dtype == jnp.float32 and ggml_cpu.available())
 
 
 def ragged_paged_attention(q: jax.Array, kv_pages: jax.Array, kv_lens: jax.Array, page_table: jax.Array,
                            cu_q_lens: jax.Array, num_seqs: jax.Array, *, sm_scale: float,
                            sliding_window=None, soft_cap: float | None = None, layer=None) -> jax.Array:
-    """q [T, Hq, D] f32 over kv_pages [(L,) P, S, 2 * Hkv, D] f32 -> [T, Hq, D]; see reference.py.
-    sliding_window may be traced (a per-layer value inside a scan)."""
+    """q [T, Hq, D] f32 over kv_pages [(L,) P, S, 2 * Hkv, D] (f32, or QuantizedPages) -> [T, Hq, D]; see
+    reference.py. sliding_window may be traced (a per-layer value inside a scan)."""
     i32 = lambda x: jnp.asarray(x, jnp.int32)
     window = i32(-1 if sliding_window is None else sliding_window).reshape(())
     index = i32(0 if layer is None else layer).reshape(())
+    if isinstance(kv_pages, QuantizedPages):
+        pool, scales, lut = kv_pages.pages, kv_pages.scales, jnp.asarray(_byte_values(kv_pages.dtype))
+    else:
+        pool, scales, lut = kv_pages, jnp.zeros((1,), jnp.float32), jnp.zeros((1,), jnp.float32)
     out = jax.ShapeDtypeStruct(q.shape, jnp.float32)
     return jax.ffi.ffi_call(ggml_cpu.ATTENTION_TARGET, out, has_side_effect=False)(
-        q, kv_pages, index, i32(kv_lens), i32(page_table), i32(cu_q_lens), i32(num_seqs).reshape(1), window,
+        q, pool, scales, lut, index, i32(kv_lens), i32(page_table), i32(cu_q_lens), i32(num_seqs).reshape(1), window,
         sm_scale=np.float32(sm_scale), soft_cap=np.float32(soft_cap or 0.0),
         n_threads=np.int64(ggml_cpu.num_threads()), poll=np.int64(ggml_cpu.poll()))

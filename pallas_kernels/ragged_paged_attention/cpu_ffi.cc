@@ -1,8 +1,12 @@
 // XLA FFI custom call "jaxllm_cpu_paged_attention": reference.py's ragged paged attention for CPU, over
-// a float32 pool, built into the ggml extension (pallas_kernels/quantized_matmul/build.py).
+// a float32 pool or an int8 / float8 QuantizedPages pool, built into the ggml extension
+// (pallas_kernels/quantized_matmul/build.py).
 //
 //   q:          f32 [T, Hq, D]
-//   kv_pages:   f32 [(L,) P, S, 2 * Hkv, D]   K of head h at 2h, V at 2h + 1 (write_kv's layout)
+//   kv_pages:   f32 [(L,) P, S, 2 * Hkv, D]   K of head h at 2h, V at 2h + 1 (write_kv's layout), or
+//               the bytes of a QuantizedPages pool (u8 / s8), read as lut[byte] * scales[token, 2h (+1)]
+//   scales:     f32 [(L,) P, S, 2 * Hkv] of a byte pool (else unused)
+//   lut:        f32 [256], a byte pool's value of each byte (int8 or float8 bits; else unused)
 //   layer:      s32 scalar, the layer of a stacked pool
 //   kv_lens:    s32 [N]          page_table: s32 [N, max_pages]
 //   cu_q_lens:  s32 [N + 1]      num_seqs: s32 [1]
@@ -32,7 +36,11 @@ namespace {
 
 struct Problem {
   const float* q;
-  const float* pages;  // this layer's pool
+  const float* pages;  // this layer's float pool, or
+  const uint8_t* bytes;  // this layer's byte pool, with
+  const float* scales;   // its scales [P, S, 2 * Hkv] and
+  const float* lut;      // each byte's value
+  bool int8;             // a byte pool of int8 values (read without the table)
   const int32_t* kv_lens;
   const int32_t* page_table;
   float* out;
@@ -53,7 +61,8 @@ void attend(const Problem& p, int64_t item) {
   const int64_t begin = p.window > 0 ? std::max<int64_t>(0, pos - p.window + 1) : 0;
   const int32_t* pages = p.page_table + seq * p.max_pages;
   const int64_t token_stride = 2 * p.num_kv_heads * d;
-  std::vector<float> qs(group * d), acc(group * d, 0.0f), scores(s);
+  std::vector<float> qs(group * d), acc(group * d, 0.0f), scores(s), kbuf, vbuf;
+  if (p.bytes != nullptr) kbuf.resize(s * d), vbuf.resize(s * d);
   std::vector<float> m(group, -std::numeric_limits<float>::infinity()), l(group, 0.0f);
   for (int64_t g = 0; g < group; ++g) {
     const float* src = p.q + (row * p.num_q_heads + h * group + g) * d;
@@ -61,12 +70,38 @@ void attend(const Problem& p, int64_t item) {
   }
   for (int64_t chunk = begin / s * s; chunk < end; chunk += s) {
     const int64_t j0 = std::max(chunk, begin), j1 = std::min(chunk + s, end);
-    const float* page = p.pages + static_cast<int64_t>(pages[chunk / s]) * s * token_stride + 2 * h * d;
+    const int64_t page_id = pages[chunk / s];
+    // Keys j of this chunk at kp + (j - chunk) * stride, values at vp + (j - chunk) * stride.
+    const float *kp, *vp;
+    int64_t stride = token_stride;
+    if (p.bytes == nullptr) {
+      kp = p.pages + page_id * s * token_stride + 2 * h * d;
+      vp = kp + d;
+    } else {  // dequantize the chunk's K/V of head h once, for all the group's query heads
+      for (int64_t j = j0; j < j1; ++j) {
+        const int64_t tok = page_id * s + (j - chunk);
+        const uint8_t* src = p.bytes + (tok * 2 * p.num_kv_heads + 2 * h) * d;
+        const float sk = p.scales[tok * 2 * p.num_kv_heads + 2 * h], sv = p.scales[tok * 2 * p.num_kv_heads + 2 * h + 1];
+        float* kd = kbuf.data() + (j - chunk) * d;
+        float* vd = vbuf.data() + (j - chunk) * d;
+        if (p.int8) {  // a plain conversion, which vectorizes (a table lookup does not)
+          const int8_t* s8 = reinterpret_cast<const int8_t*>(src);
+          for (int64_t i = 0; i < d; ++i) kd[i] = static_cast<float>(s8[i]) * sk;
+          for (int64_t i = 0; i < d; ++i) vd[i] = static_cast<float>(s8[d + i]) * sv;
+        } else {
+          for (int64_t i = 0; i < d; ++i) kd[i] = p.lut[src[i]] * sk;
+          for (int64_t i = 0; i < d; ++i) vd[i] = p.lut[src[d + i]] * sv;
+        }
+      }
+      kp = kbuf.data();
+      vp = vbuf.data();
+      stride = d;
+    }
     for (int64_t g = 0; g < group; ++g) {
       const float* qg = qs.data() + g * d;
       float top = m[g];
       for (int64_t j = j0; j < j1; ++j) {
-        const float* k = page + (j - chunk) * token_stride;
+        const float* k = kp + (j - chunk) * stride;
         float dot = 0.0f;
 #pragma omp simd reduction(+ : dot)
         for (int64_t i = 0; i < d; ++i) dot += qg[i] * k[i];
@@ -81,7 +116,7 @@ void attend(const Problem& p, int64_t item) {
       for (int64_t j = j0; j < j1; ++j) {
         const float w = std::exp(scores[j - j0] - top);
         sum += w;
-        const float* v = page + (j - chunk) * token_stride + d;
+        const float* v = vp + (j - chunk) * stride;
         for (int64_t i = 0; i < d; ++i) a[i] += w * v[i];
       }
       l[g] = l[g] * corr + sum;
@@ -104,7 +139,8 @@ void run_share(ggml_tensor* /*dst*/, int ith, int nth, void* userdata) {
 // Below this many key visits (keys x KV heads summed over rows) one thread is faster than waking the pool.
 constexpr int64_t kInlineWork = 1 << 15;
 
-ffi::Error PagedAttention(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> kv_pages, ffi::Buffer<ffi::S32> layer,
+ffi::Error PagedAttention(ffi::Buffer<ffi::F32> q, ffi::AnyBuffer kv_pages, ffi::Buffer<ffi::F32> scales,
+                          ffi::Buffer<ffi::F32> lut, ffi::Buffer<ffi::S32> layer,
                           ffi::Buffer<ffi::S32> kv_lens, ffi::Buffer<ffi::S32> page_table,
                           ffi::Buffer<ffi::S32> cu_q_lens, ffi::Buffer<ffi::S32> num_seqs,
                           ffi::Buffer<ffi::S32> window, ffi::ResultBuffer<ffi::F32> out, float sm_scale,
@@ -130,8 +166,25 @@ ffi::Error PagedAttention(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> kv_page
   if (index < 0 || (off == 1 && index >= pd[0])) {
     return ffi::Error::InvalidArgument("jaxllm_cpu_paged_attention: layer out of range");
   }
+  const int64_t layer_values = num_pages * p.page_size * 2 * p.num_kv_heads * p.head_dim;
+  const auto type = kv_pages.element_type();
+  p.pages = nullptr;
+  p.bytes = nullptr;
+  if (type == ffi::DataType::F32) {
+    p.pages = static_cast<const float*>(kv_pages.untyped_data()) + index * layer_values;
+  } else if (type == ffi::DataType::U8 || type == ffi::DataType::S8) {
+    if (lut.element_count() != 256 || scales.element_count() * p.head_dim != kv_pages.element_count()) {
+      return ffi::Error::InvalidArgument("jaxllm_cpu_paged_attention: a byte pool needs scales [(L,) P, S, 2Hkv] "
+                                         "and a 256-entry lut");
+    }
+    p.bytes = static_cast<const uint8_t*>(kv_pages.untyped_data()) + index * layer_values;
+    p.scales = scales.typed_data() + index * (layer_values / p.head_dim);
+    p.lut = lut.typed_data();
+    p.int8 = type == ffi::DataType::S8;
+  } else {
+    return ffi::Error::InvalidArgument("jaxllm_cpu_paged_attention: the pool must be f32, u8 or s8");
+  }
   p.q = q.typed_data();
-  p.pages = kv_pages.typed_data() + index * num_pages * p.page_size * 2 * p.num_kv_heads * p.head_dim;
   p.kv_lens = kv_lens.typed_data();
   p.page_table = page_table.typed_data();
   p.out = out->typed_data();
@@ -188,6 +241,8 @@ ffi::Error PagedAttention(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> kv_page
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxllmCpuPagedAttention, PagedAttention,
                               ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
