@@ -7,12 +7,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
-
 from pallas_kernels.ragged_paged_attention import cpu, ragged_paged_attention
 from models.layers import NO_WINDOW
-from tests.test_attention_reference import SETTINGS, make_batch, naive_attention, ragged_seqs
+from tests.test_attention_reference import (RAGGED_CASES, SETTINGS, assert_matches_naive, make_batch,
+                                            naive_attention)
 
 pytestmark = pytest.mark.skipif(not cpu.usable(jnp.zeros(1), jnp.zeros(1)),
                                 reason="the ggml extension is not built (python -m pallas_kernels.quantized_matmul.build)")
@@ -21,16 +19,9 @@ jitted = jax.jit(cpu.ragged_paged_attention, static_argnames=("sm_scale", "soft_
 
 
 @SETTINGS
-@given(seqs=ragged_seqs(), seed=st.integers(0, 2**16), group=st.sampled_from([1, 2, 3]),
-       window=st.sampled_from([None, 1, 7, 20]), soft_cap=st.sampled_from([None, 5.0]),
-       page_size=st.sampled_from([16, 32]))
+@RAGGED_CASES
 def test_cpu_kernel_matches_naive(seqs, seed, group, window, soft_cap, page_size):
-    b = make_batch(seed, seqs, group=group, page_size=page_size, shape_of=(4, 20, 60))
-    got = np.asarray(jitted(*b.args(), sm_scale=0.125, sliding_window=window, soft_cap=soft_cap))
-    want = naive_attention(b, sm_scale=0.125, sliding_window=window, soft_cap=soft_cap)
-    assert np.isfinite(got).all()  # unowned slots hold NaN: none may be read
-    np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
-    assert not got[b.num_live_rows:].any()
+    assert_matches_naive(jitted, seqs, seed, group, window, soft_cap, page_size)
 
 
 def test_layered_pool_traced_window_and_threaded_step():

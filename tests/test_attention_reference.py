@@ -201,19 +201,26 @@ def ragged_seqs(draw, page_size=16, max_seqs=4, max_q=20, max_ctx=40):
     return out
 
 
-@SETTINGS
-@given(seqs=ragged_seqs(), seed=st.integers(0, 2**16), group=st.sampled_from([1, 2, 3]),
-       window=st.sampled_from([None, 1, 7, 20]), soft_cap=st.sampled_from([None, 5.0]),
-       page_size=st.sampled_from([16, 32]))
-def test_reference_matches_naive(seqs, seed, group, window, soft_cap, page_size):
+# Random ragged batches for an implementation against naive_attention (assert_matches_naive).
+RAGGED_CASES = given(seqs=ragged_seqs(), seed=st.integers(0, 2**16), group=st.sampled_from([1, 2, 3]),
+                     window=st.sampled_from([None, 1, 7, 20]), soft_cap=st.sampled_from([None, 5.0]),
+                     page_size=st.sampled_from([16, 32]))
+
+
+def assert_matches_naive(fn, seqs, seed, group, window, soft_cap, page_size):
+    """fn(*batch.args(), sm_scale=, sliding_window=, soft_cap=) on a RAGGED_CASES batch."""
     b = make_batch(seed, seqs, group=group, page_size=page_size, shape_of=(4, 20, 60))
-    scale = 0.125
-    got = np.asarray(jitted_reference(*b.args(), sm_scale=scale, sliding_window=window,
-                                      soft_cap=soft_cap))
-    want = naive_attention(b, sm_scale=scale, sliding_window=window, soft_cap=soft_cap)
-    assert np.isfinite(got).all()
+    got = np.asarray(fn(*b.args(), sm_scale=0.125, sliding_window=window, soft_cap=soft_cap))
+    want = naive_attention(b, sm_scale=0.125, sliding_window=window, soft_cap=soft_cap)
+    assert np.isfinite(got).all()  # unowned slots hold NaN: none may be read
     np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
     assert not got[b.num_live_rows:].any()  # padding rows are zeros
+
+
+@SETTINGS
+@RAGGED_CASES
+def test_reference_matches_naive(seqs, seed, group, window, soft_cap, page_size):
+    assert_matches_naive(jitted_reference, seqs, seed, group, window, soft_cap, page_size)
 
 
 @pytest.mark.parametrize("kv_dtype,scales", [(np.int8, "head"), (np.int8, "page"),

@@ -4,9 +4,9 @@
 //
 //   q:          f32 [T, Hq, D]
 //   kv_pages:   f32 [(L,) P, S, 2 * Hkv, D]   K of head h at 2h, V at 2h + 1 (write_kv's layout), or
-//               the bytes of a QuantizedPages pool (u8 / s8), read as lut[byte] * scales[token, 2h (+1)]
+//               the bytes of a QuantizedPages pool (u8 / s8), read as value(byte) * scales[token, 2h (+1)]
 //   scales:     f32 [(L,) P, S, 2 * Hkv] of a byte pool (else unused)
-//   lut:        f32 [256], a byte pool's value of each byte (int8 or float8 bits; else unused)
+//   lut:        f32 [256], a u8 (float8 bits) pool's value of each byte; s8 bytes convert directly
 //   layer:      s32 scalar, the layer of a stacked pool
 //   kv_lens:    s32 [N]          page_table: s32 [N, max_pages]
 //   cu_q_lens:  s32 [N + 1]      num_seqs: s32 [1]
@@ -36,11 +36,11 @@ namespace {
 
 struct Problem {
   const float* q;
-  const float* pages;  // this layer's float pool, or
-  const uint8_t* bytes;  // this layer's byte pool, with
-  const float* scales;   // its scales [P, S, 2 * Hkv] and
-  const float* lut;      // each byte's value
-  bool int8;             // a byte pool of int8 values (read without the table)
+  const float* pages = nullptr;   // this layer's float pool, or
+  const uint8_t* bytes = nullptr;  // this layer's byte pool, with
+  const float* scales = nullptr;   // its scales [P, S, 2 * Hkv] and
+  const float* lut = nullptr;      // each byte's value
+  bool int8 = false;               // a byte pool of int8 values (read without the table)
   const int32_t* kv_lens;
   const int32_t* page_table;
   float* out;
@@ -168,8 +168,6 @@ ffi::Error PagedAttention(ffi::Buffer<ffi::F32> q, ffi::AnyBuffer kv_pages, ffi:
   }
   const int64_t layer_values = num_pages * p.page_size * 2 * p.num_kv_heads * p.head_dim;
   const auto type = kv_pages.element_type();
-  p.pages = nullptr;
-  p.bytes = nullptr;
   if (type == ffi::DataType::F32) {
     p.pages = static_cast<const float*>(kv_pages.untyped_data()) + index * layer_values;
   } else if (type == ffi::DataType::U8 || type == ffi::DataType::S8) {
