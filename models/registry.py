@@ -115,6 +115,21 @@ def _to_device(dt, placement=None, quantization: str | None = None):
     return put
 
 
+def _pack_for_amx(weights: dict, tied: bool) -> dict:
+    """Quantized projections (and head) repacked for ggml's AMX kernels where the CPU has them (see
+    pack_for_amx). The embedding keeps its rows for lookups; a tied model gets a repacked copy of it
+    as its head."""
+    from pallas_kernels.quantized_matmul import QuantizedArray, pack_for_amx
+    out = {name: pack_for_amx(w) if isinstance(w, QuantizedArray) and name != "embed_tokens" else w
+           for name, w in weights.items()}
+    embed = weights.get("embed_tokens")
+    if tied and isinstance(embed, QuantizedArray):
+        head = pack_for_amx(embed)
+        if head.amx_in_features:
+            out["lm_head"] = head
+    return out
+
+
 def _convert_gguf(path: str, dt, place, quantization=None) -> tuple[TransformerConfig, dict]:
     from models.loading import gguf as gguf_loading
     file = gguf_loading.open_gguf(path)
@@ -197,6 +212,8 @@ def _load(path: str, gguf: bool, dtype, param_cache: str | None, runtime,
             cache.save(param_cache, key, config, weights)
     fam = family_for(config.architecture, gguf=gguf, source=path)
     config = dataclasses.replace(config, **runtime)
+    if quantization is not None and (mesh is None or mesh.size == 1) and jax.default_backend() == "cpu":
+        weights = _pack_for_amx(weights, config.tie_word_embeddings)
     model = fam.model_cls(config, dtype=dt, weights=weights)
     return LoadedModel(model, config, path, path if gguf else None, path)
 

@@ -12,6 +12,7 @@ to GSPMD propagation from the parameters' shardings.
 from __future__ import annotations
 
 import collections
+import dataclasses
 
 import jax
 import numpy as np
@@ -112,7 +113,7 @@ def _quantized_specs(w: QuantizedArray, axes, leaf: str, rules, n: int) -> Quant
     lead = (None,) * (w.data.ndim - 2)
     data = _spec(lead + (rows, None), w.data.shape, rules, n)
     scale = None if w.scale is None else _spec(lead + (rows,), w.scale.shape, rules, n)
-    return QuantizedArray(data, scale, None, w.fmt)
+    return dataclasses.replace(w, data=data, scale=scale, layer=None)
 
 
 def shard_model(model, mesh: Mesh, expert_parallel: bool = False) -> None:

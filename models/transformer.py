@@ -172,7 +172,10 @@ class DecoderLM(nnx.Module):
             groups.append(DecoderLayer(config, rows, moe))
         self.groups = nnx.List(groups)
         self.norm = RMSNorm(w["norm"], config.rms_norm_eps, config.norm_offset)
-        self.lm_head = None if config.tie_word_embeddings else nnx.Param(w["lm_head"])
+        # A tied model may be handed a head of its own: the embedding repacked for the CPU's matmul
+        # kernels (registry._pack_for_amx), whose layout lookups cannot read.
+        head = w["lm_head"] if "lm_head" in w else weights.get("lm_head")
+        self.lm_head = None if head is None else nnx.Param(_as_param(head, dtype))
 
     def canonical_weights(self) -> dict[str, jax.Array]:
         """The canonical name -> stacked array dict this model was built from (the inverse of __init__)."""

@@ -115,6 +115,7 @@ def test_gguf_kept_quantized_reference_path_is_the_float_model(smollm2_gold, mon
     """Without ggml, a kept-quantized GGUF dequantizes inside the step: the same arithmetic as
     dequantizing at load, so HF's goldens hold to the same tolerance."""
     monkeypatch.setattr(qm, "_use_ggml", lambda x, w: False)
+    monkeypatch.setenv("JAXLLM_AMX", "0")  # AMX-repacked rows are readable only by ggml
     loaded = load_model(None, quantization="gguf")
     q = loaded.model.groups[0].attn.q_proj.weight.get_value()
     assert isinstance(q, QuantizedArray) and q.fmt == "q4_1" and q.data.dtype == jnp.uint8
@@ -260,3 +261,52 @@ def test_fused_projections_equal_separate_ones():
     for y, d, (f, _) in zip(jax.jit(fused)(x, stacks, jnp.int32(1)), stacks, formats):
         alone = quantized_matmul(x, QuantizedArray(d[1], None, None, f))
         np.testing.assert_array_equal(np.asarray(y), np.asarray(alone))
+
+
+AMX_FORMATS = ("q4_0", "q4_1", "q8_0", "q4_k", "q5_k", "q6_k")
+
+
+def _require_amx():
+    _require_ggml()
+    if ggml_cpu.amx_row_bytes(GGML_FORMATS["q4_1"][0], 32, 32) == 0:
+        pytest.skip("this CPU (or build) has no AMX: weights keep ggml's row layout")
+
+
+@pytest.mark.parametrize("fmt", AMX_FORMATS)
+def test_amx_packed_weights_compute_the_row_layouts_product(fmt):
+    """Repacked for ggml's AMX kernels, a stacked weight gives the row-layout kernels' numbers (the same
+    8-bit activation blocks; float accumulation order may differ) at every row count, and each row's
+    result is the same alone as inside a larger step (batch invariance)."""
+    _require_amx()
+    stack = np.stack([_random_blocks(fmt, 64, 512, seed) for seed in range(2)])
+    packed = qm.pack_for_amx(QuantizedArray(jnp.asarray(stack), None, None, fmt))
+    assert packed.amx_in_features == 512 and packed.shape == (2, 64, 512)
+    run = jax.jit(lambda x, w, i: quantized_matmul(x, w.at_layer(i)))
+    xs = np.random.default_rng(6).standard_normal((40, 512)).astype(np.float32)
+    rows = QuantizedArray(jnp.asarray(stack), None, None, fmt)
+    for t in (1, 5, 17, 40):
+        got = np.asarray(run(xs[:t], packed, jnp.int32(1)))
+        want = np.asarray(ggml_cpu.mul_mats(jnp.asarray(xs[:t]), [(GGML_FORMATS[fmt][0], rows.data)], jnp.int32(1))[0])
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+        np.testing.assert_array_equal(got[:1], np.asarray(run(xs[:1], packed, jnp.int32(1))))
+    with pytest.raises(ValueError, match="AMX"):
+        qm.take_rows(packed, jnp.array([0]))
+
+
+def test_amx_packing_leaves_what_it_cannot_take():
+    """Formats without AMX kernels, and weights whose rows do not fill the 32-row tiles, keep their layout."""
+    _require_amx()
+    for fmt, rows in (("q5_0", 64), ("q4_1", 40)):
+        w = QuantizedArray(jnp.asarray(_random_blocks(fmt, rows, 256)), None, None, fmt)
+        assert qm.pack_for_amx(w) is w
+
+
+def test_amx_loaded_model_packs_projections_and_a_head():
+    """With AMX, -q gguf repacks every projection at load and gives the tied model a repacked head;
+    the embedding keeps its rows for lookups. (Its accuracy: test_quantized_weights_agree_with_goldens.)"""
+    _require_amx()
+    model = load_model(None, quantization="gguf").model
+    assert model.groups[0].attn.q_proj.weight.get_value().amx_in_features == 576
+    assert model.groups[0].mlp.down_proj.weight.get_value().amx_in_features == 1536
+    assert model.lm_head.get_value().amx_in_features == 576 and model.lm_head.get_value().shape == (49152, 576)
+    assert model.embed_tokens.get_value().amx_in_features == 0

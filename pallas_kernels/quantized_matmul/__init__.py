@@ -3,6 +3,8 @@
   quantized_matmul(x [T, in], w: QuantizedArray [out, in]) -> [T, out] in x's dtype
 
 Dispatch:
+  - weights repacked for AMX at load (pack_for_amx, Intel Xeon 4th gen+): ggml's AMX int8 kernels at
+    every row count (the repacked bytes are readable by nothing else);
   - ggml block formats on CPU, T <= GGML_MAX_ROWS, extension built: ggml's kernels (ggml_cpu.py);
   - ggml block formats on a CPU with bf16 dots, T >= BF16_MIN_ROWS (prefill): dequantized to bfloat16
     and one bf16 GEMM (see _prefill_in_bf16);
@@ -19,6 +21,8 @@ Measured on the 2-core dev VM (SmolLM2-135M's 30 layers of Q4_1 projections, 7 m
 jitted loop): T=1 f32 weights 36 ms, Q4_1 via ggml 8.2 ms, Q4_1 dequantized in XLA 85 ms; T=16: 55,
 51, 100 ms; T=64: 96, 183, ~140 ms. ggml's Q4_1 kernel is a per-row dot product (llama.cpp's batched
 GEMMs cover other formats), so past a few dozen rows the reference path wins: hence the row cap.
+With AMX (a Xeon of the same VM a week later; Q4_1 as above): T=1 10.4 -> 3.4 ms, T=16 51.6 -> 9.1 ms,
+T=128 373 -> 62 ms, T=512 1470 -> 231 ms (the bf16 GEMM of large steps: ~260 ms).
 """
 
 from __future__ import annotations
@@ -42,37 +46,61 @@ BF16_MIN_ROWS = 128
 class QuantizedArray:
     """A weight [..., out, in] in one of reference.py's formats (data, and per-channel scale for
     int8 / fp8). Leading axes are stacked layers; inside a layer scan `layer` names this layer and
-    `data` stays the whole stack (a custom call would otherwise be handed a copied slice)."""
+    `data` stays the whole stack (a custom call would otherwise be handed a copied slice).
+    amx_in_features: 0, or `in` when data holds the rows repacked into ggml's AMX tile layout
+    (pack_for_amx), which only ggml's CPU kernels read."""
 
     data: jax.Array
     scale: jax.Array | None
     layer: jax.Array | None
     fmt: str
+    amx_in_features: int = 0
 
     @property
     def shape(self) -> tuple[int, ...]:
         lead = self.data.shape[:-1] if self.layer is None else self.data.shape[1:-1]
-        return tuple(lead) + (reference.in_features(self.fmt, self.data.shape),)
+        return tuple(lead) + (self.amx_in_features or reference.in_features(self.fmt, self.data.shape),)
 
     def at_layer(self, layer) -> QuantizedArray:
         return dataclasses.replace(self, layer=layer)
 
     def one_layer(self) -> tuple[jax.Array, jax.Array | None]:
         """(data, scale) of this weight alone (sliced out of the stack when `layer` is set)."""
+        if self.amx_in_features:
+            raise ValueError("this weight is in ggml's AMX tile layout (pack_for_amx): only ggml's CPU "
+                             "kernels read it; load it without repacking for another use")
         if self.layer is None:
             return self.data, self.scale
         take = lambda a: None if a is None else jax.lax.dynamic_index_in_dim(a, self.layer, keepdims=False)
         return take(self.data), take(self.scale)
 
 
-jax.tree_util.register_dataclass(QuantizedArray, data_fields=["data", "scale", "layer"], meta_fields=["fmt"])
+jax.tree_util.register_dataclass(QuantizedArray, data_fields=["data", "scale", "layer"],
+                                 meta_fields=["fmt", "amx_in_features"])
+
+
+def pack_for_amx(w: QuantizedArray) -> QuantizedArray:
+    """w with its rows repacked once into ggml's AMX tile layout, where this CPU and build have ggml's
+    AMX int8 kernels for its format (Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K) and shape (out a multiple of
+    32); otherwise w unchanged. On CPUs with AMX, ggml's row-layout kernels of most formats are one dot
+    per row, so a 16-row decode step costs ~16x one row; the tile kernels run it as one GEMM."""
+    if w.amx_in_features or w.fmt not in GGML_FORMATS or w.layer is not None:
+        return w
+    ggml_type, k = GGML_FORMATS[w.fmt][0], reference.in_features(w.fmt, w.data.shape)
+    if ggml_cpu.amx_row_bytes(ggml_type, w.data.shape[-2], k) == 0:
+        return w
+    packed = ggml_cpu.amx_pack(ggml_type, np.asarray(w.data), k)
+    return QuantizedArray(jnp.asarray(packed), None, None, w.fmt, amx_in_features=k)
 
 
 def _use_ggml(x: jax.Array, w: QuantizedArray) -> bool:
-    if w.fmt not in GGML_FORMATS or x.shape[0] > GGML_MAX_ROWS or jax.default_backend() != "cpu":
-        return False
     mesh = jax.sharding.get_abstract_mesh()
-    if not mesh.empty and mesh.size > 1:  # a custom call is one device's program; GSPMD cannot split it
+    split = not mesh.empty and mesh.size > 1  # a custom call is one device's program; GSPMD cannot split it
+    if w.amx_in_features:
+        if split or jax.default_backend() != "cpu":
+            raise ValueError("a weight in ggml's AMX layout is read by ggml's CPU kernels on one device only")
+        return True
+    if w.fmt not in GGML_FORMATS or x.shape[0] > GGML_MAX_ROWS or jax.default_backend() != "cpu" or split:
         return False
     return ggml_cpu.available()
 
@@ -122,7 +150,8 @@ def dynamic_quantized_matmul(x: jax.Array, fmt: str, data: jax.Array, scale: jax
 
 
 def _ggml(x: jax.Array, ws: list[QuantizedArray]) -> list[jax.Array]:
-    ys = ggml_cpu.mul_mats(x, [(GGML_FORMATS[w.fmt][0], w.data) for w in ws], ws[0].layer)
+    ys = ggml_cpu.mul_mats(x, [(GGML_FORMATS[w.fmt][0], w.data) for w in ws], ws[0].layer,
+                           [bool(w.amx_in_features) for w in ws])
     return [y.astype(x.dtype) for y in ys]
 
 
@@ -181,5 +210,6 @@ def channels_as_q8_0(data: np.ndarray, scale: np.ndarray) -> np.ndarray:
 
 
 __all__ = ["QuantizedArray", "quantized_matmul", "quantized_matmuls", "take_rows", "dequantize", "quantize_channels",
+           "pack_for_amx",
            "native_low_precision", "dynamic_quantized_matmul",
            "channels_as_q8_0", "GGML_FORMATS", "CHANNEL_FORMATS", "GGML_MAX_ROWS", "GGML_MAX_WEIGHTS"]

@@ -5,7 +5,8 @@
 ggml (llama.cpp's tensor library) is taken from the pinned llama-cpp-python sdist on PyPI, which vendors
 it (or from JAXLLM_GGML_SRC, a llama.cpp checkout). Only ggml's CPU backend is compiled, as
 static libraries without OpenMP (the extension drives ggml's own thread pool), for the instruction sets
-this host reports: -march=native is avoided because ggml's AMX paths crash on some hosts. The result,
+this host reports (-march=native is avoided: on one VM it built a binary that died with an illegal
+instruction). ggml's AMX int8 kernels are built where the CPU reports AMX (see amx_available). The result,
 ggml_ffi.cc and the CPU paged attention (ragged_paged_attention/cpu_ffi.cc, which runs on ggml's
 thread pool) linked against it, go to the cache directory `library_path()` names.
 """
@@ -44,12 +45,17 @@ def cpu_flags() -> set[str]:
     return set()
 
 
+AMX_FLAGS = {"amx_tile", "amx_int8", "avx512_vnni", "avx512f"}
+
+
 def ggml_options(flags: set[str]) -> list[str]:
-    """cmake -D options enabling exactly the x86 extensions this CPU has (AMX left off)."""
+    """cmake -D options enabling exactly the x86 extensions this CPU has."""
     want = {"GGML_AVX": "avx", "GGML_AVX2": "avx2", "GGML_FMA": "fma", "GGML_F16C": "f16c",
             "GGML_BMI2": "bmi2", "GGML_AVX512": "avx512f", "GGML_AVX512_VBMI": "avx512vbmi",
             "GGML_AVX512_VNNI": "avx512_vnni", "GGML_AVX512_BF16": "avx512_bf16", "GGML_AVX_VNNI": "avx_vnni"}
-    return [f"-D{opt}={'ON' if flag in flags else 'OFF'}" for opt, flag in want.items()]
+    amx = "ON" if AMX_FLAGS <= flags else "OFF"
+    return [f"-D{opt}={'ON' if flag in flags else 'OFF'}" for opt, flag in want.items()] + [
+        f"-DGGML_AMX_TILE={amx}", f"-DGGML_AMX_INT8={amx}", "-DGGML_AMX_BF16=OFF"]
 
 
 def isa_flags(flags: set[str]) -> list[str]:
@@ -61,7 +67,7 @@ def isa_flags(flags: set[str]) -> list[str]:
 def key() -> str:
     import jaxlib
     flags = ggml_options(cpu_flags())
-    src = b"".join(p.read_bytes() for p in SOURCES + HEADERS)
+    src = b"".join(p.read_bytes() for p in SOURCES + HEADERS + (Path(__file__),))
     digest = hashlib.sha256(repr((GGML_SDIST, jaxlib.__version__, flags)).encode() + src).hexdigest()[:16]
     return digest
 
@@ -71,9 +77,12 @@ def library_path() -> Path:
 
 
 def _ggml_source(work: Path) -> Path:
+    """A writable copy of llama.cpp's sources (the AMX kernels get patched, see _patch_amx)."""
     src = os.environ.get("JAXLLM_GGML_SRC")
     if src:
-        root = Path(src)
+        root = work / "llama.cpp"
+        skip = lambda d, names: [n for n in names if Path(d) == Path(src) and n in ("build", ".git", "models")]
+        shutil.copytree(src, root, ignore=skip)
     else:
         subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
                         "-d", str(work), GGML_SDIST], check=True)
@@ -83,6 +92,18 @@ def _ggml_source(work: Path) -> Path:
             tar.extractall(work, members=members, filter="data")
         root = next(work.glob("*/vendor/llama.cpp"))
     return root
+
+
+def _patch_amx(llama_cpp: Path) -> None:
+    """GCC before 14 drops the stores that fill the tile configuration ahead of _tile_loadconfig (the
+    builtin does not tell it that the struct is read), so ggml's AMX kernels load an empty
+    configuration and die on their first tile instruction (SIGILL). An asm operand that reads the
+    struct keeps the stores."""
+    mmq = llama_cpp / "ggml" / "src" / "ggml-cpu" / "amx" / "mmq.cpp"
+    text = mmq.read_text()
+    if "_tile_loadconfig(&tc);" not in text:
+        raise RuntimeError(f"{mmq}: ggml's tile configuration code changed; re-check the AMX patch")
+    mmq.write_text(text.replace("_tile_loadconfig(&tc);", '__asm__ __volatile__("ldtilecfg %0" : : "m"(tc));'))
 
 
 def build(force: bool = False) -> Path:
@@ -99,6 +120,7 @@ def build(force: bool = False) -> Path:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         llama_cpp = _ggml_source(work)
+        _patch_amx(llama_cpp)
         ggml = llama_cpp / "ggml"
         build_dir = work / "build"
         # Configured through llama.cpp's top level (ggml alone wants its test tree), building ggml only.
@@ -107,7 +129,6 @@ def build(force: bool = False) -> Path:
                         "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_COMMON=OFF", "-DLLAMA_CURL=OFF",
                         "-DBUILD_SHARED_LIBS=OFF", "-DCMAKE_POSITION_INDEPENDENT_CODE=ON", "-DGGML_NATIVE=OFF",
                         "-DGGML_OPENMP=OFF", "-DGGML_BACKEND_DL=OFF", "-DGGML_CPU_REPACK=OFF",
-                        "-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF",
                         "-DGGML_BUILD_TESTS=OFF", "-DGGML_BUILD_EXAMPLES=OFF", *ggml_options(cpu_flags())],
                        check=True, stdout=subprocess.DEVNULL)
         subprocess.run([cmake, "--build", str(build_dir), "--target", "ggml-cpu", "ggml-base",
@@ -116,8 +137,9 @@ def build(force: bool = False) -> Path:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp_out = out.with_suffix(".tmp")
         subprocess.run(["c++", "-O3", "-std=c++17", "-shared", "-fPIC", "-w", "-fopenmp-simd",
-                        *isa_flags(cpu_flags()),
-                        *map(str, SOURCES), "-I", str(HERE), "-I", str(ggml / "include"), "-I", jax.ffi.include_dir(),
+                        *isa_flags(cpu_flags()), *(["-DJAXLLM_AMX"] if AMX_FLAGS <= cpu_flags() else []),
+                        *map(str, SOURCES), "-I", str(HERE), "-I", str(ggml / "include"), "-I", str(ggml / "src"),
+                        "-I", jax.ffi.include_dir(),
                         "-Wl,--whole-archive", str(libs["libggml-cpu.a"]), "-Wl,--no-whole-archive",
                         str(libs["libggml-base.a"]), "-lpthread", "-lm", "-o", str(tmp_out)], check=True)
         tmp_out.replace(out)

@@ -25,21 +25,54 @@ ATTENTION_TARGET = "jaxllm_cpu_paged_attention"
 
 
 @functools.cache
-def available() -> bool:
-    """Whether the extension is built and its custom calls registered (False with JAXLLM_GGML=0)."""
+def _library() -> ctypes.CDLL | None:
+    """The extension, loaded and its custom calls registered; None if absent or JAXLLM_GGML=0."""
     if os.environ.get("JAXLLM_GGML", "1") == "0":
-        return False
+        return None
     from pallas_kernels.quantized_matmul import build
     path = os.environ.get("JAXLLM_GGML_LIB") or str(build.library_path())
     if not os.path.exists(path):
         logger.info("ggml extension not built (%s); quantized matmuls dequantize in XLA. "
                     "Build it with: python -m pallas_kernels.quantized_matmul.build", path)
-        return False
+        return None
     lib = ctypes.cdll.LoadLibrary(path)
     jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.JaxllmGgmlMulMat), platform="cpu")
     # The same library holds the CPU paged attention (ragged_paged_attention/cpu.py), on the same pool.
     jax.ffi.register_ffi_target(ATTENTION_TARGET, jax.ffi.pycapsule(lib.JaxllmCpuPagedAttention), platform="cpu")
-    return True
+    lib.jaxllm_amx_row_bytes.restype = ctypes.c_int64
+    lib.jaxllm_amx_row_bytes.argtypes = [ctypes.c_int64] * 3
+    lib.jaxllm_amx_pack.restype = ctypes.c_int
+    lib.jaxllm_amx_pack.argtypes = [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 2
+    return lib
+
+
+def available() -> bool:
+    """Whether the extension is built and its custom calls registered (False with JAXLLM_GGML=0)."""
+    return _library() is not None
+
+
+def amx_row_bytes(ggml_type: int, rows: int, in_features: int) -> int:
+    """Bytes per row of a [rows, in_features] weight in ggml's AMX tile layout; 0 where the AMX kernels
+    cannot take it (no AMX on this CPU or in the build, JAXLLM_AMX=0, another type, or shapes off the
+    16 x 32 tiles)."""
+    lib = _library()
+    if lib is None or os.environ.get("JAXLLM_AMX", "1") == "0":
+        return 0
+    return int(lib.jaxllm_amx_row_bytes(ggml_type, rows, in_features))
+
+
+def amx_pack(ggml_type: int, data: np.ndarray, in_features: int) -> np.ndarray:
+    """[..., rows, row_bytes] uint8 ggml rows -> [..., rows, amx_row_bytes] in the AMX tile layout."""
+    rows = data.shape[-2]
+    width = amx_row_bytes(ggml_type, rows, in_features)
+    if width == 0:
+        raise ValueError(f"ggml type {ggml_type} [{rows}, {in_features}] has no AMX layout here")
+    src = np.ascontiguousarray(data, np.uint8).reshape(-1, rows, data.shape[-1])
+    out = np.empty((src.shape[0], rows, width), np.uint8)
+    for i in range(src.shape[0]):
+        if _library().jaxllm_amx_pack(ggml_type, rows, in_features, src[i].ctypes.data, out[i].ctypes.data):
+            raise RuntimeError(f"ggml could not repack a [{rows}, {in_features}] weight of type {ggml_type}")
+    return out.reshape(data.shape[:-1] + (width,))
 
 
 def num_threads() -> int:
@@ -51,15 +84,18 @@ def poll() -> int:
     return int(os.environ.get("JAXLLM_GGML_POLL", "50"))
 
 
-def mul_mats(x: jax.Array, weights: list[tuple[int, jax.Array]], layer: jax.Array | None) -> list[jax.Array]:
+def mul_mats(x: jax.Array, weights: list[tuple[int, jax.Array]], layer: jax.Array | None,
+             amx: list[bool] | None = None) -> list[jax.Array]:
     """x [T, in] f32 @ W_i^T -> [T, out_i] f32 for each (ggml type, W_i [out_i, row_bytes]) in one call
     (one ggml graph: the thread pool wakes once). W_i may be [L, out_i, row_bytes] with `layer` picking
-    one: the stack is passed whole, so a layer scan never copies a slice of it out."""
+    one: the stack is passed whole, so a layer scan never copies a slice of it out. amx[i]: W_i is in
+    the AMX tile layout (amx_pack)."""
     if any(data.ndim == 3 for _, data in weights) and layer is None:
         raise ValueError("a stacked weight needs the layer index")
     index = jnp.zeros((), jnp.int32) if layer is None else jnp.asarray(layer, jnp.int32).reshape(())
     outs = [jax.ShapeDtypeStruct((x.shape[0], data.shape[-2]), jnp.float32) for _, data in weights]
     return jax.ffi.ffi_call(TARGET, outs, has_side_effect=False)(
         x.astype(jnp.float32), index, *[data for _, data in weights],
-        ggml_types=np.array([t for t, _ in weights], np.int64), n_threads=np.int64(num_threads()),
+        ggml_types=np.array([t for t, _ in weights], np.int64),
+        amx=np.array(amx if amx is not None else [False] * len(weights), np.int64), n_threads=np.int64(num_threads()),
         poll=np.int64(poll()))

@@ -7,18 +7,30 @@
 //   w_1..n:  u8 [N_i, row_bytes_i] or [L, N_i, row_bytes_i] (a stack of layers; `layer` picks one, so a
 //            layer scan passes the stack whole instead of copying a slice out every layer)
 //   y_1..n:  f32 [T, N_i]
-//   attrs:   ggml_types (ggml's type id of each weight), n_threads, poll (ggml's idle-polling level of
-//            its workers, 0-100)
+//   attrs:   ggml_types (ggml's type id of each weight), amx (per weight: 1 if it is in ggml's AMX tile
+//            layout, see jaxllm_amx_pack), n_threads, poll (ggml's idle-polling level of its workers,
+//            0-100)
 //
 // ggml computes it as llama.cpp does: x is quantized per block to 8 bits and dotted with the packed
 // rows by ggml's SIMD kernels, never expanding W. The tensors are views of XLA's buffers (no copies);
 // one small graph is built per call in a static arena.
+//
+// On CPUs with AMX (Intel Xeon 4th gen+), weights repacked once at load into ggml's AMX tile layout
+// are multiplied by its int8 tile kernels (llama.cpp's AMX buffer type): a GEMM for every row count,
+// where the row-layout kernels of most block formats (Q4_1, the K-quants) are one dot per row.
 #include <cstdint>
 #include <mutex>
 #include <vector>
 
 #include "ggml_runtime.h"
 #include "xla/ffi/api/ffi.h"
+
+#ifdef JAXLLM_AMX
+#include "ggml-backend-impl.h"
+// ggml-cpu/amx/amx.h and mmq.h (internal)
+ggml_backend_buffer_type_t ggml_backend_amx_buffer_type(void);
+void ggml_backend_amx_convert_weight(struct ggml_tensor* tensor, const void* data, size_t offset, size_t size);
+#endif
 
 namespace ffi = xla::ffi;
 
@@ -33,6 +45,71 @@ alignas(64) uint8_t arena[32 * 1024];
 constexpr size_t kMaxWeights = 4;
 
 }  // namespace
+
+namespace {
+
+#ifdef JAXLLM_AMX
+// A buffer of ggml's AMX buffer type: weights that claim it (tensor->buffer) are computed by the AMX
+// kernels, which read them in the tile layout. Null when the kernels are not built or the kernel
+// refuses this process the AMX tile state.
+ggml_backend_buffer_t amx_buffer() {
+  static ggml_backend_buffer_t buffer = [] {
+    ggml_cpu_init();
+    ggml_backend_buffer_type_t type = ggml_backend_amx_buffer_type();
+    return type == nullptr ? nullptr : ggml_backend_buft_alloc_buffer(type, 64);
+  }();
+  return buffer;
+}
+#else
+ggml_backend_buffer_t amx_buffer() { return nullptr; }
+#endif
+
+bool amx_kernel_type(int64_t type) {
+  switch (type) {
+    case GGML_TYPE_Q4_0: case GGML_TYPE_Q4_1: case GGML_TYPE_Q8_0: case GGML_TYPE_Q4_K:
+    case GGML_TYPE_Q5_K: case GGML_TYPE_Q6_K: case GGML_TYPE_IQ4_XS: return true;
+    default: return false;
+  }
+}
+
+}  // namespace
+
+// Bytes per row of a [n, k] weight of ggml type `type` in the AMX tile layout; 0 when AMX cannot take
+// it (no AMX, another type, or n / k not multiples of the tiles).
+extern "C" int64_t jaxllm_amx_row_bytes(int64_t type, int64_t n, int64_t k) {
+  ggml_backend_buffer_t buffer = amx_buffer();
+  const int64_t block = ggml_blck_size(static_cast<ggml_type>(type));
+  if (buffer == nullptr || !amx_kernel_type(type) || n <= 0 || n % 32 || k % (block > 32 ? block : 32)) return 0;
+#ifdef JAXLLM_AMX
+  alignas(64) uint8_t scratch[1024];
+  ggml_init_params init = {sizeof(scratch), scratch, /*no_alloc=*/true};
+  ggml_context* ctx = ggml_init(init);
+  ggml_tensor* t = ggml_new_tensor_2d(ctx, static_cast<ggml_type>(type), k, n);
+  const size_t bytes = ggml_backend_buft_get_alloc_size(buffer->buft, t);
+  ggml_free(ctx);
+  return static_cast<int64_t>(bytes) / n;
+#else
+  return 0;
+#endif
+}
+
+// Repacks a [n, k] weight of ggml type `type` from its row layout (src, as GGUF stores it) into the AMX
+// tile layout (dst, n * jaxllm_amx_row_bytes bytes). Returns 0 on success.
+extern "C" int jaxllm_amx_pack(int64_t type, int64_t n, int64_t k, const void* src, void* dst) {
+  if (jaxllm_amx_row_bytes(type, n, k) == 0) return 1;
+#ifdef JAXLLM_AMX
+  alignas(64) uint8_t scratch[1024];
+  ggml_init_params init = {sizeof(scratch), scratch, /*no_alloc=*/true};
+  ggml_context* ctx = ggml_init(init);
+  ggml_tensor* t = ggml_new_tensor_2d(ctx, static_cast<ggml_type>(type), k, n);
+  t->data = dst;
+  ggml_backend_amx_convert_weight(t, src, 0, ggml_nbytes(t));
+  ggml_free(ctx);
+  return 0;
+#else
+  return 1;
+#endif
+}
 
 ggml_status jaxllm_ggml_compute(ggml_cgraph* graph, int n_threads, int poll) {
   std::lock_guard<std::recursive_mutex> lock(mu);
@@ -55,14 +132,15 @@ ggml_status jaxllm_ggml_compute(ggml_cgraph* graph, int n_threads, int poll) {
 namespace {
 
 ffi::Error MulMats(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> layer, ffi::RemainingArgs weights,
-                   ffi::RemainingRets outs, ffi::Span<const int64_t> ggml_types, int64_t n_threads,
-                   int64_t poll) {
+                   ffi::RemainingRets outs, ffi::Span<const int64_t> ggml_types, ffi::Span<const int64_t> amx,
+                   int64_t n_threads, int64_t poll) {
   const auto xd = x.dimensions();
   if (xd.size() != 2) return ffi::Error::InvalidArgument("jaxllm_ggml_mul_mat: x must be [T, K]");
   const int64_t t = xd[0], k = xd[1];
   const size_t n_weights = weights.size();
-  if (n_weights == 0 || outs.size() != n_weights || ggml_types.size() != n_weights || n_weights > kMaxWeights) {
-    return ffi::Error::InvalidArgument("jaxllm_ggml_mul_mat: one output and one ggml type per weight (at most 4)");
+  if (n_weights == 0 || outs.size() != n_weights || ggml_types.size() != n_weights || amx.size() != n_weights ||
+      n_weights > kMaxWeights) {
+    return ffi::Error::InvalidArgument("jaxllm_ggml_mul_mat: one output, one ggml type and one layout per weight (at most 4)");
   }
 
   std::lock_guard<std::recursive_mutex> lock(mu);  // the arena
@@ -82,13 +160,19 @@ ffi::Error MulMats(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> layer, ffi::Re
     const auto type = static_cast<ggml_type>(ggml_types[i]);
     const int64_t n = wd.size() >= 2 ? wd[wd.size() - 2] : 0, row_bytes = wd.size() == 0 ? 0 : wd[wd.size() - 1];
     const int64_t index = wd.size() == 3 ? layer.typed_data()[0] : 0;
-    if ((wd.size() != 2 && wd.size() != 3) || ggml_row_size(type, k) != static_cast<size_t>(row_bytes) ||
+    const int64_t want_bytes = amx[i] ? jaxllm_amx_row_bytes(type, n, k) : static_cast<int64_t>(ggml_row_size(type, k));
+    if ((wd.size() != 2 && wd.size() != 3) || want_bytes == 0 || want_bytes != row_bytes ||
         index < 0 || (wd.size() == 3 && index >= wd[0]) || (*y)->element_count() != t * n) {
       ggml_free(ctx);
       return ffi::Error::InvalidArgument("jaxllm_ggml_mul_mat: a weight's shape does not match x, its type or its output");
     }
     ggml_tensor* wt = ggml_new_tensor_2d(ctx, type, k, n);
     wt->data = static_cast<uint8_t*>(w->untyped_data()) + index * n * row_bytes;
+    if (amx[i]) {  // claimed by the AMX buffer type, whose kernels then compute this product
+      ggml_backend_buffer_t buffer = amx_buffer();
+      wt->buffer = buffer;
+      buffer->iface.init_tensor(buffer, wt);
+    }
     ggml_tensor* yt = ggml_mul_mat(ctx, wt, xt);  // [N, T] in ggml's order = row-major [T, N]
     yt->data = (*y)->untyped_data();
     ggml_build_forward_expand(graph, yt);
@@ -108,5 +192,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxllmGgmlMulMat, MulMats,
                                   .RemainingArgs()
                                   .RemainingRets()
                                   .Attr<ffi::Span<const int64_t>>("ggml_types")
+                                  .Attr<ffi::Span<const int64_t>>("amx")
                                   .Attr<int64_t>("n_threads")
                                   .Attr<int64_t>("poll"));
