@@ -12,7 +12,7 @@ from models.layers import NO_WINDOW
 from tests.test_attention_reference import (RAGGED_CASES, SETTINGS, assert_matches_naive, make_batch,
                                             naive_attention)
 
-pytestmark = pytest.mark.skipif(not cpu.usable(jnp.zeros(1), jnp.zeros(1)),
+pytestmark = pytest.mark.skipif(not cpu.usable(jnp.zeros((1, 1, 16)), jnp.zeros(1)),
                                 reason="the ggml extension is not built (python -m pallas_kernels.quantized_matmul.build)")
 
 jitted = jax.jit(cpu.ragged_paged_attention, static_argnames=("sm_scale", "soft_cap"))
@@ -87,3 +87,13 @@ def test_quantized_pages_match_the_reference(kv_dtype):
     want = np.asarray(ragged_paged_attention(*args, sm_scale=0.125, layer=1, backend="reference"))
     np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
     assert np.abs(want[:rows - 2]).sum() > 0 and not got[rows - 2:].any()
+
+
+def test_head_dims_off_the_16_lane_tiles_take_the_reference():
+    """The kernel holds 16 lanes of head_dim per vector; other head sizes stay on the jnp reference."""
+    b = make_batch(1, [(3, 20)], poison=False)
+    q, pool = b.args()[0], b.args()[1]
+    narrow = (q[..., :8], pool[..., :8]) + b.args()[2:]
+    assert q.shape[-1] % 16 == 0
+    assert "jaxllm_cpu_paged_attention" not in jax.jit(
+        lambda *a: ragged_paged_attention(*a, sm_scale=0.1)).lower(*narrow).as_text()

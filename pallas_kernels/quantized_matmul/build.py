@@ -101,9 +101,12 @@ def _patch_amx(llama_cpp: Path) -> None:
     struct keeps the stores."""
     mmq = llama_cpp / "ggml" / "src" / "ggml-cpu" / "amx" / "mmq.cpp"
     text = mmq.read_text()
+    fixed = '__asm__ __volatile__("ldtilecfg %0" : : "m"(tc));'
+    if fixed in text:  # a checkout patched already
+        return
     if "_tile_loadconfig(&tc);" not in text:
         raise RuntimeError(f"{mmq}: ggml's tile configuration code changed; re-check the AMX patch")
-    mmq.write_text(text.replace("_tile_loadconfig(&tc);", '__asm__ __volatile__("ldtilecfg %0" : : "m"(tc));'))
+    mmq.write_text(text.replace("_tile_loadconfig(&tc);", fixed))
 
 
 def build(force: bool = False) -> Path:

@@ -17,10 +17,11 @@
 // Why: XLA:CPU runs the reference as a loop of gathers, transposes and small dots, ~90 us per layer per
 // 128 keys even for one decode row (a 1-row step of SmolLM2 at 1,000 tokens of context spent 28 ms in
 // attention). Here each (row, KV head) walks only its own keys, page by page, reading the pool in
-// place. Keys are taken in chunks of one page at absolute positions with an online softmax, so a row's
-// result does not depend on the other rows of the step (batch invariance). Plain loops: the compiler
-// vectorizes the head_dim loops (-fopenmp-simd for the dot's reduction; no OpenMP runtime). Large
-// steps (prefill) split the (row, head) items over ggml's thread pool.
+// place. Keys are taken in tiles of 16 at absolute positions (within a page) with an online softmax, so
+// a row's result does not depend on the other rows of the step (batch invariance). A tile's 16 scores
+// are one vector (GCC/Clang vector extensions, no intrinsics: AVX-512, AVX2 or scalar code, whatever
+// the build targets); each key row is read once for its group's query heads. All but tiny steps split
+// the (row, head) items over ggml's thread pool.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -51,93 +52,201 @@ struct Problem {
   std::vector<int32_t> row_pos;             // the row's position in its sequence
 };
 
-// Attention of one row's query heads of one KV head (a group) over its sequence's keys.
+constexpr int kTile = 16;  // keys per softmax update: one vector of 16 scores
+
+// 16 floats as one value: GCC/Clang vector extensions, lowered to one AVX-512 register, two AVX2 ones,
+// or scalars, whatever the build targets (the auto-vectorizer gave up on these gathers and updates).
+typedef float v16 __attribute__((vector_size(64)));
+typedef int32_t i16 __attribute__((vector_size(64)));
+
+inline v16 splat(float x) { return v16{} + x; }
+inline v16 load(const float* p) {
+  v16 v;
+  __builtin_memcpy(&v, p, sizeof(v));
+  return v;
+}
+// Horizontal sum / max by halving (4 shuffle steps; a lane loop is 16 dependent scalar ops).
+inline float lane_sum(v16 v) {
+  v = v + __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+  v = v + __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
+  v = v + __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+  v = v + __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+  return v[0];
+}
+inline v16 vmax(v16 a, v16 b) { return a > b ? a : b; }
+inline float lane_max(v16 v) {
+  v = vmax(v, __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7));
+  v = vmax(v, __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11));
+  v = vmax(v, __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13));
+  v = vmax(v, __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14));
+  return v[0];
+}
+
+// exp(x) for x <= 0 (a score minus the running max), lane-wise: x = n ln2 + r, |r| <= ln2 / 2, exp(r)
+// by Cephes' degree-6 polynomial (~1 ulp), times 2^n built in the exponent bits; 0 below -87.
+inline v16 exp_nonpositive(v16 x) {
+  const v16 t = x < -87.0f ? splat(-87.0f) : x;
+  const v16 n = (t * 1.44269504f + 12582912.0f) - 12582912.0f;  // round to nearest (1.5 * 2^23)
+  const v16 r = (t - n * 0.693359375f) + n * 2.12194440e-4f;
+  v16 p = splat(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const v16 scale = reinterpret_cast<v16>((__builtin_convertvector(n, i16) + 127) << 23);
+  return x < -87.0f ? v16{} : p * scale;
+}
+
+// The 16 lane sums of 16 vectors, as one vector (lane j: the sum of v[j]'s lanes): a tree of pairwise
+// half-swaps (30 two-source shuffles, 15 adds) instead of 16 horizontal reductions.
+inline v16 sum_lanes16(const v16* v) {
+  v16 a[8], b[4], c[2];
+  for (int k = 0; k < 8; ++k) {
+    a[k] = __builtin_shufflevector(v[2 * k], v[2 * k + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+           __builtin_shufflevector(v[2 * k], v[2 * k + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  }
+  for (int k = 0; k < 4; ++k) {
+    b[k] = __builtin_shufflevector(a[2 * k], a[2 * k + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+           __builtin_shufflevector(a[2 * k], a[2 * k + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+  }
+  for (int k = 0; k < 2; ++k) {
+    c[k] = __builtin_shufflevector(b[2 * k], b[2 * k + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
+           __builtin_shufflevector(b[2 * k], b[2 * k + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
+  }
+  return __builtin_shufflevector(c[0], c[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
+         __builtin_shufflevector(c[0], c[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+}
+
+// Per-thread scratch, grown on first use (no allocation per (row, head) item).
+struct Scratch {
+  std::vector<v16> qs, acc, part;  // q of each head, its output sums (d / 16 vectors each); per head and
+                                   // key of the tile, the 16 partial products of its score
+  std::vector<float> m, l, kbuf, vbuf;
+};
+
+// Attention of one row's query heads of one KV head (a group) over its sequence's keys, in tiles of
+// kTile keys at absolute positions (page-aligned), so the arithmetic depends on the row alone.
+// DV = head_dim / 16 (the compiler unrolls and keeps a head's sums in registers); 0: any, at run time.
+template <int DV>
 void attend(const Problem& p, int64_t item) {
   const int64_t seq = p.item_seq[item], row = p.item_row[item] / p.num_kv_heads;
   const int64_t h = p.item_row[item] % p.num_kv_heads;
   const int64_t group = p.num_q_heads / p.num_kv_heads, d = p.head_dim, s = p.page_size;
+  const int64_t dv = DV > 0 ? DV : d / kTile;
   const int64_t pos = p.row_pos[row], kv_len = p.kv_lens[seq];
   const int64_t end = std::min<int64_t>(pos + 1, kv_len);
   const int64_t begin = p.window > 0 ? std::max<int64_t>(0, pos - p.window + 1) : 0;
   const int32_t* pages = p.page_table + seq * p.max_pages;
   const int64_t token_stride = 2 * p.num_kv_heads * d;
-  std::vector<float> qs(group * d), acc(group * d, 0.0f), scores(s), kbuf, vbuf;
-  if (p.bytes != nullptr) kbuf.resize(s * d), vbuf.resize(s * d);
-  std::vector<float> m(group, -std::numeric_limits<float>::infinity()), l(group, 0.0f);
+  static thread_local Scratch sc;
+  sc.qs.resize(group * dv);
+  sc.acc.assign(group * dv, v16{});
+  sc.part.assign(group * kTile, v16{});
+  sc.m.assign(group, -std::numeric_limits<float>::infinity());
+  sc.l.assign(group, 0.0f);
+  sc.kbuf.resize(kTile * d);
+  sc.vbuf.resize(kTile * d);
   for (int64_t g = 0; g < group; ++g) {
     const float* src = p.q + (row * p.num_q_heads + h * group + g) * d;
-    for (int64_t i = 0; i < d; ++i) qs[g * d + i] = src[i] * p.sm_scale;
+    for (int64_t c = 0; c < dv; ++c) sc.qs[g * dv + c] = load(src + c * kTile) * p.sm_scale;
   }
-  for (int64_t chunk = begin / s * s; chunk < end; chunk += s) {
-    const int64_t j0 = std::max(chunk, begin), j1 = std::min(chunk + s, end);
+  const i16 lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  const float* krows[kTile];
+  const float* vrows[kTile];
+  for (int64_t t0 = begin; t0 < end;) {
+    const int64_t chunk = t0 / s * s;
+    const int64_t n = std::min<int64_t>({kTile, end - t0, chunk + s - t0});
     const int64_t page_id = pages[chunk / s];
-    // Keys j of this chunk at kp + (j - chunk) * stride, values at vp + (j - chunk) * stride.
-    const float *kp, *vp;
-    int64_t stride = token_stride;
-    if (p.bytes == nullptr) {
-      kp = p.pages + page_id * s * token_stride + 2 * h * d;
-      vp = kp + d;
-    } else {  // dequantize the chunk's K/V of head h once, for all the group's query heads
-      for (int64_t j = j0; j < j1; ++j) {
-        const int64_t tok = page_id * s + (j - chunk);
-        const uint8_t* src = p.bytes + (tok * 2 * p.num_kv_heads + 2 * h) * d;
-        const float sk = p.scales[tok * 2 * p.num_kv_heads + 2 * h], sv = p.scales[tok * 2 * p.num_kv_heads + 2 * h + 1];
-        float* kd = kbuf.data() + (j - chunk) * d;
-        float* vd = vbuf.data() + (j - chunk) * d;
-        if (p.int8) {  // a plain conversion, which vectorizes (a table lookup does not)
-          const int8_t* s8 = reinterpret_cast<const int8_t*>(src);
-          for (int64_t i = 0; i < d; ++i) kd[i] = static_cast<float>(s8[i]) * sk;
-          for (int64_t i = 0; i < d; ++i) vd[i] = static_cast<float>(s8[d + i]) * sv;
-        } else {
-          for (int64_t i = 0; i < d; ++i) kd[i] = p.lut[src[i]] * sk;
-          for (int64_t i = 0; i < d; ++i) vd[i] = p.lut[src[d + i]] * sv;
-        }
+    for (int64_t j = 0; j < n; ++j) {  // the tile's K and V rows (a byte pool's dequantized)
+      const int64_t tok = page_id * s + (t0 - chunk + j);
+      if (p.bytes == nullptr) {
+        krows[j] = p.pages + tok * token_stride + 2 * h * d;
+        vrows[j] = krows[j] + d;
+        continue;
       }
-      kp = kbuf.data();
-      vp = vbuf.data();
-      stride = d;
+      const uint8_t* src = p.bytes + (tok * 2 * p.num_kv_heads + 2 * h) * d;
+      const float sk = p.scales[tok * 2 * p.num_kv_heads + 2 * h], sv = p.scales[tok * 2 * p.num_kv_heads + 2 * h + 1];
+      float* kd = sc.kbuf.data() + j * d;
+      float* vd = sc.vbuf.data() + j * d;
+      if (p.int8) {  // a plain conversion, which vectorizes (a table lookup does not)
+        const int8_t* s8 = reinterpret_cast<const int8_t*>(src);
+        for (int64_t i = 0; i < d; ++i) kd[i] = static_cast<float>(s8[i]) * sk;
+        for (int64_t i = 0; i < d; ++i) vd[i] = static_cast<float>(s8[d + i]) * sv;
+      } else {
+        for (int64_t i = 0; i < d; ++i) kd[i] = p.lut[src[i]] * sk;
+        for (int64_t i = 0; i < d; ++i) vd[i] = p.lut[src[d + i]] * sv;
+      }
+      krows[j] = kd;
+      vrows[j] = vd;
     }
     for (int64_t g = 0; g < group; ++g) {
-      const float* qg = qs.data() + g * d;
-      float top = m[g];
-      for (int64_t j = j0; j < j1; ++j) {
-        const float* k = kp + (j - chunk) * stride;
-        float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-        for (int64_t i = 0; i < d; ++i) dot += qg[i] * k[i];
-        if (p.soft_cap > 0.0f) dot = p.soft_cap * std::tanh(dot / p.soft_cap);
-        scores[j - j0] = dot;
-        top = std::max(top, dot);
+      // Per key, 16 partial products of its score (the lane sums come after, for all keys at once).
+      const v16* qg = sc.qs.data() + g * dv;
+      v16* part = sc.part.data() + g * kTile;
+      for (int64_t j = 0; j < n; ++j) {
+        v16 acc = qg[0] * load(krows[j]);
+        for (int64_t c = 1; c < dv; ++c) acc += qg[c] * load(krows[j] + c * kTile);
+        part[j] = acc;
       }
-      const float corr = std::isinf(m[g]) ? 0.0f : std::exp(m[g] - top);
-      float* a = acc.data() + g * d;
-      for (int64_t i = 0; i < d; ++i) a[i] *= corr;
-      float sum = 0.0f;
-      for (int64_t j = j0; j < j1; ++j) {
-        const float w = std::exp(scores[j - j0] - top);
-        sum += w;
-        const float* v = vp + (j - chunk) * stride;
-        for (int64_t i = 0; i < d; ++i) a[i] += w * v[i];
+      for (int64_t j = n; j < kTile; ++j) part[j] = v16{};
+      v16 score = sum_lanes16(part);
+      if (p.soft_cap > 0.0f) {
+        for (int j = 0; j < kTile; ++j) score[j] = p.soft_cap * std::tanh(score[j] / p.soft_cap);
       }
-      l[g] = l[g] * corr + sum;
-      m[g] = top;
+      score = lane < static_cast<int32_t>(n) ? score : splat(-std::numeric_limits<float>::infinity());
+      const float top = std::max(sc.m[g], lane_max(score));
+      const v16 w = exp_nonpositive(score - top);  // masked lanes: exp(-inf) = 0
+      const float corr = std::isinf(sc.m[g]) ? 0.0f : std::exp(sc.m[g] - top);
+      sc.l[g] = sc.l[g] * corr + lane_sum(w);
+      sc.m[g] = top;
+      // This head's output sums, in registers for the tile (two sets: keys alternate between them).
+      v16* out = sc.acc.data() + g * dv;
+      v16 a0[DV > 0 ? DV : 16], a1[DV > 0 ? DV : 16];
+      for (int64_t c = 0; c < dv; ++c) a0[c] = out[c] * corr, a1[c] = v16{};
+      int64_t j = 0;
+      for (; j + 1 < n; j += 2) {
+        const float w0 = w[j], w1 = w[j + 1];
+        for (int64_t c = 0; c < dv; ++c) {
+          a0[c] += w0 * load(vrows[j] + c * kTile);
+          a1[c] += w1 * load(vrows[j + 1] + c * kTile);
+        }
+      }
+      if (j < n) {
+        for (int64_t c = 0; c < dv; ++c) a0[c] += w[j] * load(vrows[j] + c * kTile);
+      }
+      for (int64_t c = 0; c < dv; ++c) out[c] = a0[c] + a1[c];
     }
+    t0 += n;
   }
   for (int64_t g = 0; g < group; ++g) {
     float* dst = p.out + (row * p.num_q_heads + h * group + g) * d;
-    const float inv = l[g] > 0.0f ? 1.0f / l[g] : 0.0f;
-    for (int64_t i = 0; i < d; ++i) dst[i] = acc[g * d + i] * inv;
+    const float inv = sc.l[g] > 0.0f ? 1.0f / sc.l[g] : 0.0f;
+    for (int64_t c = 0; c < dv; ++c) {
+      const v16 o = sc.acc[g * dv + c] * inv;
+      __builtin_memcpy(dst + c * kTile, &o, sizeof(o));
+    }
+  }
+}
+
+void attend_any(const Problem& p, int64_t item) {
+  switch (p.head_dim) {
+    case 64: return attend<4>(p, item);
+    case 128: return attend<8>(p, item);
+    case 256: return attend<16>(p, item);
+    default: return attend<0>(p, item);
   }
 }
 
 void run_share(ggml_tensor* /*dst*/, int ith, int nth, void* userdata) {
   const Problem& p = *static_cast<const Problem*>(userdata);
   const int64_t n = static_cast<int64_t>(p.item_seq.size());
-  for (int64_t item = ith; item < n; item += nth) attend(p, item);
+  for (int64_t item = ith; item < n; item += nth) attend_any(p, item);
 }
 
 // Below this many key visits (keys x KV heads summed over rows) one thread is faster than waking the pool.
-constexpr int64_t kInlineWork = 1 << 15;
+constexpr int64_t kInlineWork = 1 << 12;
 
 ffi::Error PagedAttention(ffi::Buffer<ffi::F32> q, ffi::AnyBuffer kv_pages, ffi::Buffer<ffi::F32> scales,
                           ffi::Buffer<ffi::F32> lut, ffi::Buffer<ffi::S32> layer,
@@ -158,7 +267,7 @@ ffi::Error PagedAttention(ffi::Buffer<ffi::F32> q, ffi::AnyBuffer kv_pages, ffi:
   p.num_kv_heads = pd[off + 2] / 2;
   p.max_pages = td[1];
   const int64_t max_seqs = td[0], num_pages = pd[off];
-  if (pd[off + 3] != p.head_dim || p.num_kv_heads == 0 || p.num_q_heads % p.num_kv_heads != 0 ||
+  if (pd[off + 3] != p.head_dim || p.head_dim % 16 != 0 || p.num_kv_heads == 0 || p.num_q_heads % p.num_kv_heads != 0 ||
       kv_lens.element_count() != max_seqs || cu_q_lens.element_count() != max_seqs + 1) {
     return ffi::Error::InvalidArgument("jaxllm_cpu_paged_attention: inconsistent shapes");
   }
@@ -217,7 +326,7 @@ ffi::Error PagedAttention(ffi::Buffer<ffi::F32> q, ffi::AnyBuffer kv_pages, ffi:
     }
   }
   if (work < kInlineWork || n_threads <= 1) {
-    for (int64_t item = 0; item < static_cast<int64_t>(p.item_seq.size()); ++item) attend(p, item);
+    for (int64_t item = 0; item < static_cast<int64_t>(p.item_seq.size()); ++item) attend_any(p, item);
     return ffi::Error::Success();
   }
   alignas(64) static thread_local uint8_t arena[4 * 1024];
