@@ -49,15 +49,27 @@ def test_a_rows_output_is_the_same_alone_and_in_any_step():
     np.testing.assert_array_equal(got[150], got_alone)
 
 
-def test_auto_backend_picks_it_for_float32_pools_only():
+def test_auto_backend_picks_it_for_float32_queries_only():
     b = make_batch(1, [(3, 20)], poison=False)
-    hlo = jax.jit(lambda *a: ragged_paged_attention(*a, sm_scale=0.1)).lower(*b.args()).as_text()
-    assert "jaxllm_cpu_paged_attention" in hlo
+    auto = jax.jit(lambda *a: ragged_paged_attention(*a, sm_scale=0.1))
+    assert "jaxllm_cpu_paged_attention" in auto.lower(*b.args()).as_text()
     forced = jax.jit(lambda *a: ragged_paged_attention(*a, sm_scale=0.1, backend="reference"))
     assert "jaxllm_cpu_paged_attention" not in forced.lower(*b.args()).as_text()
-    bf16 = (b.args()[0], b.args()[1].astype(jnp.bfloat16)) + b.args()[2:]
-    assert "jaxllm_cpu_paged_attention" not in jax.jit(
-        lambda *a: ragged_paged_attention(*a, sm_scale=0.1)).lower(*bf16).as_text()
+    bf16_pool = (b.args()[0], b.args()[1].astype(jnp.bfloat16)) + b.args()[2:]
+    assert "jaxllm_cpu_paged_attention" in auto.lower(*bf16_pool).as_text()
+    bf16_model = (b.args()[0].astype(jnp.bfloat16), b.args()[1].astype(jnp.bfloat16)) + b.args()[2:]
+    assert "jaxllm_cpu_paged_attention" not in auto.lower(*bf16_model).as_text()
+
+
+def test_bfloat16_pool_matches_the_reference():
+    """--kv-cache-dtype bfloat16 with a float32 model: the kernel widens each tile's bf16 keys and values
+    (exactly: a bf16 is the high half of a float32) and attends as over a float32 pool."""
+    b = make_batch(4, [(1, 200), (5, 37), (16, 16)], poison=False)
+    args = (b.args()[0], b.args()[1].astype(jnp.bfloat16)) + b.args()[2:]
+    got = np.asarray(jax.jit(lambda *a: ragged_paged_attention(*a, sm_scale=0.125, backend="cpu"))(*args))
+    want = np.asarray(jax.jit(lambda *a: ragged_paged_attention(*a, sm_scale=0.125, backend="reference"))(*args))
+    rows = int(np.asarray(args[4])[-1])
+    np.testing.assert_allclose(got[:rows], want[:rows], rtol=2e-5, atol=2e-5)
 
 
 @pytest.mark.parametrize("kv_dtype", [jnp.int8, jnp.float8_e4m3fn, jnp.float8_e5m2])

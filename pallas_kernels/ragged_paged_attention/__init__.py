@@ -78,7 +78,8 @@ def ragged_paged_attention(q, kv_pages, kv_lens, page_table, cu_q_lens, num_seqs
     if impl == "cpu" or (impl == "reference" and backend == "auto" and _cpu.usable(q, kv_pages, k_scale, v_scale)):
         if not _cpu.usable(q, kv_pages, k_scale, v_scale, float8=True):
             raise NotImplementedError("the cpu kernel needs the ggml extension built, a CPU backend and a "
-                                      "float32 pool without k_scale / v_scale, or QuantizedPages")
+                                      "float32 / bfloat16 pool without k_scale / v_scale, or QuantizedPages, and a "
+                                      "float32 q whose head_dim is a multiple of 16")
         return _cpu.ragged_paged_attention(*args, sm_scale=sm_scale, sliding_window=sliding_window,
                                            soft_cap=soft_cap, layer=layer)
     if impl == "reference":

@@ -7,9 +7,9 @@ held as vectors (GCC/Clang vector extensions: one AVX-512 register per 16 scores
 shape, prefill included, so a row's result never depends on the bucket its step fell in. head_dim must
 be a multiple of 16.
 
-Pools: float32, or per-token QuantizedPages (int8 values converted directly; float8 bytes read through
+Pools: float32, bfloat16 (`--kv-cache-dtype bfloat16`: half the bytes, widened per tile), or per-token QuantizedPages (int8 values converted directly; float8 bytes read through
 a 256-entry table of their values; either times its token's scale). backend="auto" on CPU uses it for
-float32 and int8 pools when the extension is built (`python -m pallas_kernels.quantized_matmul.build`;
+float32, bfloat16 and int8 pools when the extension is built (`python -m pallas_kernels.quantized_matmul.build`;
 `JAXLLM_GGML=0` turns it off). Float8 pools stay on the reference under "auto" (backend="cpu" forces
 them here): the table lookup does not vectorize, so prefill is slower than the reference's, though
 decode is faster. 30 layers of SmolLM2's shapes on the 2-core dev VM (custom call vs reference):
@@ -37,9 +37,9 @@ def _byte_values(dtype) -> np.ndarray:
 
 def usable(q: jax.Array, kv_pages, k_scale=None, v_scale=None, *, float8: bool = False) -> bool:
     """Whether this call can take the custom call: CPU, extension built, float32 q with head_dim a
-    multiple of 16, and a float32 or per-token int8 pool (float8 too with float8=True)."""
+    multiple of 16, and a float32, bfloat16 or per-token int8 pool (float8 too with float8=True)."""
     pool_ok = ((isinstance(kv_pages, QuantizedPages) and (float8 or kv_pages.dtype == jnp.int8))
-               or (isinstance(kv_pages, jax.Array) and kv_pages.dtype == jnp.float32))
+               or (isinstance(kv_pages, jax.Array) and kv_pages.dtype in (jnp.float32, jnp.bfloat16)))
     return (jax.default_backend() == "cpu" and k_scale is None and v_scale is None and pool_ok
             and q.dtype == jnp.float32 and q.shape[-1] % 16 == 0 and ggml_cpu.available())
 

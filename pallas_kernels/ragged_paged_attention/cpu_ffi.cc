@@ -3,7 +3,7 @@
 // (pallas_kernels/quantized_matmul/build.py).
 //
 //   q:          f32 [T, Hq, D]
-//   kv_pages:   f32 [(L,) P, S, 2 * Hkv, D]   K of head h at 2h, V at 2h + 1 (write_kv's layout), or
+//   kv_pages:   f32 or bf16 [(L,) P, S, 2 * Hkv, D]   K of head h at 2h, V at 2h + 1 (write_kv's layout), or
 //               the bytes of a QuantizedPages pool (u8 / s8), read as value(byte) * scales[token, 2h (+1)]
 //   scales:     f32 [(L,) P, S, 2 * Hkv] of a byte pool (else unused)
 //   lut:        f32 [256], a u8 (float8 bits) pool's value of each byte; s8 bytes convert directly
@@ -37,7 +37,8 @@ namespace {
 
 struct Problem {
   const float* q;
-  const float* pages = nullptr;   // this layer's float pool, or
+  const float* pages = nullptr;   // this layer's float pool, or its bfloat16 pool, or
+  const uint16_t* bf16 = nullptr;
   const uint8_t* bytes = nullptr;  // this layer's byte pool, with
   const float* scales = nullptr;   // its scales [P, S, 2 * Hkv] and
   const float* lut = nullptr;      // each byte's value
@@ -58,6 +59,18 @@ constexpr int kTile = 16;  // keys per softmax update: one vector of 16 scores
 // or scalars, whatever the build targets (the auto-vectorizer gave up on these gathers and updates).
 typedef float v16 __attribute__((vector_size(64)));
 typedef int32_t i16 __attribute__((vector_size(64)));
+typedef uint32_t u16x32 __attribute__((vector_size(64)));
+typedef uint16_t u16x16 __attribute__((vector_size(32)));
+
+// n (a multiple of 16) bfloat16 values -> float32: each is the high half of its float's bits.
+inline void widen_bf16(const uint16_t* src, float* dst, int64_t n) {
+  for (int64_t i = 0; i < n; i += kTile) {
+    u16x16 h;
+    __builtin_memcpy(&h, src + i, sizeof(h));
+    const v16 f = reinterpret_cast<v16>(__builtin_convertvector(h, u16x32) << 16);
+    __builtin_memcpy(dst + i, &f, sizeof(f));
+  }
+}
 
 inline v16 splat(float x) { return v16{} + x; }
 inline v16 load(const float* p) {
@@ -161,9 +174,17 @@ void attend(const Problem& p, int64_t item) {
     const int64_t page_id = pages[chunk / s];
     for (int64_t j = 0; j < n; ++j) {  // the tile's K and V rows (a byte pool's dequantized)
       const int64_t tok = page_id * s + (t0 - chunk + j);
-      if (p.bytes == nullptr) {
+      if (p.pages != nullptr) {
         krows[j] = p.pages + tok * token_stride + 2 * h * d;
         vrows[j] = krows[j] + d;
+        continue;
+      }
+      if (p.bf16 != nullptr) {
+        const uint16_t* src = p.bf16 + tok * token_stride + 2 * h * d;
+        widen_bf16(src, sc.kbuf.data() + j * d, d);
+        widen_bf16(src + d, sc.vbuf.data() + j * d, d);
+        krows[j] = sc.kbuf.data() + j * d;
+        vrows[j] = sc.vbuf.data() + j * d;
         continue;
       }
       const uint8_t* src = p.bytes + (tok * 2 * p.num_kv_heads + 2 * h) * d;
@@ -279,6 +300,8 @@ ffi::Error PagedAttention(ffi::Buffer<ffi::F32> q, ffi::AnyBuffer kv_pages, ffi:
   const auto type = kv_pages.element_type();
   if (type == ffi::DataType::F32) {
     p.pages = static_cast<const float*>(kv_pages.untyped_data()) + index * layer_values;
+  } else if (type == ffi::DataType::BF16) {
+    p.bf16 = static_cast<const uint16_t*>(kv_pages.untyped_data()) + index * layer_values;
   } else if (type == ffi::DataType::U8 || type == ffi::DataType::S8) {
     if (lut.element_count() != 256 || scales.element_count() * p.head_dim != kv_pages.element_count()) {
       return ffi::Error::InvalidArgument("jaxllm_cpu_paged_attention: a byte pool needs scales [(L,) P, S, 2Hkv] "
@@ -289,7 +312,7 @@ ffi::Error PagedAttention(ffi::Buffer<ffi::F32> q, ffi::AnyBuffer kv_pages, ffi:
     p.lut = lut.typed_data();
     p.int8 = type == ffi::DataType::S8;
   } else {
-    return ffi::Error::InvalidArgument("jaxllm_cpu_paged_attention: the pool must be f32, u8 or s8");
+    return ffi::Error::InvalidArgument("jaxllm_cpu_paged_attention: the pool must be f32, bf16, u8 or s8");
   }
   p.q = q.typed_data();
   p.kv_lens = kv_lens.typed_data();
