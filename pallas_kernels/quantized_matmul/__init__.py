@@ -21,8 +21,9 @@ Measured on the 2-core dev VM (SmolLM2-135M's 30 layers of Q4_1 projections, 7 m
 jitted loop): T=1 f32 weights 36 ms, Q4_1 via ggml 8.2 ms, Q4_1 dequantized in XLA 85 ms; T=16: 55,
 51, 100 ms; T=64: 96, 183, ~140 ms. ggml's Q4_1 kernel is a per-row dot product (llama.cpp's batched
 GEMMs cover other formats), so past a few dozen rows the reference path wins: hence the row cap.
-With AMX (a Xeon of the same VM a week later; Q4_1 as above): T=1 10.4 -> 3.4 ms, T=16 51.6 -> 9.1 ms,
-T=128 373 -> 62 ms, T=512 1470 -> 231 ms (the bf16 GEMM of large steps: ~260 ms).
+On the same VM once it ran on an Intel Xeon with AMX (2026-12-02; row kernels -> AMX kernels): T=1
+10.4 -> 3.4 ms, T=16 51.6 -> 9.1 ms, T=128 373 -> 62 ms, T=512 1470 -> 231 ms (the bf16 GEMM of large
+steps: ~260 ms).
 """
 
 from __future__ import annotations
