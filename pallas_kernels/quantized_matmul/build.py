@@ -6,7 +6,7 @@ ggml (llama.cpp's tensor library) is taken from the pinned llama-cpp-python sdis
 it (or from JAXLLM_GGML_SRC, a llama.cpp checkout). Only ggml's CPU backend is compiled, as
 static libraries without OpenMP (the extension drives ggml's own thread pool), for the instruction sets
 this host reports (-march=native is avoided: on one VM it built a binary that died with an illegal
-instruction). ggml's AMX int8 kernels are built where the CPU reports AMX (see amx_available). The result,
+instruction). ggml's AMX int8 kernels are built where the CPU reports all of AMX_FLAGS. The result,
 ggml_ffi.cc and the CPU paged attention (ragged_paged_attention/cpu_ffi.cc, which runs on ggml's
 thread pool) linked against it, go to the cache directory `library_path()` names.
 """

@@ -2,8 +2,8 @@
 
   backend="auto" (default): TPU -> the Mosaic kernel (tpu.py); NVIDIA GPU -> the Pallas-Triton kernel
                             (gpu.py), each once listed in HARDWARE_VERIFIED; CPU -> the custom call
-                            of cpu.py for float32 and per-token int8 pools when the ggml extension is
-                            built; anything else (ROCm, unverified kernels, float8 pools on CPU) -> the
+                            of cpu.py for float32, bfloat16 and per-token int8 pools when the ggml
+                            extension is built; anything else (ROCm, unverified kernels, float8 pools on CPU) -> the
                             pure-jnp reference.
   backend="reference" | "tpu" | "gpu" | "cpu": force one implementation (debugging, tests).
   interpret=True: run the chosen Pallas kernel in interpret mode (TPU interpret mode for "tpu", the

@@ -7,10 +7,10 @@ held as vectors (GCC/Clang vector extensions: one AVX-512 register per 16 scores
 shape, prefill included, so a row's result never depends on the bucket its step fell in. head_dim must
 be a multiple of 16.
 
-Pools: float32, bfloat16 (`--kv-cache-dtype bfloat16`: half the bytes, widened per tile), or per-token QuantizedPages (int8 values converted directly; float8 bytes read through
-a 256-entry table of their values; either times its token's scale). backend="auto" on CPU uses it for
-float32, bfloat16 and int8 pools when the extension is built (`python -m pallas_kernels.quantized_matmul.build`;
-`JAXLLM_GGML=0` turns it off). Float8 pools stay on the reference under "auto" (backend="cpu" forces
+Pools: float32, bfloat16 (`--kv-cache-dtype bfloat16`: widened per tile), or per-token QuantizedPages
+(int8 values converted directly; float8 bytes read through a 256-entry table of their values; either
+times its token's scale). backend="auto" on CPU uses it for float32, bfloat16 and int8 pools when the
+extension is built (`python -m pallas_kernels.quantized_matmul.build`; `JAXLLM_GGML=0` turns it off). Float8 pools stay on the reference under "auto" (backend="cpu" forces
 them here): the table lookup does not vectorize, so prefill is slower than the reference's, though
 decode is faster. 30 layers of SmolLM2's shapes on the 2-core dev VM (custom call vs reference):
 
