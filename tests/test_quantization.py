@@ -310,3 +310,51 @@ def test_amx_loaded_model_packs_projections_and_a_head():
     assert model.groups[0].mlp.down_proj.weight.get_value().amx_in_features == 1536
     assert model.lm_head.get_value().amx_in_features == 576 and model.lm_head.get_value().shape == (49152, 576)
     assert model.embed_tokens.get_value().amx_in_features == 0
+
+
+def _require_amx_bf16(fmt: str = "q4_1"):
+    _require_amx()
+    if not ggml_cpu.amx_bf16_takes(GGML_FORMATS[fmt][0]):
+        pytest.skip("this CPU (or build) has no AMX-BF16: ggml's int8 kernels take every step")
+
+
+def _bf16(a) -> np.ndarray:
+    return np.asarray(jnp.asarray(a).astype(jnp.bfloat16).astype(jnp.float32))
+
+
+@pytest.mark.parametrize("fmt", ["q4_0", "q4_1", "q8_0"])
+def test_amx_large_steps_are_one_bf16_gemm(fmt, monkeypatch):
+    """Steps of BF16_MIN_ROWS rows or more multiply AMX-layout weights as one bf16 tile GEMM: the float32
+    product of the bf16-rounded activations and dequantized weight (ggml's int8 kernels are ~1e-3 off
+    it), each row the same whatever the step's size past the threshold; JAXLLM_AMX_BF16=0 keeps ggml's."""
+    _require_amx_bf16(fmt)
+    stack = np.stack([_random_blocks(fmt, 96, 512, seed) for seed in range(2)])
+    packed = qm.pack_for_amx(QuantizedArray(jnp.asarray(stack), None, None, fmt))
+    w1 = np.asarray(dequantize(fmt, jnp.asarray(stack[1])))
+    xs = np.random.default_rng(7).standard_normal((161, 512)).astype(np.float32)
+    run = jax.jit(lambda x, w, i: quantized_matmul(x, w.at_layer(i)))
+    steps = {}
+    for t in (qm.BF16_MIN_ROWS, 161):  # 161: a last block of one row
+        steps[t] = np.asarray(run(xs[:t], packed, jnp.int32(1)))
+        want = _bf16(xs[:t]) @ _bf16(w1).T
+        assert np.abs(steps[t] - want).max() <= 2e-6 * np.abs(want).max()
+    np.testing.assert_array_equal(steps[161][:qm.BF16_MIN_ROWS], steps[qm.BF16_MIN_ROWS])
+    monkeypatch.setenv("JAXLLM_AMX_BF16", "0")
+    int8 = np.asarray(jax.jit(lambda x, w, i: quantized_matmul(x, w.at_layer(i)))(xs, packed, jnp.int32(1)))
+    rows = ggml_cpu.mul_mats(jnp.asarray(xs), [(GGML_FORMATS[fmt][0], jnp.asarray(stack))], jnp.int32(1))[0]
+    np.testing.assert_allclose(int8, np.asarray(rows), rtol=1e-4, atol=1e-5 * np.abs(int8).max())
+    assert np.abs(int8 - steps[161]).max() > 1e-4 * np.abs(int8).max()
+
+
+def test_amx_bf16_gemm_model_agrees_with_goldens(smollm2_gold, monkeypatch):
+    """SmolLM2 -q gguf with every step through the bf16 GEMM (threshold lowered to one row): closer to
+    HF than ggml's 8-bit activation blocks (97.5 % top-1, 0.038)."""
+    _require_amx_bf16()
+    monkeypatch.setattr(qm, "BF16_MIN_ROWS", 1)
+    jax.clear_caches()  # the runner's jitted step, traced with the usual threshold, is cached per model structure
+    try:
+        agree, delta = _teacher_forced(load_model(None, quantization="gguf").model, smollm2_gold)
+    finally:
+        jax.clear_caches()
+    print(f"gguf, bf16 GEMM: top-1 agreement {agree:.3f}, mean |delta logprob| {delta:.4f}")
+    assert agree == 1.0 and delta < 0.015

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -121,6 +122,13 @@ def _prefill_in_bf16(x: jax.Array, w: QuantizedArray) -> bool:
             and jax.default_backend() == "cpu" and _cpu_has_bf16_dots())
 
 
+def _amx_bf16_min_rows() -> int:
+    """Steps of at least BF16_MIN_ROWS rows multiply Q4_0 / Q4_1 / Q8_0 weights in the AMX layout as one
+    bf16 tile GEMM (amx_bf16.cc) rather than ggml's int8 tile kernels, which re-scale every 32 of k in
+    AVX-512; JAXLLM_AMX_BF16=0 keeps ggml's kernels at every size."""
+    return 0 if os.environ.get("JAXLLM_AMX_BF16", "1") == "0" else BF16_MIN_ROWS
+
+
 def native_low_precision(fmt: str, device=None) -> bool:
     """Whether `fmt`'s weights meet activations of their own type in a native dot on this device:
     float8 e4m3 on NVIDIA GPUs of compute capability 8.9+ (Ada, Hopper, Blackwell). int8 stays
@@ -152,7 +160,7 @@ def dynamic_quantized_matmul(x: jax.Array, fmt: str, data: jax.Array, scale: jax
 
 def _ggml(x: jax.Array, ws: list[QuantizedArray]) -> list[jax.Array]:
     ys = ggml_cpu.mul_mats(x, [(GGML_FORMATS[w.fmt][0], w.data) for w in ws], ws[0].layer,
-                           [bool(w.amx_in_features) for w in ws])
+                           [bool(w.amx_in_features) for w in ws], bf16_min_rows=_amx_bf16_min_rows())
     return [y.astype(x.dtype) for y in ys]
 
 

@@ -6,8 +6,9 @@ ggml (llama.cpp's tensor library) is taken from the pinned llama-cpp-python sdis
 it (or from JAXLLM_GGML_SRC, a llama.cpp checkout). Only ggml's CPU backend is compiled, as
 static libraries without OpenMP (the extension drives ggml's own thread pool), for the instruction sets
 this host reports (-march=native is avoided: on one VM it built a binary that died with an illegal
-instruction). ggml's AMX int8 kernels are built where the CPU reports all of AMX_FLAGS. The result,
-ggml_ffi.cc and the CPU paged attention (ragged_paged_attention/cpu_ffi.cc, which runs on ggml's
+instruction). ggml's AMX int8 kernels are built where the CPU reports all of AMX_FLAGS, and amx_bf16.cc's
+bf16 GEMM for large steps where it reports AMX_BF16_FLAGS. The result, ggml_ffi.cc, amx_bf16.cc and the
+CPU paged attention (ragged_paged_attention/cpu_ffi.cc, which runs on ggml's
 thread pool) linked against it, go to the cache directory `library_path()` names.
 """
 
@@ -25,8 +26,8 @@ from pathlib import Path
 
 GGML_SDIST = "llama-cpp-python==0.3.36"
 HERE = Path(__file__).resolve().parent
-SOURCES = (HERE / "ggml_ffi.cc", HERE.parent / "ragged_paged_attention" / "cpu_ffi.cc")
-HEADERS = (HERE / "ggml_runtime.h",)
+SOURCES = (HERE / "ggml_ffi.cc", HERE / "amx_bf16.cc", HERE.parent / "ragged_paged_attention" / "cpu_ffi.cc")
+HEADERS = (HERE / "ggml_runtime.h", HERE / "amx_bf16.h")
 
 
 def cache_dir() -> Path:
@@ -46,6 +47,8 @@ def cpu_flags() -> set[str]:
 
 
 AMX_FLAGS = {"amx_tile", "amx_int8", "avx512_vnni", "avx512f"}
+# amx_bf16.cc's bf16 tile GEMM for large steps (its weight conversion uses AVX512-BF16 and BW)
+AMX_BF16_FLAGS = AMX_FLAGS | {"amx_bf16", "avx512_bf16", "avx512bw"}
 
 
 def ggml_options(flags: set[str]) -> list[str]:
@@ -66,7 +69,7 @@ def isa_flags(flags: set[str]) -> list[str]:
 
 def key() -> str:
     import jaxlib
-    flags = ggml_options(cpu_flags())
+    flags = ggml_options(cpu_flags()) + sorted(cpu_flags() & AMX_BF16_FLAGS)
     src = b"".join(p.read_bytes() for p in SOURCES + HEADERS + (Path(__file__),))
     digest = hashlib.sha256(repr((GGML_SDIST, jaxlib.__version__, flags)).encode() + src).hexdigest()[:16]
     return digest
@@ -141,6 +144,7 @@ def build(force: bool = False) -> Path:
         tmp_out = out.with_suffix(".tmp")
         subprocess.run(["c++", "-O3", "-std=c++17", "-shared", "-fPIC", "-w", "-fopenmp-simd",
                         *isa_flags(cpu_flags()), *(["-DJAXLLM_AMX"] if AMX_FLAGS <= cpu_flags() else []),
+                        *(["-DJAXLLM_AMX_BF16"] if AMX_BF16_FLAGS <= cpu_flags() else []),
                         *map(str, SOURCES), "-I", str(HERE), "-I", str(ggml / "include"), "-I", str(ggml / "src"),
                         "-I", jax.ffi.include_dir(),
                         "-Wl,--whole-archive", str(libs["libggml-cpu.a"]), "-Wl,--no-whole-archive",

@@ -43,6 +43,8 @@ def _library() -> ctypes.CDLL | None:
     lib.jaxllm_amx_row_bytes.argtypes = [ctypes.c_int64] * 3
     lib.jaxllm_amx_pack.restype = ctypes.c_int
     lib.jaxllm_amx_pack.argtypes = [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 2
+    lib.jaxllm_amx_bf16_takes.restype = ctypes.c_int
+    lib.jaxllm_amx_bf16_takes.argtypes = [ctypes.c_int64]
     return lib
 
 
@@ -59,6 +61,13 @@ def amx_row_bytes(ggml_type: int, rows: int, in_features: int) -> int:
     if lib is None or os.environ.get("JAXLLM_AMX", "1") == "0":
         return 0
     return int(lib.jaxllm_amx_row_bytes(ggml_type, rows, in_features))
+
+
+def amx_bf16_takes(ggml_type: int) -> bool:
+    """Whether large steps multiply AMX-layout weights of this type as one bf16 tile GEMM (amx_bf16.cc:
+    Q4_0, Q4_1, Q8_0 on CPUs with AMX-BF16 and AVX512-BF16) rather than through ggml's int8 kernels."""
+    lib = _library()
+    return lib is not None and bool(lib.jaxllm_amx_bf16_takes(ggml_type))
 
 
 def amx_pack(ggml_type: int, data: np.ndarray, in_features: int) -> np.ndarray:
@@ -85,11 +94,13 @@ def poll() -> int:
 
 
 def mul_mats(x: jax.Array, weights: list[tuple[int, jax.Array]], layer: jax.Array | None,
-             amx: list[bool] | None = None) -> list[jax.Array]:
+             amx: list[bool] | None = None, bf16_min_rows: int = 0) -> list[jax.Array]:
     """x [T, in] f32 @ W_i^T -> [T, out_i] f32 for each (ggml type, W_i [out_i, row_bytes]) in one call
     (one ggml graph: the thread pool wakes once). W_i may be [L, out_i, row_bytes] with `layer` picking
     one: the stack is passed whole, so a layer scan never copies a slice of it out. amx[i]: W_i is in
-    the AMX tile layout (amx_pack)."""
+    the AMX tile layout (amx_pack). bf16_min_rows: steps of at least this many rows multiply Q4_0 / Q4_1
+    / Q8_0 weights in the AMX layout as one bf16 tile GEMM (amx_bf16.cc, where built), x and the weight
+    rounded to bfloat16; 0 keeps ggml's int8 kernels at every size."""
     if any(data.ndim == 3 for _, data in weights) and layer is None:
         raise ValueError("a stacked weight needs the layer index")
     index = jnp.zeros((), jnp.int32) if layer is None else jnp.asarray(layer, jnp.int32).reshape(())
@@ -97,5 +108,6 @@ def mul_mats(x: jax.Array, weights: list[tuple[int, jax.Array]], layer: jax.Arra
     return jax.ffi.ffi_call(TARGET, outs, has_side_effect=False)(
         x.astype(jnp.float32), index, *[data for _, data in weights],
         ggml_types=np.array([t for t, _ in weights], np.int64),
-        amx=np.array(amx if amx is not None else [False] * len(weights), np.int64), n_threads=np.int64(num_threads()),
+        amx=np.array(amx if amx is not None else [False] * len(weights), np.int64),
+        bf16_min_rows=np.int64(bf16_min_rows), n_threads=np.int64(num_threads()),
         poll=np.int64(poll()))

@@ -8,8 +8,9 @@
 //            layer scan passes the stack whole instead of copying a slice out every layer)
 //   y_1..n:  f32 [T, N_i]
 //   attrs:   ggml_types (ggml's type id of each weight), amx (per weight: 1 if it is in ggml's AMX tile
-//            layout, see jaxllm_amx_pack), n_threads, poll (ggml's idle-polling level of its workers,
-//            0-100)
+//            layout, see jaxllm_amx_pack), bf16_min_rows (steps of at least this many rows take
+//            AMX-layout weights through amx_bf16.cc's bf16 GEMM where it reads their type; 0: never),
+//            n_threads, poll (ggml's idle-polling level of its workers, 0-100)
 //
 // ggml computes it as llama.cpp does: x is quantized per block to 8 bits and dotted with the packed
 // rows by ggml's SIMD kernels, never expanding W. The tensors are views of XLA's buffers (no copies);
@@ -17,11 +18,14 @@
 //
 // On CPUs with AMX (Intel Xeon 4th gen+), weights repacked once at load into ggml's AMX tile layout
 // are multiplied by its int8 tile kernels (llama.cpp's AMX buffer type): a GEMM for every row count,
-// where the row-layout kernels of most block formats (Q4_1, the K-quants) are one dot per row.
+// where the row-layout kernels of most block formats (Q4_1, the K-quants) are one dot per row. Large
+// steps of Q4_0 / Q4_1 / Q8_0 AMX weights go to a bf16 tile GEMM instead (amx_bf16.cc): x is
+// converted once to bf16 by ggml, then each weight's product runs as a custom op on ggml's pool.
 #include <cstdint>
 #include <mutex>
 #include <vector>
 
+#include "amx_bf16.h"
 #include "ggml_runtime.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -43,6 +47,7 @@ int64_t pool_poll = -1;
 std::vector<uint8_t> work;
 alignas(64) uint8_t arena[32 * 1024];
 constexpr size_t kMaxWeights = 4;
+std::vector<uint16_t> x_bf16;  // x for the bf16 GEMM, rows rounded up to its 32-row blocks
 
 }  // namespace
 
@@ -111,6 +116,12 @@ extern "C" int jaxllm_amx_pack(int64_t type, int64_t n, int64_t k, const void* s
 #endif
 }
 
+// Whether steps of bf16_min_rows or more take AMX-layout weights of ggml type `type` through the bf16
+// tile GEMM (amx_bf16.cc): built for this CPU, AMX granted, and a layout it reads.
+extern "C" int jaxllm_amx_bf16_takes(int64_t type) {
+  return amx_buffer() != nullptr && amx_bf16_takes(static_cast<int>(type));
+}
+
 ggml_status jaxllm_ggml_compute(ggml_cgraph* graph, int n_threads, int poll) {
   std::lock_guard<std::recursive_mutex> lock(mu);
   static const bool initialized = (ggml_cpu_init(), true);
@@ -131,9 +142,16 @@ ggml_status jaxllm_ggml_compute(ggml_cgraph* graph, int n_threads, int poll) {
 
 namespace {
 
+void run_amx_bf16(ggml_tensor* y, int ith, int nth, void* /*userdata*/) {
+  const ggml_tensor* w = y->src[0];
+  const ggml_tensor* x = y->src[1];
+  amx_bf16_mul_mat(w->type, static_cast<const uint8_t*>(w->data), w->ne[1], w->ne[0],
+                   static_cast<const uint16_t*>(x->data), y->ne[1], static_cast<float*>(y->data), ith, nth);
+}
+
 ffi::Error MulMats(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> layer, ffi::RemainingArgs weights,
                    ffi::RemainingRets outs, ffi::Span<const int64_t> ggml_types, ffi::Span<const int64_t> amx,
-                   int64_t n_threads, int64_t poll) {
+                   int64_t bf16_min_rows, int64_t n_threads, int64_t poll) {
   const auto xd = x.dimensions();
   if (xd.size() != 2) return ffi::Error::InvalidArgument("jaxllm_ggml_mul_mat: x must be [T, K]");
   const int64_t t = xd[0], k = xd[1];
@@ -148,7 +166,8 @@ ffi::Error MulMats(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> layer, ffi::Re
   ggml_context* ctx = ggml_init(init);
   ggml_tensor* xt = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, k, t);
   xt->data = const_cast<float*>(x.typed_data());
-  ggml_cgraph* graph = ggml_new_graph_custom(ctx, 2 * kMaxWeights, false);
+  ggml_cgraph* graph = ggml_new_graph_custom(ctx, 2 * kMaxWeights + 2, false);
+  ggml_tensor* xt_bf16 = nullptr;  // made by the first weight that takes the bf16 GEMM
   for (size_t i = 0; i < n_weights; ++i) {
     auto w = weights.get<ffi::AnyBuffer>(i);
     auto y = outs.get<ffi::AnyBuffer>(i);
@@ -168,6 +187,20 @@ ffi::Error MulMats(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> layer, ffi::Re
     }
     ggml_tensor* wt = ggml_new_tensor_2d(ctx, type, k, n);
     wt->data = static_cast<uint8_t*>(w->untyped_data()) + index * n * row_bytes;
+    if (amx[i] && bf16_min_rows > 0 && t >= bf16_min_rows && amx_bf16_takes(type)) {
+      if (xt_bf16 == nullptr) {
+        const size_t rows = (t + 31) / 32 * 32;
+        if (x_bf16.size() < rows * k) x_bf16.resize(rows * k);  // rows past t: read by the last block's tiles, their products dropped
+        ggml_tensor* dst = ggml_new_tensor_2d(ctx, GGML_TYPE_BF16, k, t);
+        dst->data = x_bf16.data();
+        xt_bf16 = ggml_cpy(ctx, xt, dst);
+      }
+      ggml_tensor* args[2] = {wt, xt_bf16};
+      ggml_tensor* yt = ggml_custom_4d(ctx, GGML_TYPE_F32, n, t, 1, 1, args, 2, run_amx_bf16, GGML_N_TASKS_MAX, nullptr);
+      yt->data = (*y)->untyped_data();
+      ggml_build_forward_expand(graph, yt);
+      continue;
+    }
     if (amx[i]) {  // claimed by the AMX buffer type, whose kernels then compute this product
       ggml_backend_buffer_t buffer = amx_buffer();
       wt->buffer = buffer;
@@ -193,5 +226,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxllmGgmlMulMat, MulMats,
                                   .RemainingRets()
                                   .Attr<ffi::Span<const int64_t>>("ggml_types")
                                   .Attr<ffi::Span<const int64_t>>("amx")
+                                  .Attr<int64_t>("bf16_min_rows")
                                   .Attr<int64_t>("n_threads")
                                   .Attr<int64_t>("poll"));

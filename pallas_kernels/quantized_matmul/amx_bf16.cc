@@ -1,0 +1,182 @@
+// Large steps (prefill) of weights in ggml's AMX tile layout as one bfloat16 GEMM on the AMX tiles.
+//
+//   y[m, n] f32 = a[m, k] bf16 @ dequantize(w)^T        (shapes and layouts: amx_bf16.h)
+//
+// Why: ggml's AMX int8 kernels scale every 32-wide block of k in AVX-512 (the product of two block
+// scales), re-reading and re-writing the output block and re-unpacking the weight for each 32 rows, so
+// a 512-row step of SmolLM2's Q4_1 projections ran at ~5 % of the tile units' peak. Here each 32-column
+// panel of the weight is dequantized once per call into bf16 tiles that stay in L2, and every 32 rows
+// of the step are one run of tile dot products over the whole k with float32 accumulation in the tile
+// registers. The result is what the reference computes in float32 with weights and activations
+// rounded to bfloat16 (tests/test_quantization.py); ggml's int8 kernels keep the small steps, where
+// dequantizing every panel would cost more than the product.
+//
+// Packed layout read here (ggml-cpu/amx/mmq.cpp, pack_B): per 16 output columns and 32 of k, one tile
+// of TILE_SIZE bytes: the quants as 8 rows of 4 consecutive k for each of the 16 columns ([8][16][4]
+// int8 for Q8_0; two such rows per 64 bytes as low / high nibbles for Q4_0 / Q4_1), then the 16
+// columns' float16 scales (and Q4_1's float16 mins).
+#include "amx_bf16.h"
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "ggml.h"
+
+#ifdef JAXLLM_AMX_BF16
+
+#define AMX_BF16_TARGET __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512bf16")))
+
+namespace {
+
+struct Layout {
+  int tile_size;   // bytes per (16 columns, 32 of k)
+  int scale_at;    // float16 [16]
+  int min_at;      // float16 [16] (Q4_1), or 0
+  bool q8;         // quants are int8 [8][16][4]; else nibbles
+  int q4_offset;   // Q4_0 stores q + 8
+};
+
+bool layout_of(int type, Layout* l) {
+  switch (type) {
+    case GGML_TYPE_Q4_0: *l = {16 * 18, 256, 0, false, 8}; return true;
+    case GGML_TYPE_Q4_1: *l = {16 * 20, 256, 288, false, 0}; return true;
+    case GGML_TYPE_Q8_0: *l = {16 * 34 + 16 * 4, 512, 0, true, 0}; return true;  // + ggml's s8s8 compensation
+    default: return false;
+  }
+}
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 0, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// asm rather than _tile_loadconfig: GCC before 14 drops the stores filling the struct (build._patch_amx).
+AMX_BF16_TARGET inline void load_config(const TileConfig& c) { __asm__ __volatile__("ldtilecfg %0" : : "m"(c)); }
+AMX_BF16_TARGET inline void store_config(TileConfig& c) { __asm__ __volatile__("sttilecfg %0" : "=m"(c)); }
+
+template <int G>
+AMX_BF16_TARGET inline __m512 widen(__m512i q, bool is_signed) {
+  const __m128i part = _mm512_extracti32x4_epi32(q, G);
+  return _mm512_cvtepi32_ps(is_signed ? _mm512_cvtepi8_epi32(part) : _mm512_cvtepu8_epi32(part));
+}
+
+// One packed block (16 columns x 32 of k) -> a bf16 B tile [16 k-pairs][16 columns][2].
+AMX_BF16_TARGET void dequantize_tile(const Layout& l, const uint8_t* src, uint16_t* tile) {
+  const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + l.scale_at)));
+  __m512 offset = l.min_at ? _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + l.min_at)))
+                           : _mm512_mul_ps(d, _mm512_set1_ps(-static_cast<float>(l.q4_offset)));
+  // A quad row holds 4 k of each column in turn: lanes of 4 columns per 16 floats, scales to match.
+  __m512 dg[4], og[4];
+  for (int g = 0; g < 4; ++g) {
+    const __m512i idx = _mm512_set_epi32(4 * g + 3, 4 * g + 3, 4 * g + 3, 4 * g + 3, 4 * g + 2, 4 * g + 2, 4 * g + 2,
+                                         4 * g + 2, 4 * g + 1, 4 * g + 1, 4 * g + 1, 4 * g + 1, 4 * g, 4 * g, 4 * g, 4 * g);
+    dg[g] = _mm512_permutexvar_ps(idx, d);
+    og[g] = _mm512_permutexvar_ps(idx, offset);
+  }
+  // Pairs of k as 32-bit lanes: (column c, k pair h) sits at lane 2c + h of the converted halves.
+  const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+  const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+  const __m512i nibble = _mm512_set1_epi8(0xF);
+  for (int kq = 0; kq < 8; ++kq) {
+    __m512i q;
+    if (l.q8) {
+      q = _mm512_loadu_si512(src + kq * 64);
+    } else {
+      const __m512i bytes = _mm512_loadu_si512(src + (kq & ~1) * 32);
+      q = _mm512_and_si512(kq & 1 ? _mm512_srli_epi16(bytes, 4) : bytes, nibble);
+    }
+    const __m512 f0 = _mm512_fmadd_ps(widen<0>(q, l.q8), dg[0], og[0]);
+    const __m512 f1 = _mm512_fmadd_ps(widen<1>(q, l.q8), dg[1], og[1]);
+    const __m512 f2 = _mm512_fmadd_ps(widen<2>(q, l.q8), dg[2], og[2]);
+    const __m512 f3 = _mm512_fmadd_ps(widen<3>(q, l.q8), dg[3], og[3]);
+    const __m512i lo = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(f1, f0));  // columns 0-7
+    const __m512i hi = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(f3, f2));  // columns 8-15
+    _mm512_store_si512(tile + (2 * kq) * 32, _mm512_permutex2var_epi32(lo, even, hi));
+    _mm512_store_si512(tile + (2 * kq + 1) * 32, _mm512_permutex2var_epi32(lo, odd, hi));
+  }
+}
+
+struct Scratch {
+  std::vector<uint16_t> panel;  // a panel's two columns of B tiles, over-allocated to align them
+  alignas(64) float tail[32 * 32];
+  uint16_t* tiles(size_t elements) {
+    if (panel.size() < elements + 32) panel.resize(elements + 32);
+    return reinterpret_cast<uint16_t*>((reinterpret_cast<uintptr_t>(panel.data()) + 63) & ~uintptr_t{63});
+  }
+};
+
+}  // namespace
+
+bool amx_bf16_takes(int type) {
+  Layout l;
+  return layout_of(type, &l);
+}
+
+AMX_BF16_TARGET void amx_bf16_mul_mat(int type, const uint8_t* w, int64_t n, int64_t k, const uint16_t* a,
+                                      int64_t m, float* y, int ith, int nth) {
+  Layout l;
+  if (!layout_of(type, &l)) return;
+  const int64_t kb_count = k / 32, panels = n / 32;
+  const int64_t begin = panels * ith / nth, end = panels * (ith + 1) / nth;
+  if (begin == end) return;
+  static thread_local Scratch scratch;
+  uint16_t* b0 = scratch.tiles(2 * kb_count * 512);
+  uint16_t* b1 = b0 + kb_count * 512;
+
+  TileConfig saved, mine;
+  store_config(saved);  // ggml's int8 kernels configure each worker once and rely on it afterwards
+  mine.palette = 1;
+  for (int t = 0; t < 8; ++t) mine.rows[t] = 16, mine.colsb[t] = 64;
+  load_config(mine);
+
+  for (int64_t p = begin; p < end; ++p) {
+    for (int64_t kb = 0; kb < kb_count; ++kb) {
+      dequantize_tile(l, w + ((2 * p) * kb_count + kb) * l.tile_size, b0 + kb * 512);
+      dequantize_tile(l, w + ((2 * p + 1) * kb_count + kb) * l.tile_size, b1 + kb * 512);
+    }
+    for (int64_t m0 = 0; m0 < m; m0 += 32) {
+      _tile_zero(4);
+      _tile_zero(5);
+      _tile_zero(6);
+      _tile_zero(7);
+      const uint16_t* a0 = a + m0 * k;
+      const uint16_t* a1 = a0 + 16 * k;
+      for (int64_t kb = 0; kb < kb_count; ++kb) {
+        _tile_loadd(0, a0 + kb * 32, k * 2);
+        _tile_loadd(1, a1 + kb * 32, k * 2);
+        _tile_loadd(2, b0 + kb * 512, 64);
+        _tile_loadd(3, b1 + kb * 512, 64);
+        _tile_dpbf16ps(4, 0, 2);
+        _tile_dpbf16ps(5, 1, 2);
+        _tile_dpbf16ps(6, 0, 3);
+        _tile_dpbf16ps(7, 1, 3);
+      }
+      const bool full = m0 + 32 <= m;
+      float* c = full ? y + m0 * n + p * 32 : scratch.tail;
+      const int64_t ldc = full ? n : 32;
+      _tile_stored(4, c, ldc * 4);
+      _tile_stored(5, c + 16 * ldc, ldc * 4);
+      _tile_stored(6, c + 16, ldc * 4);
+      _tile_stored(7, c + 16 * ldc + 16, ldc * 4);
+      if (!full) {
+        for (int64_t r = 0; r < m - m0; ++r) std::memcpy(y + (m0 + r) * n + p * 32, scratch.tail + r * 32, 32 * 4);
+      }
+    }
+  }
+  if (saved.palette) {
+    load_config(saved);
+  } else {
+    _tile_release();
+  }
+}
+
+#else  // built without AMX bf16: ggml's int8 kernels take every step
+
+bool amx_bf16_takes(int) { return false; }
+void amx_bf16_mul_mat(int, const uint8_t*, int64_t, int64_t, const uint16_t*, int64_t, float*, int, int) {}
+
+#endif

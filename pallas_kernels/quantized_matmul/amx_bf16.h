@@ -1,0 +1,16 @@
+// Large steps of AMX-packed weights as one bfloat16 GEMM on the AMX tiles (amx_bf16.cc).
+#pragma once
+#include <cstdint>
+
+// Whether this build and CPU run amx_bf16_mul_mat for weights of ggml type `type` in ggml's AMX
+// tile layout (Q4_0, Q4_1, Q8_0; the K-quants' layouts are not read).
+bool amx_bf16_takes(int type);
+
+// y[m, n] f32 = a[m, k] bf16 @ dequantize(w)^T, for the share `ith` of `nth` threads (column panels of
+// 32 are split between them).
+//   w: [n, k] of ggml type `type` in ggml's AMX tile layout (jaxllm_amx_pack), n % 32 == 0, k % 32 == 0
+//   a: bf16 bit patterns, row-major [round_up(m, 32), k]; rows past m are zeros
+//   y: f32 row-major [m, n]
+// The caller's thread must hold the AMX tile state (ggml's AMX buffer type requests it at start).
+void amx_bf16_mul_mat(int type, const uint8_t* w, int64_t n, int64_t k, const uint16_t* a, int64_t m,
+                      float* y, int ith, int nth);
