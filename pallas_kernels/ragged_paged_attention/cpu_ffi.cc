@@ -35,6 +35,13 @@ namespace ffi = xla::ffi;
 
 namespace {
 
+constexpr int kRows = 4;  // rows of one sequence per item, sharing each gathered tile
+
+// A unit of work: `count` consecutive rows (from `row`) of sequence `seq`, for KV head `kv_head`.
+struct Item {
+  int32_t seq, kv_head, row, count;
+};
+
 struct Problem {
   const float* q;
   const float* pages = nullptr;   // this layer's float pool, or its bfloat16 pool, or
@@ -49,8 +56,8 @@ struct Problem {
   int64_t num_q_heads, num_kv_heads, head_dim, page_size, max_pages;
   int32_t window;
   float sm_scale, soft_cap;
-  std::vector<int32_t> item_seq, item_row;  // one entry per (row, KV head) item: the row's sequence, the row
-  std::vector<int32_t> row_pos;             // the row's position in its sequence
+  std::vector<Item> items;
+  std::vector<int32_t> row_pos;  // each row's position in its sequence
 };
 
 constexpr int kTile = 16;  // keys per softmax update: one vector of 16 scores
@@ -133,47 +140,55 @@ inline v16 sum_lanes16(const v16* v) {
          __builtin_shufflevector(c[0], c[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
 }
 
-// Per-thread scratch, grown on first use (no allocation per (row, head) item).
+// Per-thread scratch, grown on first use (no allocation per item).
 struct Scratch {
-  std::vector<v16> qs, acc, part;  // q of each head, its output sums (d / 16 vectors each); per head and
-                                   // key of the tile, the 16 partial products of its score
+  std::vector<v16> qs, acc, part;  // per (row, head): q, its output sums (d / 16 vectors each); per key of
+                                   // the tile, the 16 partial products of its score
   std::vector<float> m, l, kbuf, vbuf;
 };
 
-// Attention of one row's query heads of one KV head (a group) over its sequence's keys, in tiles of
-// kTile keys at absolute positions (page-aligned), so the arithmetic depends on the row alone.
+// Attention of up to kRows consecutive rows of one sequence, for the query heads of one KV head (a
+// group), over the sequence's keys in tiles of kTile keys at absolute positions (page-aligned). Each
+// tile's K / V rows are gathered once for all of the item's rows, whose updates interleave (independent
+// chains for the out-of-order core); each row's arithmetic is what it would be alone, so a row's
+// result does not depend on the other rows of the step (batch invariance).
 // DV = head_dim / 16 (the compiler unrolls and keeps a head's sums in registers); 0: any, at run time.
 template <int DV>
 void attend(const Problem& p, int64_t item) {
-  const int64_t seq = p.item_seq[item], row = p.item_row[item] / p.num_kv_heads;
-  const int64_t h = p.item_row[item] % p.num_kv_heads;
+  const Item it = p.items[item];
+  const int64_t seq = it.seq, h = it.kv_head, rows = it.count;
   const int64_t group = p.num_q_heads / p.num_kv_heads, d = p.head_dim, s = p.page_size;
-  const int64_t dv = DV > 0 ? DV : d / kTile;
-  const int64_t pos = p.row_pos[row], kv_len = p.kv_lens[seq];
-  const int64_t end = std::min<int64_t>(pos + 1, kv_len);
-  const int64_t begin = p.window > 0 ? std::max<int64_t>(0, pos - p.window + 1) : 0;
+  const int64_t dv = DV > 0 ? DV : d / kTile, heads = rows * group;
+  const int64_t kv_len = p.kv_lens[seq];
+  int64_t ends[kRows];
+  for (int64_t r = 0; r < rows; ++r) ends[r] = std::min<int64_t>(p.row_pos[it.row + r] + 1, kv_len);
+  const int64_t end = ends[rows - 1];  // rows are consecutive positions
+  // a window's rows start apart (items of one row, see PagedAttention)
+  const int64_t begin = p.window > 0 ? std::max<int64_t>(0, p.row_pos[it.row] - p.window + 1) : 0;
   const int32_t* pages = p.page_table + seq * p.max_pages;
   const int64_t token_stride = 2 * p.num_kv_heads * d;
   static thread_local Scratch sc;
-  sc.qs.resize(group * dv);
-  sc.acc.assign(group * dv, v16{});
-  sc.part.assign(group * kTile, v16{});
-  sc.m.assign(group, -std::numeric_limits<float>::infinity());
-  sc.l.assign(group, 0.0f);
+  sc.qs.resize(heads * dv);
+  sc.acc.assign(heads * dv, v16{});
+  sc.part.assign(kTile, v16{});
+  sc.m.assign(heads, -std::numeric_limits<float>::infinity());
+  sc.l.assign(heads, 0.0f);
   sc.kbuf.resize(kTile * d);
   sc.vbuf.resize(kTile * d);
-  for (int64_t g = 0; g < group; ++g) {
-    const float* src = p.q + (row * p.num_q_heads + h * group + g) * d;
-    for (int64_t c = 0; c < dv; ++c) sc.qs[g * dv + c] = load(src + c * kTile) * p.sm_scale;
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t g = 0; g < group; ++g) {
+      const float* src = p.q + ((it.row + r) * p.num_q_heads + h * group + g) * d;
+      for (int64_t c = 0; c < dv; ++c) sc.qs[(r * group + g) * dv + c] = load(src + c * kTile) * p.sm_scale;
+    }
   }
   const i16 lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
   const float* krows[kTile];
   const float* vrows[kTile];
   for (int64_t t0 = begin; t0 < end;) {
     const int64_t chunk = t0 / s * s;
-    const int64_t n = std::min<int64_t>({kTile, end - t0, chunk + s - t0});
+    const int64_t n_all = std::min<int64_t>({kTile, end - t0, chunk + s - t0});
     const int64_t page_id = pages[chunk / s];
-    for (int64_t j = 0; j < n; ++j) {  // the tile's K and V rows (a bf16 / byte pool's widened)
+    for (int64_t j = 0; j < n_all; ++j) {  // the tile's K and V rows (a bf16 / byte pool's widened)
       const int64_t tok = page_id * s + (t0 - chunk + j);
       if (p.pages != nullptr) {
         krows[j] = p.pages + tok * token_stride + 2 * h * d;
@@ -201,51 +216,58 @@ void attend(const Problem& p, int64_t item) {
       krows[j] = kd;
       vrows[j] = vd;
     }
-    for (int64_t g = 0; g < group; ++g) {
-      // Per key, 16 partial products of its score (the lane sums come after, for all keys at once).
-      const v16* qg = sc.qs.data() + g * dv;
-      v16* part = sc.part.data() + g * kTile;
-      for (int64_t j = 0; j < n; ++j) {
-        v16 acc = qg[0] * load(krows[j]);
-        for (int64_t c = 1; c < dv; ++c) acc += qg[c] * load(krows[j] + c * kTile);
-        part[j] = acc;
-      }
-      for (int64_t j = n; j < kTile; ++j) part[j] = v16{};
-      v16 score = sum_lanes16(part);
-      if (p.soft_cap > 0.0f) {
-        for (int j = 0; j < kTile; ++j) score[j] = p.soft_cap * std::tanh(score[j] / p.soft_cap);
-      }
-      score = lane < static_cast<int32_t>(n) ? score : splat(-std::numeric_limits<float>::infinity());
-      const float top = std::max(sc.m[g], lane_max(score));
-      const v16 w = exp_nonpositive(score - top);  // masked lanes: exp(-inf) = 0
-      const float corr = std::isinf(sc.m[g]) ? 0.0f : std::exp(sc.m[g] - top);
-      sc.l[g] = sc.l[g] * corr + lane_sum(w);
-      sc.m[g] = top;
-      // This head's output sums, in registers for the tile (two sets: keys alternate between them).
-      v16* out = sc.acc.data() + g * dv;
-      v16 a0[DV > 0 ? DV : 16], a1[DV > 0 ? DV : 16];
-      for (int64_t c = 0; c < dv; ++c) a0[c] = out[c] * corr, a1[c] = v16{};
-      int64_t j = 0;
-      for (; j + 1 < n; j += 2) {
-        const float w0 = w[j], w1 = w[j + 1];
-        for (int64_t c = 0; c < dv; ++c) {
-          a0[c] += w0 * load(vrows[j] + c * kTile);
-          a1[c] += w1 * load(vrows[j + 1] + c * kTile);
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t n = std::min<int64_t>(n_all, ends[r] - t0);  // this row's keys of the tile
+      if (n <= 0) continue;
+      for (int64_t g = r * group; g < (r + 1) * group; ++g) {
+        // Per key, 16 partial products of its score (the lane sums come after, for all keys at once).
+        const v16* qg = sc.qs.data() + g * dv;
+        v16* part = sc.part.data();
+        for (int64_t j = 0; j < n; ++j) {
+          v16 acc = qg[0] * load(krows[j]);
+          for (int64_t c = 1; c < dv; ++c) acc += qg[c] * load(krows[j] + c * kTile);
+          part[j] = acc;
         }
+        for (int64_t j = n; j < kTile; ++j) part[j] = v16{};
+        v16 score = sum_lanes16(part);
+        if (p.soft_cap > 0.0f) {
+          for (int j = 0; j < kTile; ++j) score[j] = p.soft_cap * std::tanh(score[j] / p.soft_cap);
+        }
+        score = lane < static_cast<int32_t>(n) ? score : splat(-std::numeric_limits<float>::infinity());
+        const float top = std::max(sc.m[g], lane_max(score));
+        const v16 w = exp_nonpositive(score - top);  // masked lanes: exp(-inf) = 0
+        const float corr = std::isinf(sc.m[g]) ? 0.0f : std::exp(sc.m[g] - top);
+        sc.l[g] = sc.l[g] * corr + lane_sum(w);
+        sc.m[g] = top;
+        // This head's output sums, in registers for the tile (two sets: keys alternate between them).
+        v16* out = sc.acc.data() + g * dv;
+        v16 a0[DV > 0 ? DV : 16], a1[DV > 0 ? DV : 16];
+        for (int64_t c = 0; c < dv; ++c) a0[c] = out[c] * corr, a1[c] = v16{};
+        int64_t j = 0;
+        for (; j + 1 < n; j += 2) {
+          const float w0 = w[j], w1 = w[j + 1];
+          for (int64_t c = 0; c < dv; ++c) {
+            a0[c] += w0 * load(vrows[j] + c * kTile);
+            a1[c] += w1 * load(vrows[j + 1] + c * kTile);
+          }
+        }
+        if (j < n) {
+          for (int64_t c = 0; c < dv; ++c) a0[c] += w[j] * load(vrows[j] + c * kTile);
+        }
+        for (int64_t c = 0; c < dv; ++c) out[c] = a0[c] + a1[c];
       }
-      if (j < n) {
-        for (int64_t c = 0; c < dv; ++c) a0[c] += w[j] * load(vrows[j] + c * kTile);
-      }
-      for (int64_t c = 0; c < dv; ++c) out[c] = a0[c] + a1[c];
     }
-    t0 += n;
+    t0 += n_all;
   }
-  for (int64_t g = 0; g < group; ++g) {
-    float* dst = p.out + (row * p.num_q_heads + h * group + g) * d;
-    const float inv = sc.l[g] > 0.0f ? 1.0f / sc.l[g] : 0.0f;
-    for (int64_t c = 0; c < dv; ++c) {
-      const v16 o = sc.acc[g * dv + c] * inv;
-      __builtin_memcpy(dst + c * kTile, &o, sizeof(o));
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t g = 0; g < group; ++g) {
+      const int64_t head = r * group + g;
+      float* dst = p.out + ((it.row + r) * p.num_q_heads + h * group + g) * d;
+      const float inv = sc.l[head] > 0.0f ? 1.0f / sc.l[head] : 0.0f;
+      for (int64_t c = 0; c < dv; ++c) {
+        const v16 o = sc.acc[head * dv + c] * inv;
+        __builtin_memcpy(dst + c * kTile, &o, sizeof(o));
+      }
     }
   }
 }
@@ -261,7 +283,7 @@ void attend_any(const Problem& p, int64_t item) {
 
 void run_share(ggml_tensor* /*dst*/, int ith, int nth, void* userdata) {
   const Problem& p = *static_cast<const Problem*>(userdata);
-  const int64_t n = static_cast<int64_t>(p.item_seq.size());
+  const int64_t n = static_cast<int64_t>(p.items.size());
   for (int64_t item = ith; item < n; item += nth) attend_any(p, item);
 }
 
@@ -340,15 +362,18 @@ ffi::Error PagedAttention(ffi::Buffer<ffi::F32> q, ffi::AnyBuffer kv_pages, ffi:
     }
     for (int64_t row = first; row < last; ++row) {
       p.row_pos[row] = static_cast<int32_t>(kv_len - (cu[seq + 1] - row));
-      for (int64_t h = 0; h < p.num_kv_heads; ++h) {
-        p.item_seq.push_back(static_cast<int32_t>(seq));
-        p.item_row.push_back(static_cast<int32_t>(row * p.num_kv_heads + h));
-      }
       work += (p.row_pos[row] + 1) * p.num_kv_heads;
+    }
+    const int64_t per_item = p.window > 0 ? 1 : kRows;  // a window's rows do not share their tiles
+    for (int64_t row = first; row < last; row += per_item) {
+      for (int64_t h = 0; h < p.num_kv_heads; ++h) {
+        p.items.push_back({static_cast<int32_t>(seq), static_cast<int32_t>(h), static_cast<int32_t>(row),
+                           static_cast<int32_t>(std::min<int64_t>(per_item, last - row))});
+      }
     }
   }
   if (work < kInlineWork || n_threads <= 1) {
-    for (int64_t item = 0; item < static_cast<int64_t>(p.item_seq.size()); ++item) attend_any(p, item);
+    for (int64_t item = 0; item < static_cast<int64_t>(p.items.size()); ++item) attend_any(p, item);
     return ffi::Error::Success();
   }
   alignas(64) static thread_local uint8_t arena[4 * 1024];
