@@ -61,9 +61,10 @@ def test_auto_backend_picks_it_for_float32_queries_only():
     assert "jaxllm_cpu_paged_attention" not in auto.lower(*bf16_model).as_text()
 
 
-def test_bfloat16_pool_matches_the_reference():
-    """--kv-cache-dtype bfloat16 with a float32 model: the kernel widens each tile's bf16 keys and values
-    (exactly: a bf16 is the high half of a float32) and attends as over a float32 pool."""
+def test_bfloat16_pool_matches_the_reference(monkeypatch):
+    """--kv-cache-dtype bfloat16 with a float32 model, without AMX: the kernel widens each tile's bf16 keys
+    and values (exactly: a bf16 is the high half of a float32) and attends as over a float32 pool."""
+    monkeypatch.setenv("JAXLLM_AMX_BF16", "0")
     b = make_batch(4, [(1, 200), (5, 37), (16, 16)], poison=False)
     args = (b.args()[0], b.args()[1].astype(jnp.bfloat16)) + b.args()[2:]
     got = np.asarray(jax.jit(lambda *a: ragged_paged_attention(*a, sm_scale=0.125, backend="cpu"))(*args))
@@ -110,3 +111,35 @@ def test_head_dims_off_the_16_lane_tiles_take_the_reference():
     assert q.shape[-1] % 16 == 0
     assert "jaxllm_cpu_paged_attention" not in jax.jit(
         lambda *a: ragged_paged_attention(*a, sm_scale=0.1)).lower(*narrow).as_text()
+
+
+def _amx_attention() -> bool:
+    from pallas_kernels.quantized_matmul import build
+    return build.AMX_BF16_FLAGS <= build.cpu_flags()
+
+
+@pytest.mark.skipif(not _amx_attention(), reason="no AMX-BF16 on this CPU: bfloat16 pools take the vector kernel")
+@pytest.mark.parametrize("group,page_size,head_dim,window", [(1, 16, 64, None), (3, 16, 64, None), (3, 8, 64, 7),
+                                                            (4, 24, 128, None), (16, 32, 64, 100), (2, 16, 128, 2)])
+def test_bfloat16_pool_on_amx_tiles(group, page_size, head_dim, window):
+    """bfloat16 pools on AMX: q and the softmax weights rounded to bf16 on the tile units, float32 sums.
+    Against float64 attention over the bf16-rounded q: within bf16's rounding, never reading a slot no
+    sequence owns (they hold NaN), and each row the same alone as inside a larger step."""
+    seqs = [(1, 200), (5, 37), (16, 16), (0, 9), (40, 300), (1, 1)]
+    b = make_batch(11, seqs, group=group, page_size=page_size, head_dim=head_dim, kv_dtype=jnp.bfloat16)
+    b.q = np.asarray(jnp.asarray(b.q).astype(jnp.bfloat16).astype(jnp.float32))
+    run = jax.jit(lambda *a: cpu.ragged_paged_attention(*a, sm_scale=0.125, sliding_window=window))
+    got = np.asarray(run(*b.args()))
+    want = naive_attention(b, sm_scale=0.125, sliding_window=window)
+    assert np.isfinite(got).all() and not got[b.num_live_rows:].any()
+    assert np.abs(got - want).max() <= 4e-3 * np.abs(want).max()
+    exact = np.asarray(jax.jit(lambda *a: ragged_paged_attention(*a, sm_scale=0.125, sliding_window=window,
+                                                                 backend="reference"))(*b.args()))
+    assert np.abs(got - exact).max() > 1e-6 * np.abs(want).max()  # the tile path ran, not the widening one
+    # the 40-row sequence's rows 8-12 (positions 268-272) alone: the same bits
+    start = int(b.cu_q_lens[4]) + 8
+    alone = (jnp.asarray(b.q[start:start + 5]), b.args()[1], jnp.asarray(b.kv_lens[4:5]), jnp.asarray(b.page_table[4:5]),
+             jnp.array([0, 5], jnp.int32), jnp.array([1], jnp.int32))
+    kv_len = int(b.kv_lens[4])
+    np.testing.assert_array_equal(np.asarray(run(alone[0], alone[1], jnp.array([kv_len - 40 + 13], jnp.int32),
+                                                 *alone[3:]))[:5], got[start:start + 5])

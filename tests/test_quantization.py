@@ -209,8 +209,8 @@ def _perplexity(llm: LLM, ids: list[int]) -> float:
 
 
 def test_quantized_kv_cache_perplexity():
-    """int8 / fp8 pages with per-token scales: perplexity on a ShareGPT slice within 1 % of the float
-    pool. Chunks of 64 tokens, so most attention reads pages written by earlier steps (and each engine
+    """int8 / fp8 pages with per-token scales, and bfloat16 pages: perplexity on a ShareGPT slice within
+    1 % of the float pool. Chunks of 64 tokens, so most attention reads pages written by earlier steps (and each engine
     compiles just one forward and one sampler shape)."""
     # max_num_seqs 32 gives 64 logits rows a step, so each 64-token chunk brings all its prompt logprobs
     common = dict(max_num_seqs=32, max_num_batched_tokens=64, enable_prefix_caching=False, warmup=False)
@@ -219,16 +219,17 @@ def test_quantized_kv_cache_perplexity():
     ppl = {"auto": _perplexity(base, ids)}
     pool_bytes = {"auto": base.engine.runner.kv_pages.nbytes / base.engine.runner.pool_shape[1]}
     del base
-    for dtype in ("int8", "fp8"):
+    for dtype in ("int8", "fp8", "bfloat16"):  # bfloat16: AMX's tile attention where the CPU has it
         llm = LLM(kv_cache_dtype=dtype, **common)
         ppl[dtype] = _perplexity(llm, ids)
         pool_bytes[dtype] = llm.engine.runner.kv_pages.nbytes / llm.engine.runner.pool_shape[1]
         del llm
     print("perplexity", ppl, "bytes per page", pool_bytes)
-    for dtype in ("int8", "fp8"):
+    for dtype in ("int8", "fp8", "bfloat16"):
         assert abs(ppl[dtype] / ppl["auto"] - 1) < 0.01, (dtype, ppl)
-        # float32 values -> 1 byte + a float32 scale per head_dim (64) values
+    for dtype in ("int8", "fp8"):  # float32 values -> 1 byte + a float32 scale per head_dim (64) values
         assert pool_bytes[dtype] == pytest.approx(pool_bytes["auto"] * (1 + 4 / 64) / 4)
+    assert pool_bytes["bfloat16"] == pool_bytes["auto"] / 2
 
 
 def test_cpu_decode_never_expands_the_weight():

@@ -18,11 +18,14 @@
 #include "amx_bf16.h"
 
 #include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cstring>
 #include <vector>
 
+#include "amx_tiles.h"
 #include "ggml.h"
 
 #ifdef JAXLLM_AMX_BF16
@@ -47,16 +50,6 @@ bool layout_of(int type, Layout* l) {
     default: return false;
   }
 }
-
-struct alignas(64) TileConfig {
-  uint8_t palette = 0, start_row = 0, reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
-// asm rather than _tile_loadconfig: GCC before 14 drops the stores filling the struct (build._patch_amx).
-AMX_BF16_TARGET inline void load_config(const TileConfig& c) { __asm__ __volatile__("ldtilecfg %0" : : "m"(c)); }
-AMX_BF16_TARGET inline void store_config(TileConfig& c) { __asm__ __volatile__("sttilecfg %0" : "=m"(c)); }
 
 template <int G>
 AMX_BF16_TARGET inline __m512 widen(__m512i q, bool is_signed) {
@@ -111,6 +104,29 @@ struct Scratch {
 
 }  // namespace
 
+bool amx_tiles_granted() {
+  // ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA
+  static const bool granted = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+  return granted;
+}
+
+// ldtilecfg / sttilecfg as asm: GCC before 14 drops the stores filling a struct that _tile_loadconfig
+// reads (build._patch_amx).
+AMX_BF16_TARGET AmxTileScope::AmxTileScope() {
+  __asm__ __volatile__("sttilecfg %0" : "=m"(saved_));
+  alignas(64) unsigned char mine[64] = {1};  // palette 1
+  for (int t = 0; t < 8; ++t) mine[16 + 2 * t] = 64, mine[48 + t] = 16;  // colsb[t] (u16), rows[t]
+  __asm__ __volatile__("ldtilecfg %0" : : "m"(mine));
+}
+
+AMX_BF16_TARGET AmxTileScope::~AmxTileScope() {
+  if (saved_[0] != 0) {
+    __asm__ __volatile__("ldtilecfg %0" : : "m"(saved_));
+  } else {
+    __asm__ __volatile__("tilerelease");
+  }
+}
+
 bool amx_bf16_takes(int type) {
   Layout l;
   return layout_of(type, &l);
@@ -127,11 +143,7 @@ AMX_BF16_TARGET void amx_bf16_mul_mat(int type, const uint8_t* w, int64_t n, int
   uint16_t* b0 = scratch.tiles(2 * kb_count * 512);
   uint16_t* b1 = b0 + kb_count * 512;
 
-  TileConfig saved, mine;
-  store_config(saved);  // ggml's int8 kernels configure each worker once and rely on it afterwards
-  mine.palette = 1;
-  for (int t = 0; t < 8; ++t) mine.rows[t] = 16, mine.colsb[t] = 64;
-  load_config(mine);
+  AmxTileScope tiles;
 
   for (int64_t p = begin; p < end; ++p) {
     for (int64_t kb = 0; kb < kb_count; ++kb) {
@@ -167,15 +179,13 @@ AMX_BF16_TARGET void amx_bf16_mul_mat(int type, const uint8_t* w, int64_t n, int
       }
     }
   }
-  if (saved.palette) {
-    load_config(saved);
-  } else {
-    _tile_release();
-  }
 }
 
 #else  // built without AMX bf16: ggml's int8 kernels take every step
 
+bool amx_tiles_granted() { return false; }
+AmxTileScope::AmxTileScope() {}
+AmxTileScope::~AmxTileScope() {}
 bool amx_bf16_takes(int) { return false; }
 void amx_bf16_mul_mat(int, const uint8_t*, int64_t, int64_t, const uint16_t*, int64_t, float*, int, int) {}
 

@@ -22,6 +22,8 @@ decode is faster. 30 layers of SmolLM2's shapes on the 2-core dev VM (custom cal
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -60,4 +62,4 @@ def ragged_paged_attention(q: jax.Array, kv_pages: jax.Array, kv_lens: jax.Array
     return jax.ffi.ffi_call(ggml_cpu.ATTENTION_TARGET, out, has_side_effect=False)(
         q, pool, scales, lut, index, i32(kv_lens), i32(page_table), i32(cu_q_lens), i32(num_seqs).reshape(1), window,
         sm_scale=np.float32(sm_scale), soft_cap=np.float32(soft_cap or 0.0),
-        n_threads=np.int64(ggml_cpu.num_threads()), poll=np.int64(ggml_cpu.poll()))
+        amx_bf16=np.int64(os.environ.get("JAXLLM_AMX_BF16", "1") != "0"), n_threads=np.int64(ggml_cpu.num_threads()), poll=np.int64(ggml_cpu.poll()))

@@ -28,6 +28,11 @@
 #include <limits>
 #include <vector>
 
+#ifdef JAXLLM_AMX_BF16
+#include <immintrin.h>
+#endif
+
+#include "amx_tiles.h"
 #include "ggml_runtime.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -58,6 +63,7 @@ struct Problem {
   float sm_scale, soft_cap;
   std::vector<Item> items;
   std::vector<int32_t> row_pos;  // each row's position in its sequence
+  bool amx = false;              // items go to attend_amx
 };
 
 constexpr int kTile = 16;  // keys per softmax update: one vector of 16 scores
@@ -281,10 +287,214 @@ void attend_any(const Problem& p, int64_t item) {
   }
 }
 
+#ifdef JAXLLM_AMX_BF16
+// bfloat16 pools on CPUs with AMX: the item's query rows x heads (up to 16 "lanes") against 16 keys at
+// a time on the tile units, K read from the pool as it lies:
+//   S^T [16 keys, 16 lanes] = K [16 keys, D] . Q^T     (Q rounded to bf16 once per item)
+//   softmax down each lane (one vector per key: no lane reductions), exactly by chunks of kChunk keys
+//   at absolute positions: the chunk's max per lane, its weights P = exp(S - max) rounded to bf16, and
+//   out = out * exp(old max - new max) + P . V    (float32 accumulation in the tiles)
+// Each lane's arithmetic involves its own query row only, and chunks and tiles sit at absolute key
+// positions, so a row's result is the same in any item and any step (batch invariance).
+#define AMX_TARGET __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512bf16")))
+
+constexpr int kChunk = 256;
+
+struct AmxScratch {
+  std::vector<uint16_t> qt;   // Q^T as D / 32 B tiles [16 d pairs][16 lanes][2]
+  std::vector<float> st;      // S^T of a chunk [kChunk + 16][16] (a tile's spare rows land past its keys)
+  std::vector<uint16_t> pa;   // P as kChunk / 32 A tiles [16 lanes][32 keys]
+  std::vector<uint16_t> vb;   // V as (kChunk / 32) x (D / 16) B tiles [16 key pairs][16 d][2]
+  std::vector<uint16_t> kpad; // a tile cut short by its page, zero-padded [16][D]
+  std::vector<float> out, pv; // [16][D]: the lanes' running sums, a chunk's product
+  const uint16_t* krows[kChunk];  // the chunk's K and V rows in the pool
+  const uint16_t* vrows[kChunk];
+};
+
+AMX_TARGET void attend_amx(const Problem& p, int64_t item) {
+  const Item it = p.items[item];
+  const int64_t seq = it.seq, h = it.kv_head, group = p.num_q_heads / p.num_kv_heads, d = p.head_dim;
+  const int64_t s = p.page_size, lanes = it.count * group, kv_len = p.kv_lens[seq];
+  const int64_t stride = 2 * p.num_kv_heads * d;  // between consecutive tokens' rows
+  const int32_t* pages = p.page_table + seq * p.max_pages;
+  static thread_local AmxScratch sc;
+  sc.qt.assign(d * 16, 0);
+  sc.st.resize((kChunk + 16) * 16);
+  sc.pa.resize(kChunk * 16);
+  sc.vb.resize(kChunk * d);
+  sc.kpad.resize(16 * d);
+  sc.out.assign(16 * d, 0.0f);
+  sc.pv.resize(16 * d);
+  alignas(64) int32_t first[16], last[16];  // each lane's keys: [first, last)
+  for (int64_t j = 0; j < 16; ++j) {
+    first[j] = last[j] = 0;
+    if (j >= lanes) continue;
+    const int64_t row = it.row + j / group, g = j % group, pos = p.row_pos[row];
+    last[j] = static_cast<int32_t>(std::min<int64_t>(pos + 1, kv_len));
+    first[j] = static_cast<int32_t>(p.window > 0 ? std::max<int64_t>(0, pos - p.window + 1) : 0);
+    // the lane's q as bf16 pairs (32-bit), spread down column j of the Q^T tiles
+    const float* q = p.q + (row * p.num_q_heads + h * group + g) * d;
+    uint32_t* qt = reinterpret_cast<uint32_t*>(sc.qt.data());
+    for (int64_t c = 0; c < d; c += 32) {
+      alignas(64) uint32_t pairs[16];
+      _mm512_store_si512(pairs, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(_mm512_loadu_ps(q + c + 16), _mm512_loadu_ps(q + c))));
+      for (int64_t dp = 0; dp < 16; ++dp) qt[(c / 32) * 256 + dp * 16 + j] = pairs[dp];
+    }
+  }
+  const int64_t begin = first[0], end = last[lanes - 1];  // rows are consecutive positions
+  const __m512i firstv = _mm512_load_si512(first), lastv = _mm512_load_si512(last);
+  const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  __m512 m = neg_inf, l = _mm512_setzero_ps();
+  // (a[i], b[i]) pairs of two vectors of 32 bf16 as the 32-bit lanes of VNNI tile rows: values 0-15
+  // (pairs_lo), 16-31 (pairs_hi); lanes_paired pairs the two 16-value halves of one vector
+  const __m512i pairs_lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
+                                            39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+  const __m512i pairs_hi = _mm512_add_epi16(pairs_lo, _mm512_set1_epi16(16));
+  const __m512i lanes_paired = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
+                                                23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  for (int64_t c0 = begin / kChunk * kChunk; c0 < end; c0 += kChunk) {
+    const int64_t k0 = std::max(c0, begin), k1 = std::min<int64_t>(c0 + kChunk, end);
+    // each key's K row (V follows it), one page lookup per page
+    for (int64_t t = k0; t < k1;) {
+      const int64_t page_first = t / s * s, n = std::min(page_first + s, k1) - t;
+      const uint16_t* k = p.bf16 + (static_cast<int64_t>(pages[t / s]) * s + t - page_first) * stride + 2 * h * d;
+      for (int64_t j = 0; j < n; ++j) sc.krows[t - c0 + j] = k + j * stride, sc.vrows[t - c0 + j] = k + j * stride + d;
+      t += n;
+    }
+    // S^T of the chunk's keys, a tile at a time (a tile stays inside one page)
+    for (int64_t t = k0; t < k1;) {
+      const int64_t n = std::min<int64_t>({16 - t % 16, k1 - t, s - t % s});
+      const uint16_t* k = sc.krows[t - c0];
+      int64_t ld = stride;
+      if (n < 16) {  // whole tiles only: rows past the page are not ours to read
+        for (int64_t r = 0; r < 16; ++r) {
+          if (r < n) std::copy(sc.krows[t - c0 + r], sc.krows[t - c0 + r] + d, sc.kpad.data() + r * d);
+          else std::fill(sc.kpad.data() + r * d, sc.kpad.data() + (r + 1) * d, 0);
+        }
+        k = sc.kpad.data();
+        ld = d;
+      }
+      _tile_zero(0);
+      for (int64_t c = 0; c < d; c += 32) {
+        _tile_loadd(1, k + c, ld * 2);
+        _tile_loadd(2, sc.qt.data() + c * 16, 64);
+        _tile_dpbf16ps(0, 1, 2);
+      }
+      _tile_stored(0, sc.st.data() + (t - c0) * 16, 64);
+      t += n;
+    }
+    // the chunk's max per lane, over its own keys
+    __m512 top = neg_inf;
+    const __m512 scale = _mm512_set1_ps(p.sm_scale);
+    for (int64_t t = k0; t < k1; ++t) {
+      const __m512i key = _mm512_set1_epi32(static_cast<int32_t>(t));
+      const __mmask16 own = _mm512_cmpge_epi32_mask(key, firstv) & _mm512_cmplt_epi32_mask(key, lastv);
+      const __m512 score = _mm512_mask_mul_ps(neg_inf, own, _mm512_loadu_ps(sc.st.data() + (t - c0) * 16), scale);
+      _mm512_storeu_ps(sc.st.data() + (t - c0) * 16, score);
+      top = _mm512_max_ps(top, score);
+    }
+    const __m512 m_new = _mm512_max_ps(m, top);
+    const __mmask16 live = _mm512_cmp_ps_mask(m_new, neg_inf, _CMP_NEQ_OQ);  // lanes with a key so far
+    const __m512 shift = _mm512_maskz_mov_ps(live, m_new);
+    const __m512 corr = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(m, neg_inf, _CMP_NEQ_OQ),
+                                            reinterpret_cast<__m512>(exp_nonpositive(reinterpret_cast<v16>(_mm512_sub_ps(m, shift)))));
+    // P (bf16, A tiles) and V (B tiles) by blocks of 32 keys; keys outside [k0, k1) weigh 0 against 0
+    const int64_t b0 = (k0 - c0) / 32, b1 = (k1 - c0 + 31) / 32;
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t b = b0; b < b1; ++b) {
+      // [key pair][lane]: P's bf16 pairs, transposed below by scalar moves (an in-register transpose
+      // measured slower: its 64 shuffles compete with the V pairing's for the one shuffle port)
+      alignas(64) uint32_t cols[16][16];
+      for (int64_t kp = 0; kp < 16; ++kp) {
+        __m512 w[2];
+        __m512i v[2][8];  // the pair's V rows (zeros for keys not ours), 32 of d per vector, d <= 256
+        for (int e = 0; e < 2; ++e) {
+          const int64_t t = c0 + b * 32 + 2 * kp + e;
+          const bool own = t >= k0 && t < k1;
+          w[e] = own ? reinterpret_cast<__m512>(exp_nonpositive(reinterpret_cast<v16>(
+                           _mm512_sub_ps(_mm512_loadu_ps(sc.st.data() + (t - c0) * 16), shift))))
+                     : _mm512_setzero_ps();
+          w[e] = _mm512_maskz_mov_ps(live, w[e]);
+          sum = _mm512_add_ps(sum, w[e]);
+          const uint16_t* row = own ? sc.vrows[t - c0] : nullptr;
+          for (int64_t c = 0; c < d; c += 32) v[e][c / 32] = row ? _mm512_loadu_si512(row + c) : _mm512_setzero_si512();
+        }
+        uint16_t* vdst = sc.vb.data() + (b * (d / 16)) * 512 + kp * 32;
+        for (int64_t c = 0; c < d; c += 32) {
+          _mm512_storeu_si512(vdst + (c / 16) * 512, _mm512_permutex2var_epi16(v[0][c / 32], pairs_lo, v[1][c / 32]));
+          _mm512_storeu_si512(vdst + (c / 16 + 1) * 512, _mm512_permutex2var_epi16(v[0][c / 32], pairs_hi, v[1][c / 32]));
+        }
+        const __m512i both = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(w[1], w[0]));  // [w0 lanes | w1 lanes]
+        _mm512_store_si512(cols[kp], _mm512_permutexvar_epi16(lanes_paired, both));
+      }
+      uint32_t* a = reinterpret_cast<uint32_t*>(sc.pa.data() + b * 512);
+      for (int64_t j = 0; j < 16; ++j) {
+        for (int64_t kp = 0; kp < 16; ++kp) a[j * 16 + kp] = cols[kp][j];
+      }
+    }
+    l = _mm512_add_ps(_mm512_mul_ps(l, corr), sum);
+    // P . V for the chunk, 4 column tiles (64 of d) at a time
+    for (int64_t c = 0; c < d; c += 64) {
+      const int64_t tiles = std::min<int64_t>(4, (d - c) / 16);
+      _tile_zero(4);
+      _tile_zero(5);
+      _tile_zero(6);
+      _tile_zero(7);
+      for (int64_t b = b0; b < b1; ++b) {
+        _tile_loadd(3, sc.pa.data() + b * 512, 64);
+        const uint16_t* vt = sc.vb.data() + (b * (d / 16) + c / 16) * 512;
+        _tile_loadd(2, vt, 64);
+        _tile_dpbf16ps(4, 3, 2);
+        if (tiles > 1) { _tile_loadd(2, vt + 512, 64); _tile_dpbf16ps(5, 3, 2); }
+        if (tiles > 2) { _tile_loadd(2, vt + 1024, 64); _tile_dpbf16ps(6, 3, 2); }
+        if (tiles > 3) { _tile_loadd(2, vt + 1536, 64); _tile_dpbf16ps(7, 3, 2); }
+      }
+      _tile_stored(4, sc.pv.data() + c, d * 4);
+      if (tiles > 1) _tile_stored(5, sc.pv.data() + c + 16, d * 4);
+      if (tiles > 2) _tile_stored(6, sc.pv.data() + c + 32, d * 4);
+      if (tiles > 3) _tile_stored(7, sc.pv.data() + c + 48, d * 4);
+    }
+    alignas(64) float corr_lanes[16];
+    _mm512_store_ps(corr_lanes, corr);
+    for (int64_t j = 0; j < lanes; ++j) {
+      const __m512 cj = _mm512_set1_ps(corr_lanes[j]);
+      for (int64_t c = 0; c < d; c += 16) {
+        float* o = sc.out.data() + j * d + c;
+        _mm512_storeu_ps(o, _mm512_fmadd_ps(_mm512_loadu_ps(o), cj, _mm512_loadu_ps(sc.pv.data() + j * d + c)));
+      }
+    }
+    m = m_new;
+  }
+  alignas(64) float l_lanes[16];
+  _mm512_store_ps(l_lanes, l);
+  for (int64_t j = 0; j < lanes; ++j) {
+    const int64_t row = it.row + j / group, g = j % group;
+    float* dst = p.out + (row * p.num_q_heads + h * group + g) * d;
+    const float inv = l_lanes[j] > 0.0f ? 1.0f / l_lanes[j] : 0.0f;
+    for (int64_t c = 0; c < d; ++c) dst[c] = sc.out[j * d + c] * inv;
+  }
+}
+
+// Whether a step takes attend_amx: a bf16 pool, AMX granted, whole 32-wide tiles of head_dim, up to
+// 16 query heads per KV head, no soft cap (a vector tanh is not written).
+bool amx_attention(const Problem& p, bool allowed) {
+  return allowed && p.bf16 != nullptr && p.head_dim % 32 == 0 && p.num_q_heads / p.num_kv_heads <= 16 &&
+         p.soft_cap == 0.0f && amx_tiles_granted();
+}
+#else
+void attend_amx(const Problem&, int64_t) {}
+bool amx_attention(const Problem&, bool) { return false; }
+#endif
+
 void run_share(ggml_tensor* /*dst*/, int ith, int nth, void* userdata) {
   const Problem& p = *static_cast<const Problem*>(userdata);
   const int64_t n = static_cast<int64_t>(p.items.size());
-  for (int64_t item = ith; item < n; item += nth) attend_any(p, item);
+  if (p.amx) {
+    AmxTileScope tiles;
+    for (int64_t item = ith; item < n; item += nth) attend_amx(p, item);
+  } else {
+    for (int64_t item = ith; item < n; item += nth) attend_any(p, item);
+  }
 }
 
 // Below this many key visits (keys x KV heads summed over rows) one thread is faster than waking the pool.
@@ -295,7 +505,7 @@ ffi::Error PagedAttention(ffi::Buffer<ffi::F32> q, ffi::AnyBuffer kv_pages, ffi:
                           ffi::Buffer<ffi::S32> kv_lens, ffi::Buffer<ffi::S32> page_table,
                           ffi::Buffer<ffi::S32> cu_q_lens, ffi::Buffer<ffi::S32> num_seqs,
                           ffi::Buffer<ffi::S32> window, ffi::ResultBuffer<ffi::F32> out, float sm_scale,
-                          float soft_cap, int64_t n_threads, int64_t poll) {
+                          float soft_cap, int64_t amx_bf16, int64_t n_threads, int64_t poll) {
   const auto qd = q.dimensions(), pd = kv_pages.dimensions(), td = page_table.dimensions();
   if (qd.size() != 3 || (pd.size() != 4 && pd.size() != 5) || td.size() != 2) {
     return ffi::Error::InvalidArgument("jaxllm_cpu_paged_attention: q [T, Hq, D], pool [(L,) P, S, 2Hkv, D], "
@@ -343,6 +553,7 @@ ffi::Error PagedAttention(ffi::Buffer<ffi::F32> q, ffi::AnyBuffer kv_pages, ffi:
   p.sm_scale = sm_scale;
   p.soft_cap = soft_cap;
   std::fill(p.out, p.out + out->element_count(), 0.0f);
+  p.amx = amx_attention(p, amx_bf16 != 0);
 
   const int32_t* cu = cu_q_lens.typed_data();
   const int64_t n_seqs = std::clamp<int64_t>(num_seqs.typed_data()[0], 0, max_seqs);
@@ -364,7 +575,8 @@ ffi::Error PagedAttention(ffi::Buffer<ffi::F32> q, ffi::AnyBuffer kv_pages, ffi:
       p.row_pos[row] = static_cast<int32_t>(kv_len - (cu[seq + 1] - row));
       work += (p.row_pos[row] + 1) * p.num_kv_heads;
     }
-    const int64_t per_item = p.window > 0 ? 1 : kRows;  // a window's rows do not share their tiles
+    // a window's rows do not share the vector kernel's tiles; attend_amx masks each lane's keys
+    const int64_t per_item = p.amx ? std::max<int64_t>(1, 16 / (p.num_q_heads / p.num_kv_heads)) : p.window > 0 ? 1 : kRows;
     for (int64_t row = first; row < last; row += per_item) {
       for (int64_t h = 0; h < p.num_kv_heads; ++h) {
         p.items.push_back({static_cast<int32_t>(seq), static_cast<int32_t>(h), static_cast<int32_t>(row),
@@ -373,7 +585,7 @@ ffi::Error PagedAttention(ffi::Buffer<ffi::F32> q, ffi::AnyBuffer kv_pages, ffi:
     }
   }
   if (work < kInlineWork || n_threads <= 1) {
-    for (int64_t item = 0; item < static_cast<int64_t>(p.items.size()); ++item) attend_any(p, item);
+    run_share(nullptr, 0, 1, &p);
     return ffi::Error::Success();
   }
   alignas(64) static thread_local uint8_t arena[4 * 1024];
@@ -408,5 +620,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxllmCpuPagedAttention, PagedAttention,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<float>("sm_scale")
                                   .Attr<float>("soft_cap")
+                                  .Attr<int64_t>("amx_bf16")
                                   .Attr<int64_t>("n_threads")
                                   .Attr<int64_t>("poll"));
