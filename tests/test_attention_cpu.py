@@ -143,3 +143,20 @@ def test_bfloat16_pool_on_amx_tiles(group, page_size, head_dim, window):
     kv_len = int(b.kv_lens[4])
     np.testing.assert_array_equal(np.asarray(run(alone[0], alone[1], jnp.array([kv_len - 40 + 13], jnp.int32),
                                                  *alone[3:]))[:5], got[start:start + 5])
+
+
+def test_bfloat16_pool_writes_in_place_as_the_scatter_would():
+    """write_kv into a bfloat16 pool on CPU is a custom call aliasing the pool (XLA:CPU's bf16 scatter
+    converts the whole pool to float32 and back): the same bits as the scatter, padding slots unwritten,
+    and no whole-pool conversion in the program."""
+    from pallas_kernels.ragged_paged_attention import reference, write_kv
+    rng = np.random.default_rng(5)
+    pool = jnp.asarray(rng.standard_normal((3, 6, 16, 4, 64)), jnp.bfloat16)  # [L, P, S, 2 * Hkv, D]
+    k, v = (jnp.asarray(rng.standard_normal((5, 2, 64)) * 3, jnp.float32) for _ in range(2))
+    slots = jnp.array([0, 17, -1, 95, 40], jnp.int32)
+    want = reference.write_kv(pool, k, v, slots, layer=jnp.int32(2))
+    f = jax.jit(lambda pool, layer: write_kv(pool, k, v, slots, layer=layer), donate_argnums=0)
+    hlo = f.lower(pool, jnp.int32(2)).compile().as_text()
+    assert "jaxllm_cpu_write_kv" in hlo and "f32[3,6,16,4,64]" not in hlo
+    got = f(jnp.array(pool), jnp.int32(2))
+    np.testing.assert_array_equal(np.asarray(got).view(np.uint16), np.asarray(want).view(np.uint16))

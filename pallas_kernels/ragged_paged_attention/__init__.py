@@ -12,7 +12,8 @@
 Extra keyword arguments (`**tuning`) go to the kernel (block sizes, splits; see tpu.py / gpu.py).
 
 All implementations share reference.py's contract and pool layout. write_kv (an XLA scatter into the
-donated pool, in place) serves every backend and runs before attention. It is not fused into the
+donated pool, in place; for bfloat16 pools on CPU, cpu.py's custom call, as XLA:CPU converts the whole
+pool around a bfloat16 scatter) serves every backend and runs before attention. It is not fused into the
 kernels: on a GPU, programs of one launch run in no set order, so a program could read keys of its
 sequence that another program has not yet written; on a TPU a fused write (tiles run in order on a
 core) is possible but unmeasured, and the scatter moves only the new tokens' K/V.
@@ -26,7 +27,8 @@ from pallas_kernels.ragged_paged_attention import cpu as _cpu
 from pallas_kernels.ragged_paged_attention import gpu as _gpu
 from pallas_kernels.ragged_paged_attention import tpu as _tpu
 from pallas_kernels.ragged_paged_attention.reference import ragged_paged_attention as reference_attention
-from pallas_kernels.ragged_paged_attention.reference import QuantizedPages, allocate_pages, write_kv
+from pallas_kernels.ragged_paged_attention.reference import QuantizedPages, allocate_pages
+from pallas_kernels.ragged_paged_attention.reference import write_kv as reference_write_kv
 
 BACKENDS = ("auto", "reference", "tpu", "gpu", "cpu")
 # Kernels that have passed tests/test_attention_kernels.py compiled on real hardware; "auto" only
@@ -61,6 +63,13 @@ def resolve_backend(backend: str = "auto", interpret: bool = False) -> str:
         # engine down at start-up; until it has passed its tests there, "auto" stays exact and safe.
         return "reference"
     return kernel
+
+
+def write_kv(kv_pages, k, v, slot_mapping, *, layer=None, k_scale=None, v_scale=None):
+    """reference.write_kv's contract; bfloat16 pools on CPU through cpu.py's in-place custom call."""
+    if k_scale is None and v_scale is None and _cpu.writes_kv(kv_pages):
+        return _cpu.write_kv(kv_pages, k, v, slot_mapping, layer=layer)
+    return reference_write_kv(kv_pages, k, v, slot_mapping, layer=layer, k_scale=k_scale, v_scale=v_scale)
 
 
 def ragged_paged_attention(q, kv_pages, kv_lens, page_table, cu_q_lens, num_seqs, *, sm_scale: float,

@@ -63,3 +63,19 @@ def ragged_paged_attention(q: jax.Array, kv_pages: jax.Array, kv_lens: jax.Array
         q, pool, scales, lut, index, i32(kv_lens), i32(page_table), i32(cu_q_lens), i32(num_seqs).reshape(1), window,
         sm_scale=np.float32(sm_scale), soft_cap=np.float32(soft_cap or 0.0),
         amx_bf16=np.int64(os.environ.get("JAXLLM_AMX_BF16", "1") != "0"), n_threads=np.int64(ggml_cpu.num_threads()), poll=np.int64(ggml_cpu.poll()))
+
+
+def writes_kv(kv_pages) -> bool:
+    """Whether write_kv takes the custom call (a bfloat16 pool on CPU, extension built): XLA:CPU's own
+    bfloat16 scatter converts the whole pool to float32 and back around each write."""
+    return (isinstance(kv_pages, jax.Array) and kv_pages.dtype == jnp.bfloat16 and jax.default_backend() == "cpu"
+            and ggml_cpu.available())
+
+
+def write_kv(kv_pages: jax.Array, k: jax.Array, v: jax.Array, slot_mapping: jax.Array, *, layer=None) -> jax.Array:
+    """reference.write_kv for a bfloat16 pool, in place (the result aliases kv_pages: donate it)."""
+    num_tokens, num_kv_heads, head_dim = k.shape
+    rows = jnp.stack([k, v], axis=2).reshape(num_tokens, 2 * num_kv_heads, head_dim).astype(jnp.float32)
+    index = jnp.asarray(0 if layer is None else layer, jnp.int32).reshape(())
+    return jax.ffi.ffi_call(ggml_cpu.WRITE_KV_TARGET, jax.ShapeDtypeStruct(kv_pages.shape, kv_pages.dtype),
+                            input_output_aliases={0: 0})(kv_pages, rows, jnp.asarray(slot_mapping, jnp.int32), index)
