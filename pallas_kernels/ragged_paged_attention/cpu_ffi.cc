@@ -300,6 +300,13 @@ void attend_any(const Problem& p, int64_t item) {
 
 constexpr int kChunk = 256;
 
+// The column of d held at column x of the product (V's pairs come from in-lane unpacks): in each 32,
+// tile columns 4L..4L+3 hold d 8L..8L+3 (even tile) or 8L+4..8L+7 (odd tile).
+inline int64_t column_of(int64_t x) {
+  const int64_t n = x % 16;
+  return x / 32 * 32 + 8 * (n / 4) + 4 * ((x / 16) % 2) + n % 4;
+}
+
 struct AmxScratch {
   std::vector<uint16_t> qt;   // Q^T as D / 32 B tiles [16 d pairs][16 lanes][2]
   std::vector<float> st;      // S^T of a chunk [kChunk + 16][16] (a tile's spare rows land past its keys)
@@ -310,6 +317,20 @@ struct AmxScratch {
   const uint16_t* krows[kChunk];  // the chunk's K and V rows in the pool
   const uint16_t* vrows[kChunk];
 };
+
+// exp(x) for x <= 0 to ~5e-5 (a degree-4 polynomial: the weights are rounded to bf16, 2^-9, after), or
+// -inf -> 0: 9 instructions where exp_nonpositive takes ~20; the weights' exp is the kernel's largest
+// cost.
+AMX_TARGET inline __m512 exp_weights(__m512 x) {
+  const __m512 t = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(t, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693147181f), t);
+  __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(1.0f / 24), r, _mm512_set1_ps(1.0f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_maskz_scalef_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(-std::numeric_limits<float>::infinity()), _CMP_NEQ_OQ), p, n);
+}
 
 AMX_TARGET void attend_amx(const Problem& p, int64_t item) {
   const Item it = p.items[item];
@@ -345,11 +366,7 @@ AMX_TARGET void attend_amx(const Problem& p, int64_t item) {
   const __m512i firstv = _mm512_load_si512(first), lastv = _mm512_load_si512(last);
   const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   __m512 m = neg_inf, l = _mm512_setzero_ps();
-  // (a[i], b[i]) pairs of two vectors of 32 bf16 as the 32-bit lanes of VNNI tile rows: values 0-15
-  // (pairs_lo), 16-31 (pairs_hi); lanes_paired pairs the two 16-value halves of one vector
-  const __m512i pairs_lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
-                                            39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
-  const __m512i pairs_hi = _mm512_add_epi16(pairs_lo, _mm512_set1_epi16(16));
+  // pairs the two 16-value halves of one vector of 32 bf16 as the 32-bit lanes of a tile row
   const __m512i lanes_paired = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
                                                 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
   for (int64_t c0 = begin / kChunk * kChunk; c0 < end; c0 += kChunk) {
@@ -411,24 +428,25 @@ AMX_TARGET void attend_amx(const Problem& p, int64_t item) {
         for (int e = 0; e < 2; ++e) {
           const int64_t t = c0 + b * 32 + 2 * kp + e;
           const bool own = t >= k0 && t < k1;
-          w[e] = own ? reinterpret_cast<__m512>(exp_nonpositive(reinterpret_cast<v16>(
-                           _mm512_sub_ps(_mm512_loadu_ps(sc.st.data() + (t - c0) * 16), shift))))
+          w[e] = own ? exp_weights(_mm512_sub_ps(_mm512_loadu_ps(sc.st.data() + (t - c0) * 16), shift))
                      : _mm512_setzero_ps();
           w[e] = _mm512_maskz_mov_ps(live, w[e]);
           sum = _mm512_add_ps(sum, w[e]);
           const uint16_t* row = own ? sc.vrows[t - c0] : nullptr;
           for (int64_t c = 0; c < d; c += 32) v[e][c / 32] = row ? _mm512_loadu_si512(row + c) : _mm512_setzero_si512();
         }
+        // (V[2kp][i], V[2kp+1][i]) pairs by in-lane unpacks: columns of d come out permuted within each
+        // 32 (see column_of), the product's columns with them, undone when the item's output is written
         uint16_t* vdst = sc.vb.data() + (b * (d / 16)) * 512 + kp * 32;
         for (int64_t c = 0; c < d; c += 32) {
-          _mm512_storeu_si512(vdst + (c / 16) * 512, _mm512_permutex2var_epi16(v[0][c / 32], pairs_lo, v[1][c / 32]));
-          _mm512_storeu_si512(vdst + (c / 16 + 1) * 512, _mm512_permutex2var_epi16(v[0][c / 32], pairs_hi, v[1][c / 32]));
+          _mm512_storeu_si512(vdst + (c / 16) * 512, _mm512_unpacklo_epi16(v[0][c / 32], v[1][c / 32]));
+          _mm512_storeu_si512(vdst + (c / 16 + 1) * 512, _mm512_unpackhi_epi16(v[0][c / 32], v[1][c / 32]));
         }
         const __m512i both = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(w[1], w[0]));  // [w0 lanes | w1 lanes]
         _mm512_store_si512(cols[kp], _mm512_permutexvar_epi16(lanes_paired, both));
       }
       uint32_t* a = reinterpret_cast<uint32_t*>(sc.pa.data() + b * 512);
-      for (int64_t j = 0; j < 16; ++j) {
+      for (int64_t j = 0; j < lanes; ++j) {  // rows past the lanes only feed product rows never read
         for (int64_t kp = 0; kp < 16; ++kp) a[j * 16 + kp] = cols[kp][j];
       }
     }
@@ -471,7 +489,7 @@ AMX_TARGET void attend_amx(const Problem& p, int64_t item) {
     const int64_t row = it.row + j / group, g = j % group;
     float* dst = p.out + (row * p.num_q_heads + h * group + g) * d;
     const float inv = l_lanes[j] > 0.0f ? 1.0f / l_lanes[j] : 0.0f;
-    for (int64_t c = 0; c < d; ++c) dst[c] = sc.out[j * d + c] * inv;
+    for (int64_t x = 0; x < d; ++x) dst[column_of(x)] = sc.out[j * d + x] * inv;
   }
 }
 
