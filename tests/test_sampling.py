@@ -396,3 +396,29 @@ def test_suppressed_tokens_never_sampled_and_bf16_inside_jit():
     toks = np.asarray(out.token_ids)
     assert (toks != 2).all() and len(set(toks.tolist())) == V - 1
     assert (np.asarray(out.top_ids)[:, 0] == 2).all()  # raw logprobs still see token 2 on top
+
+
+def test_vocabulary_reductions_on_cpu_match_their_reference():
+    """The sampler's argmax and log-sum-exp / rank: one custom call each on CPU (pallas_kernels.sampling)
+    with the jnp reference's results: the first of tied maxima, -inf entries, a vocabulary off the 16
+    lanes; the log-sum-exp to float32 rounding."""
+    from pallas_kernels import sampling as kernels
+    from pallas_kernels.quantized_matmul import ggml_cpu
+    if not ggml_cpu.available():
+        pytest.skip("the ggml extension is not built: the jnp reference runs")
+    rng = np.random.default_rng(3)
+    for V in (49152, 1000, 7):
+        x = (rng.standard_normal((6, V)) * 4).astype(np.float32)
+        x[1, [5 % V, 6 % V]] = x[1].max() + 1  # a tie: the first index wins
+        x[2, : V // 2] = -np.inf
+        x[3] = -np.inf
+        wanted = np.array([0, 5 % V, V - 1, 2 % V, V // 2, 1], np.int32)
+        fused = jax.jit(lambda x, w: (kernels.argmax_rows(x), *kernels.logprob_stats(x, w)))
+        assert "jaxllm_cpu_row_argmax" in fused.lower(x, wanted).as_text()
+        ids, lse, rank = fused(x, wanted)
+        np.testing.assert_array_equal(np.asarray(ids), np.argmax(x, axis=-1))
+        want_lse, want_rank = kernels.logprob_stats_reference(jnp.asarray(x), jnp.asarray(wanted))
+        np.testing.assert_array_equal(np.asarray(rank), np.asarray(want_rank))
+        live = [0, 1, 2, 4, 5]  # row 3 has no finite logit: -inf here (the reference's max-shift gives NaN)
+        np.testing.assert_allclose(np.asarray(lse)[live], np.asarray(want_lse)[live], rtol=2e-6)
+        assert np.asarray(lse)[3] == -np.inf

@@ -23,6 +23,8 @@ logger = logging.getLogger(__name__)
 TARGET = "jaxllm_ggml_mul_mat"
 ATTENTION_TARGET = "jaxllm_cpu_paged_attention"
 WRITE_KV_TARGET = "jaxllm_cpu_write_kv"
+ROW_ARGMAX_TARGET = "jaxllm_cpu_row_argmax"  # the sampler's (pallas_kernels/sampling)
+ROW_LOGPROBS_TARGET = "jaxllm_cpu_row_logprobs"
 
 
 @functools.cache
@@ -41,6 +43,8 @@ def _library() -> ctypes.CDLL | None:
     # The same library holds the CPU paged attention (ragged_paged_attention/cpu.py), on the same pool.
     jax.ffi.register_ffi_target(ATTENTION_TARGET, jax.ffi.pycapsule(lib.JaxllmCpuPagedAttention), platform="cpu")
     jax.ffi.register_ffi_target(WRITE_KV_TARGET, jax.ffi.pycapsule(lib.JaxllmCpuWriteKv), platform="cpu")
+    jax.ffi.register_ffi_target(ROW_ARGMAX_TARGET, jax.ffi.pycapsule(lib.JaxllmCpuRowArgmax), platform="cpu")
+    jax.ffi.register_ffi_target(ROW_LOGPROBS_TARGET, jax.ffi.pycapsule(lib.JaxllmCpuRowLogprobs), platform="cpu")
     lib.jaxllm_amx_row_bytes.restype = ctypes.c_int64
     lib.jaxllm_amx_row_bytes.argtypes = [ctypes.c_int64] * 3
     lib.jaxllm_amx_pack.restype = ctypes.c_int
