@@ -3,8 +3,9 @@
   quantized_matmul(x [T, in], w: QuantizedArray [out, in]) -> [T, out] in x's dtype
 
 Dispatch:
-  - weights repacked for AMX at load (pack_for_amx, Intel Xeon 4th gen+): ggml's AMX int8 kernels at
-    every row count (the repacked bytes are readable by nothing else);
+  - weights repacked for AMX at load (pack_for_amx, Intel Xeon 4th gen+): ggml's AMX int8 kernels,
+    or for steps of BF16_MIN_ROWS or more of Q4_0 / Q4_1 / Q8_0 on CPUs with AMX-BF16 our bf16 tile
+    GEMM (amx_bf16.cc), both inside the one custom call (the repacked bytes are readable by nothing else);
   - ggml block formats on CPU, T <= GGML_MAX_ROWS, extension built: ggml's kernels (ggml_cpu.py);
   - ggml block formats on a CPU with bf16 dots, T >= BF16_MIN_ROWS (prefill): dequantized to bfloat16
     and one bf16 GEMM (see _prefill_in_bf16);
@@ -23,7 +24,9 @@ jitted loop): T=1 f32 weights 36 ms, Q4_1 via ggml 8.2 ms, Q4_1 dequantized in X
 GEMMs cover other formats), so past a few dozen rows the reference path wins: hence the row cap.
 On the same VM once it ran on an Intel Xeon with AMX (2026-12-02; row kernels -> AMX kernels): T=1
 10.4 -> 3.4 ms, T=16 51.6 -> 9.1 ms, T=128 373 -> 62 ms, T=512 1470 -> 231 ms (the bf16 GEMM of large
-steps: ~260 ms).
+steps: ~260 ms). Then AMX int8 -> AMX bf16 tiles for large steps (same sitting): T=128 59.8 -> 39.7 ms,
+T=256 113.8 -> 72.5 ms, T=512 213.6 -> 99.9 ms; the bf16 tiles win from ~48 rows (T=64 29.7 vs 24.8 ms),
+the threshold stays at the XLA path's 128.
 """
 
 from __future__ import annotations

@@ -7,9 +7,10 @@ it (or from JAXLLM_GGML_SRC, a llama.cpp checkout). Only ggml's CPU backend is c
 static libraries without OpenMP (the extension drives ggml's own thread pool), for the instruction sets
 this host reports (-march=native is avoided: on one VM it built a binary that died with an illegal
 instruction). ggml's AMX int8 kernels are built where the CPU reports all of AMX_FLAGS, and amx_bf16.cc's
-bf16 GEMM for large steps where it reports AMX_BF16_FLAGS. The result, ggml_ffi.cc, amx_bf16.cc and the
-CPU paged attention (ragged_paged_attention/cpu_ffi.cc, which runs on ggml's
-thread pool) linked against it, go to the cache directory `library_path()` names.
+bf16 GEMM for large steps (and the attention's bf16 tile path) where it reports AMX_BF16_FLAGS. The
+result, ggml_ffi.cc, amx_bf16.cc, the CPU paged attention (ragged_paged_attention/cpu_ffi.cc) and the
+sampler's row reductions (sampling/cpu_ffi.cc), which run on ggml's thread pool, linked against it, go
+to the cache directory `library_path()` names.
 """
 
 from __future__ import annotations

@@ -18,6 +18,11 @@ decode is faster. 30 layers of SmolLM2's shapes on the 2-core dev VM (custom cal
   float32   4.0 ms vs 20.2           10.4 ms vs 53.8          115 ms vs 290
   int8      4.1 ms vs 15.0           8.1 ms vs 40.9          176 ms vs 297
   float8    7.1 ms vs 14.1           14.5 ms vs 47.8         453 ms vs 291
+
+bfloat16 pools on CPUs with AMX-BF16 run on the tile units (cpu_ffi.cc's attend_amx: q and the softmax
+weights rounded to bf16, float32 sums; JAXLLM_AMX_BF16=0 keeps the vector tiles): a 512-token prefill
+~50 ms where the float32 pool's vector tiles take ~105, 16 rows over 230 keys ~9 ms (2026-12-02). Their
+writes go through write_kv here too: XLA:CPU's bfloat16 scatter converts the whole pool around it.
 """
 
 from __future__ import annotations

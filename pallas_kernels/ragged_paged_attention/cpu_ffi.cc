@@ -12,7 +12,7 @@
 //   cu_q_lens:  s32 [N + 1]      num_seqs: s32 [1]
 //   window:     s32 scalar, a sliding window (<= 0: none)
 //   out:        f32 [T, Hq, D]; rows past cu_q_lens[num_seqs] are zero
-//   attrs:      sm_scale, soft_cap (0: none), n_threads, poll
+//   attrs:      sm_scale, soft_cap (0: none), amx_bf16 (1: bf16 pools may take the tile units), n_threads, poll
 //
 // Why: XLA:CPU runs the reference as a loop of gathers, transposes and small dots, ~90 us per layer per
 // 128 keys even for one decode row (a 1-row step of SmolLM2 at 1,000 tokens of context spent 28 ms in
@@ -21,7 +21,10 @@
 // a row's result does not depend on the other rows of the step (batch invariance). A tile's 16 scores
 // are one vector (GCC/Clang vector extensions, no intrinsics: AVX-512, AVX2 or scalar code, whatever
 // the build targets); each key row is read once for its group's query heads. All but tiny steps split
-// the (row, head) items over ggml's thread pool.
+// the items (up to kRows consecutive rows of a sequence, one KV head) over ggml's thread pool. bfloat16
+// pools on CPUs with AMX-BF16 take attend_amx instead, on the tile units (its comment says how).
+//
+// The file also holds "jaxllm_cpu_write_kv", write_kv for bfloat16 pools in place (see WriteKv).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
