@@ -140,6 +140,20 @@ ggml_status jaxllm_ggml_compute(ggml_cgraph* graph, int n_threads, int poll) {
   return ggml_graph_compute(graph, &plan);
 }
 
+ggml_status jaxllm_run_on_pool(ggml_custom_op_t fn, void* userdata, int n_threads, int poll) {
+  alignas(64) static thread_local uint8_t task_arena[4 * 1024];
+  ggml_init_params init = {sizeof(task_arena), task_arena, /*no_alloc=*/true};
+  ggml_context* ctx = ggml_init(init);
+  ggml_tensor* task = ggml_custom_4d(ctx, GGML_TYPE_F32, 1, 1, 1, 1, nullptr, 0, fn, n_threads, userdata);
+  static thread_local float sink;
+  task->data = &sink;
+  ggml_cgraph* graph = ggml_new_graph_custom(ctx, 2, false);
+  ggml_build_forward_expand(graph, task);
+  const ggml_status status = jaxllm_ggml_compute(graph, n_threads, poll);
+  ggml_free(ctx);
+  return status;
+}
+
 namespace {
 
 void run_amx_bf16(ggml_tensor* y, int ith, int nth, void* /*userdata*/) {

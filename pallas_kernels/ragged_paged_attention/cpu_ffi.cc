@@ -562,17 +562,7 @@ ffi::Error PagedAttention(ffi::Buffer<ffi::F32> q, ffi::AnyBuffer kv_pages, ffi:
     run_share(nullptr, 0, 1, &p);
     return ffi::Error::Success();
   }
-  alignas(64) static thread_local uint8_t arena[4 * 1024];
-  ggml_init_params init = {sizeof(arena), arena, /*no_alloc=*/true};
-  ggml_context* ctx = ggml_init(init);
-  ggml_tensor* task = ggml_custom_4d(ctx, GGML_TYPE_F32, 1, 1, 1, 1, nullptr, 0, run_share,
-                                     static_cast<int>(n_threads), &p);
-  static thread_local float sink;
-  task->data = &sink;
-  ggml_cgraph* graph = ggml_new_graph_custom(ctx, 2, false);
-  ggml_build_forward_expand(graph, task);
-  const ggml_status status = jaxllm_ggml_compute(graph, static_cast<int>(n_threads), static_cast<int>(poll));
-  ggml_free(ctx);
+  const ggml_status status = jaxllm_run_on_pool(run_share, &p, static_cast<int>(n_threads), static_cast<int>(poll));
   if (status != GGML_STATUS_SUCCESS) return ffi::Error::Internal("jaxllm_cpu_paged_attention: ggml compute failed");
   return ffi::Error::Success();
 }

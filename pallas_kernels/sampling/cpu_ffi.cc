@@ -81,17 +81,8 @@ ffi::Error Launch(const Rows& rows, int64_t n_threads, int64_t poll) {
     run_rows(nullptr, 0, 1, const_cast<Rows*>(&rows));
     return ffi::Error::Success();
   }
-  alignas(64) static thread_local uint8_t arena[4 * 1024];
-  ggml_init_params init = {sizeof(arena), arena, /*no_alloc=*/true};
-  ggml_context* ctx = ggml_init(init);
-  ggml_tensor* task = ggml_custom_4d(ctx, GGML_TYPE_F32, 1, 1, 1, 1, nullptr, 0, run_rows,
-                                     static_cast<int>(n_threads), const_cast<Rows*>(&rows));
-  static thread_local float sink;
-  task->data = &sink;
-  ggml_cgraph* graph = ggml_new_graph_custom(ctx, 2, false);
-  ggml_build_forward_expand(graph, task);
-  const ggml_status status = jaxllm_ggml_compute(graph, static_cast<int>(n_threads), static_cast<int>(poll));
-  ggml_free(ctx);
+  const ggml_status status = jaxllm_run_on_pool(run_rows, const_cast<Rows*>(&rows), static_cast<int>(n_threads),
+                                                static_cast<int>(poll));
   return status == GGML_STATUS_SUCCESS ? ffi::Error::Success() : ffi::Error::Internal("ggml compute failed");
 }
 
