@@ -290,6 +290,12 @@ def test_gcs_job_bodies_equal_the_server(gcs, tmp_path):
             for k in ("id", "created"):
                 mine.pop(k)
                 body.pop(k)
+            # Prefix-cache hits depend on which requests shared a step: the job submits all at once, the
+            # server here got them one by one. Both must still report a count within the prompt.
+            for b in (mine, body):
+                usage = b["usage"] = dict(b["usage"])
+                details = usage.pop("prompt_tokens_details")
+                assert 0 <= details["cached_tokens"] <= usage["prompt_tokens"], (cid, details)
         assert first_difference(mine, body) is None, cid
     assert {c for c, (s, _) in expected.items() if s != 200} == {"bad-param", "bad-logprobs", "too-long", "bad-model"}
     # The parts are gone, the completed progress record stays; a re-run has nothing to do.
