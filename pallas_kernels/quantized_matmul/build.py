@@ -100,18 +100,27 @@ def _ggml_source(work: Path) -> Path:
 
 
 def _patch_amx(llama_cpp: Path) -> None:
-    """GCC before 14 drops the stores that fill the tile configuration ahead of _tile_loadconfig (the
-    builtin does not tell it that the struct is read), so ggml's AMX kernels load an empty
-    configuration and die on their first tile instruction (SIGILL). An asm operand that reads the
-    struct keeps the stores."""
+    """Two fixes to ggml's tile configuration, each of which otherwise ends in SIGILL on a tile load:
+    - GCC before 14 drops the stores that fill the configuration ahead of _tile_loadconfig (the builtin
+      does not tell it that the struct is read), so ggml loads an empty one; an asm operand that reads
+      the struct keeps the stores.
+    - ggml loads it once per thread (a thread_local flag) and trusts it from then on, but the thread
+      that calls the custom call is XLA's, and XLA:CPU's own AMX kernels (oneDNN / XNNPACK dots) release
+      the tiles when they finish; so it is loaded on every call (one ldtilecfg per thread per matmul)."""
     mmq = llama_cpp / "ggml" / "src" / "ggml-cpu" / "amx" / "mmq.cpp"
     text = mmq.read_text()
     fixed = '__asm__ __volatile__("ldtilecfg %0" : : "m"(tc));'
-    if fixed in text:  # a checkout patched already
-        return
-    if "_tile_loadconfig(&tc);" not in text:
-        raise RuntimeError(f"{mmq}: ggml's tile configuration code changed; re-check the AMX patch")
-    mmq.write_text(text.replace("_tile_loadconfig(&tc);", fixed))
+    once = "    if (done) {\n        return;\n    }\n"
+    if fixed not in text:
+        if "_tile_loadconfig(&tc);" not in text:
+            raise RuntimeError(f"{mmq}: ggml's tile configuration code changed; re-check the AMX patch")
+        text = text.replace("_tile_loadconfig(&tc);", fixed)
+    reload = "    (void)done;  // jaxllm: reload every call (build._patch_amx)\n"
+    if reload not in text:
+        if once not in text:
+            raise RuntimeError(f"{mmq}: ggml's tile configuration code changed; re-check the AMX patch")
+        text = text.replace(once, reload)
+    mmq.write_text(text)
 
 
 def build(force: bool = False) -> Path:
