@@ -325,7 +325,7 @@ def _bf16(a) -> np.ndarray:
 
 @pytest.mark.parametrize("fmt", ["q4_0", "q4_1", "q8_0"])
 def test_amx_large_steps_are_one_bf16_gemm(fmt, monkeypatch):
-    """Steps of BF16_MIN_ROWS rows or more multiply AMX-layout weights as one bf16 tile GEMM: the float32
+    """Steps of AMX_BF16_MIN_ROWS rows or more multiply AMX-layout weights as one bf16 tile GEMM: the float32
     product of the bf16-rounded activations and dequantized weight (ggml's int8 kernels are ~1e-3 off
     it), each row the same whatever the step's size past the threshold; JAXLLM_AMX_BF16=0 keeps ggml's."""
     _require_amx_bf16(fmt)
@@ -335,11 +335,11 @@ def test_amx_large_steps_are_one_bf16_gemm(fmt, monkeypatch):
     xs = np.random.default_rng(7).standard_normal((161, 512)).astype(np.float32)
     run = jax.jit(lambda x, w, i: quantized_matmul(x, w.at_layer(i)))
     steps = {}
-    for t in (qm.BF16_MIN_ROWS, 161):  # 161: a last block of one row
+    for t in (qm.AMX_BF16_MIN_ROWS, 161):  # 161: a last block of one row
         steps[t] = np.asarray(run(xs[:t], packed, jnp.int32(1)))
         want = _bf16(xs[:t]) @ _bf16(w1).T
         assert np.abs(steps[t] - want).max() <= 2e-6 * np.abs(want).max()
-    np.testing.assert_array_equal(steps[161][:qm.BF16_MIN_ROWS], steps[qm.BF16_MIN_ROWS])
+    np.testing.assert_array_equal(steps[161][:qm.AMX_BF16_MIN_ROWS], steps[qm.AMX_BF16_MIN_ROWS])
     monkeypatch.setenv("JAXLLM_AMX_BF16", "0")
     int8 = np.asarray(jax.jit(lambda x, w, i: quantized_matmul(x, w.at_layer(i)))(xs, packed, jnp.int32(1)))
     rows = ggml_cpu.mul_mats(jnp.asarray(xs), [(GGML_FORMATS[fmt][0], jnp.asarray(stack))], jnp.int32(1))[0]
@@ -351,7 +351,7 @@ def test_amx_bf16_gemm_model_agrees_with_goldens(smollm2_gold, monkeypatch):
     """SmolLM2 -q gguf with every step through the bf16 GEMM (threshold lowered to one row): closer to
     HF than ggml's 8-bit activation blocks (97.5 % top-1, 0.038)."""
     _require_amx_bf16()
-    monkeypatch.setattr(qm, "BF16_MIN_ROWS", 1)
+    monkeypatch.setattr(qm, "AMX_BF16_MIN_ROWS", 1)
     jax.clear_caches()  # the runner's jitted step, traced with the usual threshold, is cached per model structure
     try:
         agree, delta = _teacher_forced(load_model(None, quantization="gguf").model, smollm2_gold)
@@ -359,3 +359,25 @@ def test_amx_bf16_gemm_model_agrees_with_goldens(smollm2_gold, monkeypatch):
         jax.clear_caches()
     print(f"gguf, bf16 GEMM: top-1 agreement {agree:.3f}, mean |delta logprob| {delta:.4f}")
     assert agree == 1.0 and delta < 0.015
+
+
+def test_amx_patch_reloads_ggml_tile_configuration(tmp_path):
+    """ggml's AMX kernels loaded their tile configuration once per thread; XLA's own AMX dots release
+    the tiles on the thread that later calls ggml (a SIGILL on ggml's next tile load, seen in this
+    suite): the build makes it load on every call, with the store-keeping asm, idempotently."""
+    from pallas_kernels.quantized_matmul import build
+    mmq = tmp_path / "ggml" / "src" / "ggml-cpu" / "amx" / "mmq.cpp"
+    mmq.parent.mkdir(parents=True)
+    ggml_text = ("inline void ggml_tile_config_init(void) {\n    static thread_local bool done = false;\n\n"
+                 "    if (done) {\n        return;\n    }\n\n    alignas(64) tile_config_t tc = {};\n"
+                 "    tc.palette_id = 1;\n    _tile_loadconfig(&tc);\n    done = true;\n}\n")
+    mmq.write_text(ggml_text)
+    build._patch_amx(tmp_path)
+    once = mmq.read_text()
+    build._patch_amx(tmp_path)
+    assert mmq.read_text() == once
+    assert "if (done)" not in once and "_tile_loadconfig" not in once
+    assert '__asm__ __volatile__("ldtilecfg %0" : : "m"(tc));' in once
+    mmq.write_text(ggml_text.replace("if (done) {\n        return;\n    }\n", ""))
+    with pytest.raises(RuntimeError, match="re-check the AMX patch"):
+        build._patch_amx(tmp_path)  # a ggml whose code moved is not silently left unpatched

@@ -4,7 +4,7 @@
 
 Dispatch:
   - weights repacked for AMX at load (pack_for_amx, Intel Xeon 4th gen+): ggml's AMX int8 kernels,
-    or for steps of BF16_MIN_ROWS or more of Q4_0 / Q4_1 / Q8_0 on CPUs with AMX-BF16 our bf16 tile
+    or for steps of AMX_BF16_MIN_ROWS or more of Q4_0 / Q4_1 / Q8_0 on CPUs with AMX-BF16 our bf16 tile
     GEMM (amx_bf16.cc), both inside the one custom call (the repacked bytes are readable by nothing else);
   - ggml block formats on CPU, T <= GGML_MAX_ROWS, extension built: ggml's kernels (ggml_cpu.py);
   - ggml block formats on a CPU with bf16 dots, T >= BF16_MIN_ROWS (prefill): dequantized to bfloat16
@@ -26,7 +26,8 @@ On the same VM once it ran on an Intel Xeon with AMX (2026-12-02; row kernels ->
 10.4 -> 3.4 ms, T=16 51.6 -> 9.1 ms, T=128 373 -> 62 ms, T=512 1470 -> 231 ms (the bf16 GEMM of large
 steps: ~260 ms). Then AMX int8 -> AMX bf16 tiles for large steps (same sitting): T=128 59.8 -> 39.7 ms,
 T=256 113.8 -> 72.5 ms, T=512 213.6 -> 99.9 ms; the bf16 tiles win from ~48 rows (T=64 29.7 vs 24.8 ms),
-the threshold stays at the XLA path's 128.
+so AMX_BF16_MIN_ROWS is 64 (whole-model steps, same sitting: 64 decode rows 63.5 -> 47.4 ms, a 96-row
+step 83.9 -> 63.8 ms, 32 rows even); the XLA path's bf16 threshold stays at 128.
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ from pallas_kernels.quantized_matmul.reference import CHANNEL_FORMATS, GGML_FORM
 
 GGML_MAX_ROWS = 32
 GGML_MAX_WEIGHTS = 4  # per call: ggml_ffi.cc's kMaxWeights
-BF16_MIN_ROWS = 128
+BF16_MIN_ROWS = 128  # the XLA path's dequantize-to-bf16 (CPUs with bf16 dots, no AMX layout)
+AMX_BF16_MIN_ROWS = 64  # AMX-layout weights: our bf16 tile GEMM instead of ggml's int8 tile kernels
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,10 +128,10 @@ def _prefill_in_bf16(x: jax.Array, w: QuantizedArray) -> bool:
 
 
 def _amx_bf16_min_rows() -> int:
-    """Steps of at least BF16_MIN_ROWS rows multiply Q4_0 / Q4_1 / Q8_0 weights in the AMX layout as one
+    """Steps of at least AMX_BF16_MIN_ROWS rows multiply Q4_0 / Q4_1 / Q8_0 weights in the AMX layout as one
     bf16 tile GEMM (amx_bf16.cc) rather than ggml's int8 tile kernels, which re-scale every 32 of k in
     AVX-512; JAXLLM_AMX_BF16=0 keeps ggml's kernels at every size."""
-    return 0 if os.environ.get("JAXLLM_AMX_BF16", "1") == "0" else BF16_MIN_ROWS
+    return 0 if os.environ.get("JAXLLM_AMX_BF16", "1") == "0" else AMX_BF16_MIN_ROWS
 
 
 def native_low_precision(fmt: str, device=None) -> bool:
