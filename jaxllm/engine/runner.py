@@ -58,12 +58,16 @@ class ShapeTable:
 
     @classmethod
     def build(cls, max_num_batched_tokens: int, max_num_seqs: int) -> ShapeTable:
-        top = bucket(max_num_batched_tokens)
+        # Powers of two, plus the 1.5x steps from 96 up: a step pads to the next bucket, and the
+        # projections cost in proportion to padded rows (a 152-token step took the 256 program, 1.7x
+        # the work). Below 96 a step is mostly decode rows whose padding is cheap.
+        sizes = sorted({1 << i for i in range(20)} | {3 << i for i in range(5, 20)})
+        top = next(b for b in sizes if b >= max_num_batched_tokens)
         # Rows needing logits: one sampled token per seat, plus prompt-logprob rows up to as many again.
         # The scheduler shortens prompt-logprob chunks to fit, so a [R, vocab] sampler temporary stays
         # small even for 256k vocabularies (a row per batched token would be 1 GiB at 512 x 262k f32).
         top_rows = 2 * bucket(max_num_seqs)
-        return cls(token_buckets=tuple(1 << i for i in range(top.bit_length())),
+        return cls(token_buckets=tuple(b for b in sizes if b <= top),
                    row_buckets=tuple(1 << i for i in range(top_rows.bit_length())),
                    bias_slots=(1, MAX_BIAS_SLOTS))
 
