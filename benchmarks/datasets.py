@@ -67,22 +67,36 @@ class Conversation:
     """A chat replayed turn by turn: each turn's prompt is the whole history so far (earlier user
     messages and the server's own replies) plus the next user message, as a chat client resends it."""
     user_turns: list[str]
-    output_len: int
+    output_lens: list[int]  # each turn's reply length
 
 
-def sample_multiturn(num_conversations: int, *, turns: int = 4, output_len: int = 64, seed: int = 0,
-                     max_turn_chars: int = 400) -> list[Conversation]:
+def sample_multiturn(num_conversations: int, *, turns: int = 4, output_len: int | None = 64, seed: int = 0,
+                     max_turn_chars: int = 400, tokenizer=None, max_reply_len: int = 256,
+                     max_total_len: int = 2048) -> list[Conversation]:
     """ShareGPT conversations with at least `turns` human messages; each message is cut to
-    `max_turn_chars` so a chat's history stays within a small model's context."""
+    `max_turn_chars` so a chat's history stays within a small model's context. Replies are `output_len`
+    tokens, or (None) as long as the conversation's own replies (tokenizer needed), cut to
+    `max_reply_len`; chats whose turns would not fit `max_total_len` are skipped."""
+    if output_len is None and tokenizer is None:
+        raise ValueError("the conversations' own reply lengths need a tokenizer")
     records = list(iter_sharegpt_records(load_sharegpt_text()))
     random.Random(seed).shuffle(records)
     out = []
     for r in records:
         if len(out) == num_conversations:
             break
-        human = [m["value"][:max_turn_chars] for m in r.get("conversations", []) if m.get("from") == "human"]
-        if len(human) >= turns and all(len(m) >= 8 for m in human[:turns]):
-            out.append(Conversation(human[:turns], output_len))
+        msgs = r.get("conversations", [])
+        pairs = [(m["value"][:max_turn_chars], msgs[i + 1]["value"]) for i, m in enumerate(msgs[:-1])
+                 if m.get("from") == "human" and msgs[i + 1].get("from") == "gpt"][:turns]
+        if len(pairs) < turns or any(len(h) < 8 for h, _ in pairs):
+            continue
+        if output_len is not None:
+            out.append(Conversation([h for h, _ in pairs], [output_len] * turns))
+            continue
+        lens = [min(max_reply_len, len(tokenizer.encode(reply))) for _, reply in pairs]
+        total = sum(len(tokenizer.encode(h)) + 8 for h, _ in pairs) + sum(lens)  # 8: the "User:" framing
+        if min(lens) >= 4 and total <= max_total_len:
+            out.append(Conversation([h for h, _ in pairs], lens))
     return out
 
 

@@ -13,7 +13,9 @@ Output token counts come from the server's usage (stream_options.include_usage).
 
   --dataset multiturn --num-prompts 16 --turns 4: 16 ShareGPT chats, each sending its turns one after
   another with the whole history (the server's own replies included) resent every turn; arrivals and
-  --max-concurrency count chats. Later turns' TTFT is reported apart: it is what prefix caching cuts.
+  --max-concurrency count chats. Replies are as long as the chat's own (cut to --max-reply-len) unless
+  --sharegpt-output-len fixes them; a fixed length with --ignore-eos keeps chats in lockstep, every turn
+  arriving together. Later turns' TTFT is reported apart (and per turn): it is what prefix caching cuts.
 """
 
 from __future__ import annotations
@@ -126,7 +128,7 @@ async def chat(session, url: str, model: str | None, conv: Conversation, ignore_
     history, results = "", []
     for turn, message in enumerate(conv.user_turns):
         prompt = f"{history}User: {message}\nAssistant:"
-        res = await one_request(session, url, model, BenchRequest(prompt, 0, conv.output_len), ignore_eos,
+        res = await one_request(session, url, model, BenchRequest(prompt, 0, conv.output_lens[turn]), ignore_eos,
                                 headers)
         res.turn = turn
         results.append(res)
@@ -191,6 +193,14 @@ def summarize(results: list[Result], duration: float) -> dict:
     if later:  # multi-turn: the turns that resend a history a prefix cache can serve
         out["median_ttft_first_turn_ms"] = float(np.median([r.ttft * 1000 for r in ok if r.turn == 0]))
         out["median_ttft_later_turns_ms"] = float(np.median(later))
+        # Caching can at best cut a turn's prefill to its uncached tokens: the ratio to watch grows by turn.
+        turns = range(max(r.turn for r in ok) + 1)
+        out["median_ttft_by_turn_ms"] = [round(float(np.median([r.ttft * 1000 for r in ok if r.turn == t])), 1)
+                                         for t in turns]
+        out["mean_uncached_prompt_tokens_by_turn"] = [
+            round(float(np.mean([r.prompt_len - r.cached_tokens for r in ok if r.turn == t])), 1) for t in turns]
+        out["mean_prompt_tokens_by_turn"] = [round(float(np.mean([r.prompt_len for r in ok if r.turn == t])), 1)
+                                             for t in turns]
     errors = sorted({r.error for r in results if not r.ok})
     if errors:
         out["errors"] = errors[:5]
@@ -207,6 +217,8 @@ def main(argv=None) -> int:
     p.add_argument("--prefix-len", type=int, default=1000)
     p.add_argument("--turns", type=int, default=4, help="multiturn: user turns per chat")
     p.add_argument("--turn-chars", type=int, default=400, help="multiturn: each user message cut to this")
+    p.add_argument("--max-reply-len", type=int, default=256,
+                   help="multiturn without --sharegpt-output-len: the chats' own reply lengths cut to this")
     p.add_argument("--preset", choices=["decode-heavy"], default=None,
                    help="decode-heavy: ShareGPT prompts <= 128 tokens, 256 output tokens, ignore_eos")
     p.add_argument("--num-prompts", type=int, default=100)
@@ -227,19 +239,21 @@ def main(argv=None) -> int:
     if args.preset == "decode-heavy":
         args.dataset, args.sharegpt_output_len, args.ignore_eos, max_prompt_len = "sharegpt", 256, True, 128
 
-    if args.dataset == "multiturn":
-        requests = sample_multiturn(args.num_prompts, turns=args.turns,
-                                    output_len=args.sharegpt_output_len or 64, seed=args.seed,
-                                    max_turn_chars=args.turn_chars)
-    elif args.dataset == "random":
-        requests = sample_random(args.random_vocab_size, args.num_prompts, args.random_input_len,
-                                 args.random_output_len, seed=args.seed, range_ratio=args.random_range_ratio)
-    else:
+    tok = None
+    if args.dataset != "random" and not (args.dataset == "multiturn" and args.sharegpt_output_len):
         if args.tokenizer:
             from jaxllm.tokenizer import load_tokenizer
             tok = load_tokenizer(args.tokenizer)
         else:
             tok = RemoteTokenizer(args.base_url, args.model, args.api_key)
+    if args.dataset == "multiturn":
+        requests = sample_multiturn(args.num_prompts, turns=args.turns, output_len=args.sharegpt_output_len,
+                                    seed=args.seed, max_turn_chars=args.turn_chars, tokenizer=tok,
+                                    max_reply_len=args.max_reply_len, max_total_len=args.max_model_len)
+    elif args.dataset == "random":
+        requests = sample_random(args.random_vocab_size, args.num_prompts, args.random_input_len,
+                                 args.random_output_len, seed=args.seed, range_ratio=args.random_range_ratio)
+    else:
         if args.dataset == "prefix":
             requests = sample_shared_prefix(tok, args.num_prompts, prefix_len=args.prefix_len,
                                             output_len=args.sharegpt_output_len or 64, seed=args.seed)

@@ -210,6 +210,41 @@ def test_bench_serve_multiturn(server, tmp_path):
         # Each turn resends the previous prompt, its 4-token reply and a new message.
         assert chat[0]["prompt_len"] + 4 < chat[1]["prompt_len"] and chat[1]["prompt_len"] + 4 < chat[2]["prompt_len"]
     assert r["median_ttft_later_turns_ms"] > 0 and r["median_ttft_first_turn_ms"] > 0
+    assert len(r["median_ttft_by_turn_ms"]) == 3 and min(r["median_ttft_by_turn_ms"]) > 0
+    assert r["mean_prompt_tokens_by_turn"] == [
+        pytest.approx(sum(c[t]["prompt_len"] for c in chats) / 3, abs=0.05) for t in range(3)]
+    assert all(u <= p for u, p in zip(r["mean_uncached_prompt_tokens_by_turn"], r["mean_prompt_tokens_by_turn"],
+                                      strict=True))
+
+
+def test_bench_serve_multiturn_own_reply_lengths(server, tmp_path):
+    """Without --sharegpt-output-len each reply is as long as the chat's own (cut to --max-reply-len)."""
+    r = _bench(server, tmp_path, "--dataset", "multiturn", "--num-prompts", "3", "--turns", "2",
+               "--turn-chars", "30", "--max-reply-len", "12", "--ignore-eos", "--max-concurrency", "3")
+    assert r["completed"] == 6 and r["failed"] == 0, r.get("errors")
+    assert all(4 <= t["output_tokens"] <= 12 for t in r["per_request"]), r["per_request"]
+
+
+def test_multiturn_reply_lengths_follow_the_chats():
+    from benchmarks.datasets import iter_sharegpt_records, load_sharegpt_text, sample_multiturn
+
+    class Words:
+        def encode(self, text):
+            return text.split()
+
+    convs = sample_multiturn(5, turns=3, output_len=None, tokenizer=Words(), max_reply_len=100, max_total_len=900)
+    assert len(convs) == 5
+    replies = {}
+    for rec in iter_sharegpt_records(load_sharegpt_text()):
+        msgs = rec.get("conversations", [])
+        human = [(m["value"][:400], msgs[i + 1]["value"]) for i, m in enumerate(msgs[:-1])
+                 if m.get("from") == "human" and msgs[i + 1].get("from") == "gpt"][:3]
+        replies.setdefault(tuple(h for h, _ in human), [min(100, len(g.split())) for _, g in human])
+    for conv in convs:
+        assert conv.output_lens == replies[tuple(conv.user_turns)]
+        assert sum(len(u.split()) + 8 for u in conv.user_turns) + sum(conv.output_lens) <= 900
+    assert len({n for c in convs for n in c.output_lens}) > 1  # not one fixed length
+    assert sample_multiturn(2, turns=3, output_len=7)[0].output_lens == [7, 7, 7]
 
 
 def test_cli_entry_points():
