@@ -143,6 +143,10 @@ def test_bfloat16_pool_on_amx_tiles(group, page_size, head_dim, window):
     kv_len = int(b.kv_lens[4])
     np.testing.assert_array_equal(np.asarray(run(alone[0], alone[1], jnp.array([kv_len - 40 + 13], jnp.int32),
                                                  *alone[3:]))[:5], got[start:start + 5])
+    # row 10 alone is a decode row, whose item holds every KV head's lanes in one tile: the same bits
+    one = run(alone[0][2:3], alone[1], jnp.array([kv_len - 40 + 11], jnp.int32), alone[3],
+              jnp.array([0, 1], jnp.int32), alone[5])
+    np.testing.assert_array_equal(np.asarray(one), got[start + 2:start + 3])
 
 
 def test_bfloat16_pool_writes_in_place_as_the_scatter_would():
