@@ -61,7 +61,7 @@ class ShapeTable:
         # Powers of two, plus the 1.5x steps from 96 up: a step pads to the next bucket, and the
         # projections cost in proportion to padded rows (a 152-token step took the 256 program, 1.7x
         # the work). Below 96 a step is mostly decode rows whose padding is cheap.
-        sizes = sorted({1 << i for i in range(20)} | {3 << i for i in range(5, 20)})
+        sizes = sorted({1 << i for i in range(32)} | {3 << i for i in range(5, 31)})
         top = next(b for b in sizes if b >= max_num_batched_tokens)
         # Rows needing logits: one sampled token per seat, plus prompt-logprob rows up to as many again.
         # The scheduler shortens prompt-logprob chunks to fit, so a [R, vocab] sampler temporary stays
