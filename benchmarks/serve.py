@@ -191,16 +191,15 @@ def summarize(results: list[Result], duration: float) -> dict:
         out[f"p99_{name}_ms"] = float(np.percentile(ms, 99))
     later = [r.ttft * 1000 for r in ok if r.turn > 0]
     if later:  # multi-turn: the turns that resend a history a prefix cache can serve
-        out["median_ttft_first_turn_ms"] = float(np.median([r.ttft * 1000 for r in ok if r.turn == 0]))
+        by_turn = [[r for r in ok if r.turn == t] for t in range(max(r.turn for r in ok) + 1)]
+        out["median_ttft_first_turn_ms"] = float(np.median([r.ttft * 1000 for r in by_turn[0]]))
         out["median_ttft_later_turns_ms"] = float(np.median(later))
         # Caching can at best cut a turn's prefill to its uncached tokens: the ratio to watch grows by turn.
-        turns = range(max(r.turn for r in ok) + 1)
-        out["median_ttft_by_turn_ms"] = [round(float(np.median([r.ttft * 1000 for r in ok if r.turn == t])), 1)
-                                         for t in turns]
-        out["mean_uncached_prompt_tokens_by_turn"] = [
-            round(float(np.mean([r.prompt_len - r.cached_tokens for r in ok if r.turn == t])), 1) for t in turns]
-        out["mean_prompt_tokens_by_turn"] = [round(float(np.mean([r.prompt_len for r in ok if r.turn == t])), 1)
-                                             for t in turns]
+        for key, value, stat in (("median_ttft_by_turn_ms", lambda r: r.ttft * 1000, np.median),
+                                 ("mean_uncached_prompt_tokens_by_turn", lambda r: r.prompt_len - r.cached_tokens,
+                                  np.mean),
+                                 ("mean_prompt_tokens_by_turn", lambda r: r.prompt_len, np.mean)):
+            out[key] = [round(float(stat([value(r) for r in turn])), 1) for turn in by_turn]
     errors = sorted({r.error for r in results if not r.ok})
     if errors:
         out["errors"] = errors[:5]

@@ -109,17 +109,14 @@ def _patch_amx(llama_cpp: Path) -> None:
       the tiles when they finish; so it is loaded on every call (one ldtilecfg per thread per matmul)."""
     mmq = llama_cpp / "ggml" / "src" / "ggml-cpu" / "amx" / "mmq.cpp"
     text = mmq.read_text()
-    fixed = '__asm__ __volatile__("ldtilecfg %0" : : "m"(tc));'
-    once = "    if (done) {\n        return;\n    }\n"
-    if fixed not in text:
-        if "_tile_loadconfig(&tc);" not in text:
+    for old, new in (("_tile_loadconfig(&tc);", '__asm__ __volatile__("ldtilecfg %0" : : "m"(tc));'),
+                     ("    if (done) {\n        return;\n    }\n",
+                      "    (void)done;  // jaxllm: reload every call (build._patch_amx)\n")):
+        if new in text:  # a checkout patched already
+            continue
+        if old not in text:
             raise RuntimeError(f"{mmq}: ggml's tile configuration code changed; re-check the AMX patch")
-        text = text.replace("_tile_loadconfig(&tc);", fixed)
-    reload = "    (void)done;  // jaxllm: reload every call (build._patch_amx)\n"
-    if reload not in text:
-        if once not in text:
-            raise RuntimeError(f"{mmq}: ggml's tile configuration code changed; re-check the AMX patch")
-        text = text.replace(once, reload)
+        text = text.replace(old, new)
     mmq.write_text(text)
 
 

@@ -302,6 +302,8 @@ AMX_TARGET void attend_amx_heads(const Problem& p, int64_t item) {
   const Item it = p.items[item];
   const int64_t seq = it.seq, h = it.kv_head, group = p.num_q_heads / p.num_kv_heads, d = p.head_dim;
   const int64_t heads = kMulti ? it.heads : 1, per_row = group * heads;
+  // a lane's KV head, counted from h
+  const auto head_of = [&](int64_t lane) -> int64_t { return kMulti ? lane % per_row / group : 0; };
   const int64_t s = p.page_size, lanes = it.count * per_row, kv_len = p.kv_lens[seq];
   const int64_t stride = 2 * p.num_kv_heads * d;  // between consecutive tokens' rows
   const int32_t* pages = p.page_table + seq * p.max_pages;
@@ -319,7 +321,7 @@ AMX_TARGET void attend_amx_heads(const Problem& p, int64_t item) {
   for (int64_t j = 0; j < 16; ++j) {
     first[j] = last[j] = 0;
     if (j >= lanes) continue;
-    const int64_t row = it.row + j / per_row, hh = kMulti ? j % per_row / group : 0, g = j % group;
+    const int64_t row = it.row + j / per_row, hh = head_of(j), g = j % group;
     const int64_t pos = p.row_pos[row];
     last[j] = static_cast<int32_t>(std::min<int64_t>(pos + 1, kv_len));
     first[j] = static_cast<int32_t>(p.window > 0 ? std::max<int64_t>(0, pos - p.window + 1) : 0);
@@ -362,9 +364,11 @@ AMX_TARGET void attend_amx_heads(const Problem& p, int64_t item) {
       // a decode row's item (the only one to read its keys, from memory): the next tile's K and V rows
       // of its heads (V is read after the chunk's scores, from cache); the paged rows are strided,
       // which the hardware prefetcher follows poorly (16 decode rows over 579 keys: 27 -> 19 ms)
-      for (int64_t r = t + n; r < (it.count == 1 ? std::min<int64_t>(t + n + 16, k1) : 0); ++r) {
-        const char* row = reinterpret_cast<const char*>(sc.krows[r - c0]);
-        for (int64_t b = 0; b < heads * 4 * d; b += 64) _mm_prefetch(row + b, _MM_HINT_T0);
+      if (it.count == 1) {
+        for (int64_t r = t + n; r < std::min<int64_t>(t + n + 16, k1); ++r) {
+          const char* row = reinterpret_cast<const char*>(sc.krows[r - c0]);
+          for (int64_t b = 0; b < heads * 4 * d; b += 64) _mm_prefetch(row + b, _MM_HINT_T0);
+        }
       }
       _tile_zero(0);
       for (int64_t hh = 0; hh < heads; ++hh) {
@@ -439,7 +443,7 @@ AMX_TARGET void attend_amx_heads(const Problem& p, int64_t item) {
       // each lane's row in its own head's tile; the other heads' rows stay zero, rows past the lanes
       // only feed product rows never read
       for (int64_t j = 0; j < lanes; ++j) {
-        uint32_t* a = reinterpret_cast<uint32_t*>(sc.pa.data() + (kMulti ? j % per_row / group : 0) * kChunk * 16 + b * 512);
+        uint32_t* a = reinterpret_cast<uint32_t*>(sc.pa.data() + head_of(j) * kChunk * 16 + b * 512);
         for (int64_t kp = 0; kp < 16; ++kp) a[j * 16 + kp] = cols[kp][j];
       }
     }
@@ -481,7 +485,7 @@ AMX_TARGET void attend_amx_heads(const Problem& p, int64_t item) {
   alignas(64) float l_lanes[16];
   _mm512_store_ps(l_lanes, l);
   for (int64_t j = 0; j < lanes; ++j) {
-    const int64_t row = it.row + j / per_row, hh = kMulti ? j % per_row / group : 0, g = j % group;
+    const int64_t row = it.row + j / per_row, hh = head_of(j), g = j % group;
     float* dst = p.out + (row * p.num_q_heads + (h + hh) * group + g) * d;
     const float inv = l_lanes[j] > 0.0f ? 1.0f / l_lanes[j] : 0.0f;
     for (int64_t x = 0; x < d; ++x) dst[column_of(x)] = sc.out[j * d + x] * inv;
