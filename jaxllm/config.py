@@ -130,7 +130,8 @@ _FLAG_HELP = {
     "max_num_batched_tokens": "token budget of one engine step",
     "quantization": "weights kept quantized in the matmuls: gguf (a GGUF file's quantized tensors as "
                     "stored: Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q5_K/Q6_K), int8 or fp8 (per output channel)",
-    "kv_cache_dtype": "KV page pool dtype: auto (the model dtype), float32, bfloat16, int8, fp8 (= fp8_e4m3)",
+    "kv_cache_dtype": ("KV page pool dtype: auto (the model dtype; bfloat16 for -q gguf weights on AMX "
+                       "tiles), float32, bfloat16, int8, fp8 (= fp8_e4m3)"),
     "nnodes": "number of hosts (processes) forming one mesh; start one process per host",
     "node_rank": "this host's rank: 0 runs the engine / server, the others follow it",
     "master_addr": "rank 0's address (jax.distributed coordinator)",

@@ -59,13 +59,15 @@ def family_for(architecture: str, *, gguf: bool, source: str) -> Family:
 
 @dataclasses.dataclass
 class LoadedModel:
-    """model: a models.base.CausalLM; tokenizer_path: the HF directory, or the GGUF file (its vocab)."""
+    """model: a models.base.CausalLM; tokenizer_path: the HF directory, or the GGUF file (its vocab).
+    on_amx_tiles: quantized weights were repacked for ggml's AMX kernels (an Intel Xeon with AMX)."""
 
     model: Any
     config: TransformerConfig
     path: str
     gguf_path: str | None
     tokenizer_path: str
+    on_amx_tiles: bool = False
 
 
 def default_model_path() -> str:
@@ -212,10 +214,12 @@ def _load(path: str, gguf: bool, dtype, param_cache: str | None, runtime,
             cache.save(param_cache, key, config, weights)
     fam = family_for(config.architecture, gguf=gguf, source=path)
     config = dataclasses.replace(config, **runtime)
+    on_amx = False
     if quantization is not None and (mesh is None or mesh.size == 1) and jax.default_backend() == "cpu":
         weights = _pack_for_amx(weights, config.tie_word_embeddings)
+        on_amx = any(getattr(w, "amx_in_features", 0) for w in weights.values())
     model = fam.model_cls(config, dtype=dt, weights=weights)
-    return LoadedModel(model, config, path, path if gguf else None, path)
+    return LoadedModel(model, config, path, path if gguf else None, path, on_amx_tiles=on_amx)
 
 
 def load_gguf(path: str, *, dtype="float32", param_cache: str | None = None, quantization: str | None = None,

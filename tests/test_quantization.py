@@ -361,6 +361,30 @@ def test_amx_bf16_gemm_model_agrees_with_goldens(smollm2_gold, monkeypatch):
     assert agree == 1.0 and delta < 0.015
 
 
+def test_gguf_on_amx_tiles_defaults_to_a_bfloat16_pool(monkeypatch):
+    """--kv-cache-dtype auto is the model dtype (float32 on CPU) except for -q gguf weights on AMX tiles,
+    whose attention runs on the tiles too: a bfloat16 pool there, and the engine serves from it."""
+    _require_amx_bf16()
+    from jaxllm.engine.engine import _auto_kv_dtype
+    quantized, dense = load_model(None, quantization="gguf"), load_model(None)
+    assert quantized.on_amx_tiles and not dense.on_amx_tiles
+    assert _auto_kv_dtype(jnp.float32, quantized) == jnp.bfloat16
+    assert _auto_kv_dtype(jnp.float32, dense) == jnp.float32
+    monkeypatch.setenv("JAXLLM_AMX_BF16", "0")  # the tile attention off: the model dtype again
+    assert _auto_kv_dtype(jnp.float32, quantized) == jnp.float32
+    monkeypatch.delenv("JAXLLM_AMX_BF16")
+    from jaxllm.config import EngineConfig
+    from jaxllm.engine.engine import LLMEngine
+    engine = LLMEngine(EngineConfig.from_flags(quantization="gguf", warmup=False, max_num_seqs=4,
+                                               max_num_batched_tokens=64), loaded=quantized)
+    assert engine.runner.kv_pages.dtype == jnp.bfloat16
+    engine.add_request("r", "The capital of France is", SamplingParams(max_tokens=4, temperature=0))
+    text = ""
+    while engine.has_unfinished_requests():
+        text = "".join(o.outputs[0].text for o in engine.step() if o.finished) or text
+    assert text.startswith(" Paris"), text
+
+
 def test_amx_patch_reloads_ggml_tile_configuration(tmp_path):
     """ggml's AMX kernels loaded their tile configuration once per thread; XLA's own AMX dots release
     the tiles on the thread that later calls ggml (a SIGILL on ggml's next tile load, seen in this

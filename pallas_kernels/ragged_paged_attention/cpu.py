@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.quantized_matmul import ggml_cpu
+from pallas_kernels.quantized_matmul.reference import GGML_FORMATS
 from pallas_kernels.ragged_paged_attention.reference import QuantizedPages
 
 
@@ -49,6 +50,15 @@ def usable(q: jax.Array, kv_pages, k_scale=None, v_scale=None, *, float8: bool =
                or (isinstance(kv_pages, jax.Array) and kv_pages.dtype in (jnp.float32, jnp.bfloat16)))
     return (jax.default_backend() == "cpu" and k_scale is None and v_scale is None and pool_ok
             and q.dtype == jnp.float32 and q.shape[-1] % 16 == 0 and ggml_cpu.available())
+
+
+def bf16_pool_on_tiles(num_q_heads: int, num_kv_heads: int, head_dim: int, soft_cap: float | None = None) -> bool:
+    """Whether this CPU and build run a bfloat16 pool's attention on the AMX tiles (cpu_ffi.cc's
+    amx_attention: AMX-BF16 granted, head_dim a multiple of 32, up to 16 query heads per KV head, no
+    soft cap)."""
+    return (jax.default_backend() == "cpu" and os.environ.get("JAXLLM_AMX_BF16", "1") != "0"
+            and head_dim % 32 == 0 and num_q_heads // num_kv_heads <= 16 and not soft_cap
+            and ggml_cpu.amx_bf16_takes(GGML_FORMATS["q8_0"][0]))
 
 
 def ragged_paged_attention(q: jax.Array, kv_pages: jax.Array, kv_lens: jax.Array, page_table: jax.Array,
