@@ -361,20 +361,24 @@ def test_amx_bf16_gemm_model_agrees_with_goldens(smollm2_gold, monkeypatch):
     assert agree == 1.0 and delta < 0.015
 
 
-def test_gguf_on_amx_tiles_defaults_to_a_bfloat16_pool(monkeypatch):
-    """--kv-cache-dtype auto is the model dtype (float32 on CPU) except for -q gguf weights on AMX tiles,
-    whose attention runs on the tiles too: a bfloat16 pool there, and the engine serves from it."""
-    _require_amx_bf16()
+def test_kv_cache_dtype_auto_is_the_model_dtype_off_the_amx_tiles(monkeypatch):
+    """--kv-cache-dtype auto: the model dtype (float32 on CPU) for float weights, and for -q gguf wherever
+    the bfloat16 tile attention does not run (no AMX-BF16 here, or JAXLLM_AMX_BF16=0)."""
+    _require_ggml()
     from jaxllm.engine.engine import _auto_kv_dtype
-    quantized, dense = load_model(None, quantization="gguf"), load_model(None)
-    assert quantized.on_amx_tiles and not dense.on_amx_tiles
-    assert _auto_kv_dtype(jnp.float32, quantized) == jnp.bfloat16
-    assert _auto_kv_dtype(jnp.float32, dense) == jnp.float32
-    monkeypatch.setenv("JAXLLM_AMX_BF16", "0")  # the tile attention off: the model dtype again
-    assert _auto_kv_dtype(jnp.float32, quantized) == jnp.float32
-    monkeypatch.delenv("JAXLLM_AMX_BF16")
+    monkeypatch.setenv("JAXLLM_AMX_BF16", "0")
+    assert _auto_kv_dtype(jnp.float32, load_model(None)) == jnp.float32
+    assert _auto_kv_dtype(jnp.float32, load_model(None, quantization="gguf")) == jnp.float32
+
+
+def test_gguf_on_amx_tiles_defaults_to_a_bfloat16_pool():
+    """... except for -q gguf weights on AMX tiles, whose attention runs on the tiles too: a bfloat16
+    pool there, and the engine serves from it."""
+    _require_amx_bf16()
     from jaxllm.config import EngineConfig
-    from jaxllm.engine.engine import LLMEngine
+    from jaxllm.engine.engine import LLMEngine, _auto_kv_dtype
+    quantized = load_model(None, quantization="gguf")
+    assert quantized.on_amx_tiles and _auto_kv_dtype(jnp.float32, quantized) == jnp.bfloat16
     engine = LLMEngine(EngineConfig.from_flags(quantization="gguf", warmup=False, max_num_seqs=4,
                                                max_num_batched_tokens=64), loaded=quantized)
     assert engine.runner.kv_pages.dtype == jnp.bfloat16
