@@ -26,6 +26,7 @@
 //
 // The file also holds "jaxllm_cpu_write_kv", write_kv for bfloat16 pools in place (see WriteKv).
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -69,6 +70,7 @@ struct Problem {
   std::vector<Item> items;
   std::vector<int32_t> row_pos;  // each row's position in its sequence
   bool amx = false;              // items go to attend_amx
+  mutable std::atomic<int64_t> next_item{0};  // the pool's threads take items in turn as they finish
 };
 
 constexpr int kTile = 16;  // keys per softmax update: one vector of 16 scores
@@ -511,14 +513,17 @@ void attend_amx(const Problem&, int64_t) {}
 bool amx_attention(const Problem&, bool) { return false; }
 #endif
 
-void run_share(ggml_tensor* /*dst*/, int ith, int nth, void* userdata) {
+void run_share(ggml_tensor* /*dst*/, int /*ith*/, int /*nth*/, void* userdata) {
   const Problem& p = *static_cast<const Problem*>(userdata);
   const int64_t n = static_cast<int64_t>(p.items.size());
+  // Items differ in cost (a decode row over a long context, a few prefill rows over a short one), so
+  // a thread takes the next item when it is free rather than every nth: less waiting at ggml's
+  // barrier. Each item writes only its own rows, so which thread ran it changes no bit.
   if (p.amx) {
     AmxTileScope tiles;
-    for (int64_t item = ith; item < n; item += nth) attend_amx(p, item);
+    for (int64_t item; (item = p.next_item.fetch_add(1, std::memory_order_relaxed)) < n;) attend_amx(p, item);
   } else {
-    for (int64_t item = ith; item < n; item += nth) attend_any(p, item);
+    for (int64_t item; (item = p.next_item.fetch_add(1, std::memory_order_relaxed)) < n;) attend_any(p, item);
   }
 }
 
