@@ -1,14 +1,18 @@
 """The engine's typed stages: budgets the scheduler owns, the declared shape table, output kinds that
 never alias engine state, device-fault recovery, per-seat penalty state, and automatic prefix caching."""
 
+import asyncio
 import random
+import time
 
 import numpy as np
 import pytest
 
 import models
 from jaxllm import LLM, SamplingParams
+from jaxllm.engine.async_engine import AsyncEngine
 from jaxllm.engine.engine import _sibling_seed
+from jaxllm.engine.launch_pacer import LaunchPacer
 from jaxllm.sampling_params import RequestOutputKind
 from tests.test_engine import TINY_LLAMA, assert_pool_empty
 
@@ -244,3 +248,97 @@ def test_prompt_logprobs_requests_compute_the_positions_they_need(smol):
     assert len(out.prompt_logprobs) == 49 and all(out.prompt_logprobs[1:])
     assert_pool_empty(smol)
     del eng
+
+
+# ---- async scheduling's launch pacing -----------------------------------------------------------
+
+def test_launch_pacer_holds_the_next_dispatch_until_just_before_the_step_in_flight_ends():
+    p = LaunchPacer()
+    assert p.delay(8, dispatched_at=0.0, now=0.001) == 0.0  # a bucket never measured: dispatch at once
+    # Step 1 (8 tokens) dispatched at t=0 after 2 ms of host work, fetched with a wait, done at 30 ms.
+    p.dispatched(0.002)
+    p.fetched(8, dispatched_at=0.0, waited_s=0.020, at=0.030)
+    # Step 2 went out at 1 ms, queued behind step 1: it began at 30 ms and should end at 60 ms. At 32 ms
+    # the next dispatch waits until 60 ms - host work (2 ms) - margin (~2 ms).
+    p.dispatched(0.002)
+    assert p.delay(8, dispatched_at=0.001, now=0.032) == pytest.approx(0.028 - 0.002 - 0.00199, abs=1e-6)
+    # Held back and found step 2 already done when fetched: late, so the margin widens.
+    p.fetched(8, dispatched_at=0.001, waited_s=0.0, at=0.070)
+    assert p.late == 1
+    # Step 3 began when step 2 ended (70 ms) and should end at 100 ms: 29 ms left at 71 ms, less the
+    # host work and a margin 2 ms wider than before (1.99 + 2 ms).
+    p.dispatched(0.002)
+    assert p.delay(8, dispatched_at=0.065, now=0.071) == pytest.approx(0.029 - 0.002 - 0.00399, abs=1e-6)
+    # A fetch that did not wait after a dispatch that was not held back is not a late one.
+    assert p.delay(8, dispatched_at=0.065, now=0.105) == 0.0  # past the expected end
+    p.fetched(8, dispatched_at=0.065, waited_s=0.0, at=0.110)
+    assert p.late == 1
+    # Steps too short to be worth holding: the wait would be shorter than the margin.
+    short = LaunchPacer()
+    short.dispatched(0.001)
+    short.fetched(1, dispatched_at=0.0, waited_s=0.003, at=0.004)
+    assert short.delay(1, dispatched_at=0.0005, now=0.0045) == 0.0
+
+
+def test_every_step_reports_its_dispatch_and_fetch_to_the_launch_pacer(tiny):
+    eng = tiny.engine
+    started = time.perf_counter()
+    prompts = [{"prompt_token_ids": [5 + i, 6, 7]} for i in range(3)]
+    tiny.generate(prompts, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True), use_tqdm=False)
+    # (the tiny model's steps may end before their fetch, so which buckets got measured is left open)
+    assert eng.pacer._host_s is not None and eng.pacer._last_end > started
+    assert eng.launch_delay() == 0.0  # idle: nothing in flight
+
+
+class _HeldStub:
+    """An engine whose step in flight always wants the next dispatch held back `hold` seconds."""
+
+    def __init__(self, hold):
+        self.hold, self.live, self.steps = hold, set(), []
+
+    def has_unfinished_requests(self):
+        return bool(self.live)
+
+    def add_request(self, request_id, prompt, params, **kwargs):
+        self.live.add(request_id)
+
+    def abort_request(self, request_id):
+        self.live.discard(request_id)
+
+    def launch_delay(self):
+        return self.hold
+
+    def step(self):
+        self.steps.append(time.perf_counter())
+        return []
+
+    def get_stats(self):
+        return None
+
+
+def test_async_engine_waits_out_the_launch_delay_unless_a_request_arrives():
+    stub = _HeldStub(hold=0.4)
+
+    async def scenario():
+        ae = AsyncEngine(lambda: stub)
+        ae.start()
+        await ae.ready_future
+        try:
+            await ae.add_request("a", None, None, prompt_token_ids=[1])
+            await asyncio.sleep(1.0)
+            gaps = np.diff(stub.steps)
+            # nothing arrives: steps go out one hold apart
+            assert len(gaps) >= 1 and all(g > 0.35 for g in gaps), gaps
+            n = len(stub.steps)
+            while len(stub.steps) == n:  # a step just went out: the next hold begins
+                await asyncio.sleep(0.005)
+            await asyncio.sleep(0.1)
+            n, sent = len(stub.steps), time.perf_counter()
+            await ae.add_request("b", None, None, prompt_token_ids=[2])
+            await asyncio.sleep(0.1)
+            # the arrival ended the hold: a step went out right after it, not at the hold's end
+            assert len(stub.steps) > n and stub.steps[n] - sent < 0.08
+        finally:
+            ae.shutdown()
+
+    asyncio.run(scenario())

@@ -255,7 +255,13 @@ class AsyncEngine:
     def _iterate(self) -> bool:
         """Applies queued commands, then runs one step if there is work; False once stopped."""
         engine = self.engine
-        if not self._drain_commands(block=not engine.has_unfinished_requests()):
+        if not engine.has_unfinished_requests():
+            wait = _IDLE_WAIT_S
+        else:  # async scheduling: hold the next dispatch until the step in flight nearly ends, so that
+            # a request arriving meanwhile joins it (LaunchPacer); the first command ends the wait
+            launch_delay = getattr(engine, "launch_delay", None)
+            wait = launch_delay() if launch_delay is not None else 0.0
+        if not self._drain_commands(wait):
             return False
         if engine.has_unfinished_requests():
             outputs = engine.step()
@@ -280,10 +286,10 @@ class AsyncEngine:
             else:
                 self.ready_future.set_exception(exc)
 
-    def _drain_commands(self, block: bool) -> bool:
-        """Applies every queued add/abort; returns False on stop."""
+    def _drain_commands(self, wait: float) -> bool:
+        """Applies every queued add/abort, waiting up to `wait` seconds for the first; False on stop."""
         try:
-            cmd = self._commands.get(timeout=_IDLE_WAIT_S) if block else self._commands.get_nowait()
+            cmd = self._commands.get(timeout=wait) if wait > 0 else self._commands.get_nowait()
         except queue.Empty:
             return True
         changed = False

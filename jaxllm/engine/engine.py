@@ -23,6 +23,7 @@ from models import sharding
 from pallas_kernels.ragged_paged_attention import cpu as attention_cpu
 from jaxllm.config import EngineConfig, default_cache_dir
 from jaxllm.engine.kv_pages import PagePool
+from jaxllm.engine.launch_pacer import LaunchPacer
 from jaxllm.engine.output_processor import OutputProcessor
 from jaxllm.engine.request import Request, Sequence
 from jaxllm.engine.runner import LogitsRow, ModelRunner
@@ -186,6 +187,7 @@ class LLMEngine:
         self.num_step_failures = 0
         self._inflight: _Launched | None = None  # async scheduling: the step on the device
         self.timing = StepTiming()
+        self.pacer = LaunchPacer()
         self.mask_seconds = 0.0  # host time spent filling structured-output token masks
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
@@ -321,6 +323,7 @@ class LLMEngine:
                 launched = self._launch(sched)
             except Exception as exc:  # noqa: BLE001 - a device fault: fail its requests, keep serving
                 return outputs + self._recover(exc, [sched] + ([self._inflight.sched] if self._inflight else []))
+            self.pacer.dispatched(launched.dispatched_at - t0)
         if self.config.scheduler.async_scheduling:
             done, self._inflight = self._inflight, launched
         else:
@@ -332,9 +335,16 @@ class LLMEngine:
             except Exception as exc:  # noqa: BLE001
                 return outputs + self._recover(exc, [done.sched] + ([launched.sched] if self._inflight else []))
             t2 = time.perf_counter()
+            self.pacer.fetched(done.bucket, done.dispatched_at, t2 - t1, t2)
             outputs += self._process(done, result)
             self.timing.record(host=(t1 - t0) + (time.perf_counter() - t2), wait=t2 - t1)
         return outputs
+
+    def launch_delay(self) -> float:
+        """Async scheduling: seconds the next step() may wait for new requests before dispatching, so
+        that they join the step that follows the one in flight (LaunchPacer); 0 when none is in flight."""
+        inflight = self._inflight
+        return 0.0 if inflight is None else self.pacer.delay(inflight.bucket, inflight.dispatched_at)
 
     def _launch(self, sched: SchedulerOutput) -> _Launched:
         now = time.time()
@@ -349,7 +359,8 @@ class LLMEngine:
         rows, owners = self._logits_rows(sched, inputs.row_offsets)
         pending = self.runner.dispatch(inputs, rows, prev.pending if prev is not None else None)
         own_rows = {id(o[1]): i for i, o in enumerate(owners) if o[0] == "sample" and o[2] == o[1].index}
-        return _Launched(sched, owners, pending, [item.seq.epoch for item in sched.scheduled], own_rows)
+        return _Launched(sched, owners, pending, [item.seq.epoch for item in sched.scheduled], own_rows,
+                         len(inputs.forward.token_ids), time.perf_counter())
 
     def _process(self, done: _Launched, result) -> list[RequestOutput]:
         """Applies a finished step: names the pages it filled, appends its tokens, builds outputs."""
@@ -513,6 +524,8 @@ class _Launched:
     pending: object  # runner.PendingStep
     epochs: list[int]  # each scheduled sequence's epoch when dispatched
     own_rows: dict[int, int]  # id(seq) -> row that samples the sequence's own next token
+    bucket: int  # the step's padded token count (its forward program)
+    dispatched_at: float  # time.perf_counter() when it went to the device
 
 
 class StepTiming:
