@@ -29,6 +29,10 @@ _MARGIN_DECAY = 0.995  # per step not found late
 _MARGIN_STEP_S = 2e-3  # per late one
 
 
+def _smoothed(old: float | None, new: float) -> float:
+    return new if old is None else old + _SMOOTHING * (new - old)
+
+
 class LaunchPacer:
     def __init__(self):
         self._device_s: dict[int, float] = {}  # token bucket -> expected device time of one step
@@ -38,23 +42,16 @@ class LaunchPacer:
         self._held = False  # the dispatch now due was held back
         self.late = 0  # held-back dispatches that found the device idle
 
-    def expected_step_s(self, bucket: int) -> float | None:
-        """The learned device time of a step of `bucket` tokens, or None before one was measured."""
-        return self._device_s.get(bucket)
-
     def dispatched(self, host_s: float) -> None:
         """A step went to the device `host_s` after step() began."""
-        old = self._host_s
-        self._host_s = host_s if old is None else old + _SMOOTHING * (host_s - old)
+        self._host_s = _smoothed(self._host_s, host_s)
 
     def fetched(self, bucket: int, dispatched_at: float, waited_s: float, at: float) -> None:
         """A step of `bucket` tokens, dispatched at `dispatched_at`, has its results in at `at` after
         waiting `waited_s` for them."""
         began = max(dispatched_at, self._last_end)
         if waited_s >= _WAITED_S:
-            took = at - began
-            old = self._device_s.get(bucket)
-            self._device_s[bucket] = took if old is None else old + _SMOOTHING * (took - old)
+            self._device_s[bucket] = _smoothed(self._device_s.get(bucket), at - began)
             self._margin = max(_MIN_MARGIN_S, self._margin * _MARGIN_DECAY)
         elif self._held:
             self.late += 1
