@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -152,6 +153,12 @@ async def serve(config: EngineConfig, args: argparse.Namespace, *, engine_factor
             stop.set()
             return
         loop.create_task(exit_when_dead())
+        # What start-up built (modules, compiled programs, the engine: ~350k objects) lives as long as
+        # the server. Frozen, it is skipped by the collector's full passes, each of which would otherwise
+        # stop every stream for ~0.2 s on a small CPU.
+        gc.collect()
+        gc.freeze()
+        logger.info("%d start-up objects frozen out of garbage collection", gc.get_freeze_count())
         stats = engine.stats
         logger.info("serving %s on http://%s:%d (max_model_len=%s, compiled %s programs in %.1f s)",
                     state.served_model_names()[0], args.host, args.port, engine.engine.max_model_len,

@@ -90,6 +90,16 @@ def test_health_version_models(server, client, http):
     assert m["max_model_len"] == MAX_LEN and m["root"]
 
 
+def test_start_up_heap_is_frozen_out_of_garbage_collection(server):
+    if server.proc is None:
+        pytest.skip("an external server's log is not ours to read")
+    deadline = time.monotonic() + 30  # frozen on the event loop right after /health turns 200
+    while not (m := re.search(r"(\d+) start-up objects frozen out of garbage collection", server.log_text())):
+        assert time.monotonic() < deadline, server.log_text()[-2000:]
+        time.sleep(0.2)
+    assert int(m.group(1)) > 100_000  # the modules, compiled programs and engine, not a handful
+
+
 def test_tokenize_detokenize_tokenizer_info(http):
     r = http.post("/tokenize", json={"prompt": "Hello world, hello JAX."}).json()
     assert r["count"] == len(r["tokens"]) > 3 and r["max_model_len"] == MAX_LEN
