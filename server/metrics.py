@@ -24,6 +24,8 @@ _ITL_BUCKETS = [0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1
 _E2E_BUCKETS = [0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0,
                 240.0, 480.0, 960.0, 1920.0, 7680.0]
 _ITER_BUCKETS = [1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384]
+_TOKEN_BUCKETS = [m * 10 ** e for e in range(7) for m in (1, 2, 5)]  # vLLM's 1-2-5 series
+_N_BUCKETS = [1, 2, 5, 10, 20]
 _FINISH_REASONS = ("stop", "length", "abort")
 
 
@@ -100,6 +102,23 @@ class Metrics:
                                     buckets=_E2E_BUCKETS, registry=r)
         self.iteration_tokens = Histogram("vllm:iteration_tokens_total", "Tokens per engine step.", labels,
                                           buckets=_ITER_BUCKETS, registry=r)
+        # Per finished request, as vLLM's V1 logger records them: where its time went and its size.
+        self.inference_time = Histogram("vllm:request_inference_time_seconds", "First scheduled to finish.",
+                                        labels, buckets=_E2E_BUCKETS, registry=r)
+        self.prefill_time = Histogram("vllm:request_prefill_time_seconds", "First scheduled to first token.",
+                                      labels, buckets=_E2E_BUCKETS, registry=r)
+        self.decode_time = Histogram("vllm:request_decode_time_seconds", "First token to finish.", labels,
+                                     buckets=_E2E_BUCKETS, registry=r)
+        self.request_tpot = Histogram("vllm:request_time_per_output_token_seconds",
+                                      "A request's decode time over its output tokens after the first.", labels,
+                                      buckets=_ITL_BUCKETS, registry=r)
+        self.request_prompt_tokens = Histogram("vllm:request_prompt_tokens", "Prompt tokens per request.", labels,
+                                               buckets=_TOKEN_BUCKETS, registry=r)
+        self.request_generation_tokens = Histogram("vllm:request_generation_tokens",
+                                                   "Generated tokens per request (all its choices).", labels,
+                                                   buckets=_TOKEN_BUCKETS, registry=r)
+        self.request_params_n = Histogram("vllm:request_params_n", "Choices (n) per request.", labels,
+                                          buckets=_N_BUCKETS, registry=r)
         r.register(_EngineCollector(self))
         self._lock = threading.Lock()
         self._live: dict[str, _Live] = {}
@@ -112,6 +131,10 @@ class Metrics:
         self.model_name = name
         for reason in _FINISH_REASONS:  # export zeros so rate() works from the first scrape
             self.request_success.labels(model_name=name, finished_reason=reason)
+        for h in (self.ttft, self.itl, self.e2e, self.queue_time, self.iteration_tokens, self.inference_time,
+                  self.prefill_time, self.decode_time, self.request_tpot, self.request_prompt_tokens,
+                  self.request_generation_tokens, self.request_params_n):
+            self._labels(h)
 
     # ---------------------------------------------------------------- observer hooks (engine thread)
 
@@ -157,9 +180,26 @@ class Metrics:
             end = m.finished_time if m is not None and m.finished_time else now
             self._labels(self.e2e).observe(max(0.0, end - live.arrival))
             comps = out.outputs if isinstance(out.outputs, list) else []  # an embedding has no completions
+            self._observe_finished(out, m, end, len(comps), live.num_tokens)
             reasons = [c.finish_reason or "stop" for c in comps] or ["stop"]
             reason = "abort" if "abort" in reasons else ("length" if "length" in reasons else "stop")
             self.request_success.labels(model_name=self.model_name, finished_reason=reason).inc()
+
+    def _observe_finished(self, out: Any, m: Any, end: float, n_choices: int, n_tokens: int) -> None:
+        self._labels(self.request_prompt_tokens).observe(len(out.prompt_token_ids))
+        if n_choices:
+            self._labels(self.request_generation_tokens).observe(n_tokens)
+            self._labels(self.request_params_n).observe(n_choices)
+        scheduled = m.first_scheduled_time if m is not None else None
+        if not scheduled:
+            return
+        self._labels(self.inference_time).observe(max(0.0, end - scheduled))
+        first = m.first_token_time
+        if first and n_choices:
+            self._labels(self.prefill_time).observe(max(0.0, first - scheduled))
+            self._labels(self.decode_time).observe(max(0.0, end - first))
+            if n_tokens > 1:
+                self._labels(self.request_tpot).observe(max(0.0, end - first) / (n_tokens - 1))
 
     def _remember_finished(self, request_id: str) -> None:
         self._recently_finished[request_id] = None

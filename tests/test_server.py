@@ -647,6 +647,12 @@ def test_metrics_add_up(client, http):
     names = ["vllm:prompt_tokens_total", "vllm:generation_tokens_total", "vllm:e2e_request_latency_seconds_count",
              "vllm:time_to_first_token_seconds_count", "vllm:inter_token_latency_seconds_count",
              "vllm:request_queue_time_seconds_count"]
+    # vLLM's per-request histograms: one sample per finished request, sums that add up
+    per_request = ["vllm:request_prompt_tokens", "vllm:request_generation_tokens", "vllm:request_params_n",
+                   "vllm:request_inference_time_seconds", "vllm:request_prefill_time_seconds",
+                   "vllm:request_decode_time_seconds", "vllm:request_time_per_output_token_seconds",
+                   "vllm:request_queue_time_seconds", "vllm:e2e_request_latency_seconds"]
+    names += [f"{n}_{part}" for n in per_request for part in ("sum", "count") if f"{n}_{part}" not in names]
 
     def snap():
         text = http.get("/metrics").text
@@ -670,6 +676,19 @@ def test_metrics_add_up(client, http):
     assert d["vllm:time_to_first_token_seconds_count"] == 4
     assert d["vllm:request_queue_time_seconds_count"] == 4
     assert d["vllm:inter_token_latency_seconds_count"] == 4 * 6
+    for n in per_request:
+        assert d[f"{n}_count"] == 4, n
+    assert d["vllm:request_prompt_tokens_sum"] == prompt_tokens
+    assert d["vllm:request_generation_tokens_sum"] == 28
+    assert d["vllm:request_params_n_sum"] == 4
+    # one set of engine timestamps: arrival -> scheduled -> first token -> finished
+    assert d["vllm:request_prefill_time_seconds_sum"] > 0 and d["vllm:request_decode_time_seconds_sum"] > 0
+    assert d["vllm:request_inference_time_seconds_sum"] == pytest.approx(
+        d["vllm:request_prefill_time_seconds_sum"] + d["vllm:request_decode_time_seconds_sum"], abs=1e-6)
+    assert d["vllm:e2e_request_latency_seconds_sum"] == pytest.approx(
+        d["vllm:request_queue_time_seconds_sum"] + d["vllm:request_inference_time_seconds_sum"], abs=1e-6)
+    assert d["vllm:request_time_per_output_token_seconds_sum"] == pytest.approx(
+        d["vllm:request_decode_time_seconds_sum"] / 6, rel=1e-6)
     text = http.get("/metrics").text
     assert metric_value(text, "jaxllm:num_compiles") > 0
     assert metric_value(text, "jaxllm:num_recompiles_after_warmup") == 0
