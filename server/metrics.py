@@ -92,33 +92,31 @@ class Metrics:
         r = self.registry
         self.request_success = Counter("vllm:request_success", "Finished requests by finish reason.",
                                        labels + ["finished_reason"], registry=r)
-        self.ttft = Histogram("vllm:time_to_first_token_seconds", "Time to first token.", labels,
-                              buckets=_TTFT_BUCKETS, registry=r)
-        self.itl = Histogram("vllm:inter_token_latency_seconds", "Time between output tokens.", labels,
-                             buckets=_ITL_BUCKETS, registry=r)
-        self.e2e = Histogram("vllm:e2e_request_latency_seconds", "Arrival to finish.", labels,
-                             buckets=_E2E_BUCKETS, registry=r)
-        self.queue_time = Histogram("vllm:request_queue_time_seconds", "Arrival to first scheduled.", labels,
-                                    buckets=_E2E_BUCKETS, registry=r)
-        self.iteration_tokens = Histogram("vllm:iteration_tokens_total", "Tokens per engine step.", labels,
-                                          buckets=_ITER_BUCKETS, registry=r)
+        self._histograms: list[Histogram] = []  # each exported with zero counts from the first scrape
+
+        def histogram(name: str, doc: str, buckets: list) -> Histogram:
+            h = Histogram(name, doc, labels, buckets=buckets, registry=r)
+            self._histograms.append(h)
+            return h
+
+        self.ttft = histogram("vllm:time_to_first_token_seconds", "Time to first token.", _TTFT_BUCKETS)
+        self.itl = histogram("vllm:inter_token_latency_seconds", "Time between output tokens.", _ITL_BUCKETS)
+        self.e2e = histogram("vllm:e2e_request_latency_seconds", "Arrival to finish.", _E2E_BUCKETS)
+        self.queue_time = histogram("vllm:request_queue_time_seconds", "Arrival to first scheduled.", _E2E_BUCKETS)
+        self.iteration_tokens = histogram("vllm:iteration_tokens_total", "Tokens per engine step.", _ITER_BUCKETS)
         # Per finished request, as vLLM's V1 logger records them: where its time went and its size.
-        self.inference_time = Histogram("vllm:request_inference_time_seconds", "First scheduled to finish.",
-                                        labels, buckets=_E2E_BUCKETS, registry=r)
-        self.prefill_time = Histogram("vllm:request_prefill_time_seconds", "First scheduled to first token.",
-                                      labels, buckets=_E2E_BUCKETS, registry=r)
-        self.decode_time = Histogram("vllm:request_decode_time_seconds", "First token to finish.", labels,
-                                     buckets=_E2E_BUCKETS, registry=r)
-        self.request_tpot = Histogram("vllm:request_time_per_output_token_seconds",
-                                      "A request's decode time over its output tokens after the first.", labels,
-                                      buckets=_ITL_BUCKETS, registry=r)
-        self.request_prompt_tokens = Histogram("vllm:request_prompt_tokens", "Prompt tokens per request.", labels,
-                                               buckets=_TOKEN_BUCKETS, registry=r)
-        self.request_generation_tokens = Histogram("vllm:request_generation_tokens",
-                                                   "Generated tokens per request (all its choices).", labels,
-                                                   buckets=_TOKEN_BUCKETS, registry=r)
-        self.request_params_n = Histogram("vllm:request_params_n", "Choices (n) per request.", labels,
-                                          buckets=_N_BUCKETS, registry=r)
+        self.inference_time = histogram("vllm:request_inference_time_seconds", "First scheduled to finish.",
+                                        _E2E_BUCKETS)
+        self.prefill_time = histogram("vllm:request_prefill_time_seconds", "First scheduled to first token.",
+                                      _E2E_BUCKETS)
+        self.decode_time = histogram("vllm:request_decode_time_seconds", "First token to finish.", _E2E_BUCKETS)
+        self.request_tpot = histogram("vllm:request_time_per_output_token_seconds",
+                                      "A request's decode time over its output tokens after the first.", _ITL_BUCKETS)
+        self.request_prompt_tokens = histogram("vllm:request_prompt_tokens", "Prompt tokens per request.",
+                                               _TOKEN_BUCKETS)
+        self.request_generation_tokens = histogram("vllm:request_generation_tokens",
+                                                   "Generated tokens per request (all its choices).", _TOKEN_BUCKETS)
+        self.request_params_n = histogram("vllm:request_params_n", "Choices (n) per request.", _N_BUCKETS)
         r.register(_EngineCollector(self))
         self._lock = threading.Lock()
         self._live: dict[str, _Live] = {}
@@ -131,9 +129,7 @@ class Metrics:
         self.model_name = name
         for reason in _FINISH_REASONS:  # export zeros so rate() works from the first scrape
             self.request_success.labels(model_name=name, finished_reason=reason)
-        for h in (self.ttft, self.itl, self.e2e, self.queue_time, self.iteration_tokens, self.inference_time,
-                  self.prefill_time, self.decode_time, self.request_tpot, self.request_prompt_tokens,
-                  self.request_generation_tokens, self.request_params_n):
+        for h in self._histograms:
             self._labels(h)
 
     # ---------------------------------------------------------------- observer hooks (engine thread)
@@ -196,10 +192,11 @@ class Metrics:
         self._labels(self.inference_time).observe(max(0.0, end - scheduled))
         first = m.first_token_time
         if first and n_choices:
+            decode = max(0.0, end - first)
             self._labels(self.prefill_time).observe(max(0.0, first - scheduled))
-            self._labels(self.decode_time).observe(max(0.0, end - first))
+            self._labels(self.decode_time).observe(decode)
             if n_tokens > 1:
-                self._labels(self.request_tpot).observe(max(0.0, end - first) / (n_tokens - 1))
+                self._labels(self.request_tpot).observe(decode / (n_tokens - 1))
 
     def _remember_finished(self, request_id: str) -> None:
         self._recently_finished[request_id] = None
