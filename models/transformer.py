@@ -205,6 +205,7 @@ class DecoderLM(nnx.Module):
         _, rope_index = rope_tables(c)
         cos, sin = rope_cos_sin(c, positions, md)  # [n_tables, T, D/2], shared by all layers
         mode, per_layer_window, distinct = attention_windows(c)
+        live_rows = md.cu_q_lens[jnp.asarray(md.num_seqs, jnp.int32).reshape(())]  # rows past it are the bucket's padding
         start = 0
         for group in self.groups:
             graphdef, stacked = nnx.split(group)
@@ -224,7 +225,7 @@ class DecoderLM(nnx.Module):
                 h, pool = carry
                 layer_leaves, layer, rope_i, w, index = xs
                 # one index shared by all quantized weights, so weights fed the same input fuse in one call
-                layer_state = treedef.unflatten([a.at_layer(index) if is_q(a) else i
+                layer_state = treedef.unflatten([a.at_layer(index, live_rows) if is_q(a) else i
                                                  for a, i in zip(leaves, layer_leaves)])
                 window = (("static", distinct[0]) if mode == "static" else ("traced", w) if mode == "traced"
                           else ("switch", (w, distinct)))

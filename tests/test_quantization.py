@@ -347,6 +347,32 @@ def test_amx_large_steps_are_one_bf16_gemm(fmt, monkeypatch):
     assert np.abs(int8 - steps[161]).max() > 1e-4 * np.abs(int8).max()
 
 
+@pytest.mark.parametrize("layout", ["rows", "amx_int8", "amx_bf16"])
+def test_padding_rows_are_not_multiplied(layout):
+    """Rows past a step's live_rows (its padding up to the compiled size) are skipped: each live row's
+    product is bit for bit the one of the whole step, and the padding's outputs are zeros (no row left
+    as whatever the buffer held). amx_bf16: a 96-row step with 1, 17, 67 (a last block of 3 rows, half
+    the tile products) and 80 live rows."""
+    _require_ggml()
+    fmt = "q4_1"
+    stack = np.stack([_random_blocks(fmt, 64, 512, seed) for seed in range(2)])
+    w = QuantizedArray(jnp.asarray(stack), None, None, fmt)
+    t, lives = qm.GGML_MAX_ROWS, (0, 1, 17, qm.GGML_MAX_ROWS - 1)  # past GGML_MAX_ROWS rows take XLA's path
+    if layout != "rows":
+        _require_amx() if layout == "amx_int8" else _require_amx_bf16(fmt)
+        w = qm.pack_for_amx(w)
+    if layout == "amx_bf16":
+        t, lives = 96, (0, 1, 17, 67, 80)
+    xs = jnp.asarray(np.random.default_rng(8).standard_normal((t, 512)).astype(np.float32))
+    run = jax.jit(lambda x, w, i, n: quantized_matmul(x, w.at_layer(i, n)))
+    whole = np.asarray(run(xs, w, jnp.int32(1), jnp.int32(t)))
+    assert np.abs(whole).min(axis=1).max() > 0 and not np.isnan(whole).any()
+    for live in lives:
+        got = np.asarray(run(xs, w, jnp.int32(1), jnp.int32(live)))
+        np.testing.assert_array_equal(got[:live], whole[:live])
+        assert not got[live:].any(), f"padding rows past {live} are not zeros"
+
+
 def test_amx_bf16_gemm_model_agrees_with_goldens(smollm2_gold, monkeypatch):
     """SmolLM2 -q gguf with every step through the bf16 GEMM (threshold lowered to one row): closer to
     HF than ggml's 8-bit activation blocks (97.5 % top-1, 0.038)."""

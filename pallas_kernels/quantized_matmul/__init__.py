@@ -55,21 +55,24 @@ class QuantizedArray:
     int8 / fp8). Leading axes are stacked layers; inside a layer scan `layer` names this layer and
     `data` stays the whole stack (a custom call would otherwise be handed a copied slice).
     amx_in_features: 0, or `in` when data holds the rows repacked into ggml's AMX tile layout
-    (pack_for_amx), which only ggml's CPU kernels read."""
+    (pack_for_amx), which only ggml's CPU kernels read.
+    live_rows: None, or (set with the layer inside a step) how many leading rows of the input are live;
+    the rest is the step's padding up to its compiled size, which ggml's kernels skip (zero outputs)."""
 
     data: jax.Array
     scale: jax.Array | None
     layer: jax.Array | None
     fmt: str
     amx_in_features: int = 0
+    live_rows: jax.Array | None = None
 
     @property
     def shape(self) -> tuple[int, ...]:
         lead = self.data.shape[:-1] if self.layer is None else self.data.shape[1:-1]
         return tuple(lead) + (self.amx_in_features or reference.in_features(self.fmt, self.data.shape),)
 
-    def at_layer(self, layer) -> QuantizedArray:
-        return dataclasses.replace(self, layer=layer)
+    def at_layer(self, layer, live_rows=None) -> QuantizedArray:
+        return dataclasses.replace(self, layer=layer, live_rows=live_rows)
 
     def one_layer(self) -> tuple[jax.Array, jax.Array | None]:
         """(data, scale) of this weight alone (sliced out of the stack when `layer` is set)."""
@@ -82,7 +85,7 @@ class QuantizedArray:
         return take(self.data), take(self.scale)
 
 
-jax.tree_util.register_dataclass(QuantizedArray, data_fields=["data", "scale", "layer"],
+jax.tree_util.register_dataclass(QuantizedArray, data_fields=["data", "scale", "layer", "live_rows"],
                                  meta_fields=["fmt", "amx_in_features"])
 
 
@@ -165,14 +168,16 @@ def dynamic_quantized_matmul(x: jax.Array, fmt: str, data: jax.Array, scale: jax
 
 def _ggml(x: jax.Array, ws: list[QuantizedArray]) -> list[jax.Array]:
     ys = ggml_cpu.mul_mats(x, [(GGML_FORMATS[w.fmt][0], w.data) for w in ws], ws[0].layer,
-                           [bool(w.amx_in_features) for w in ws], bf16_min_rows=_amx_bf16_min_rows())
+                           [bool(w.amx_in_features) for w in ws], bf16_min_rows=_amx_bf16_min_rows(),
+                           live_rows=ws[0].live_rows)
     return [y.astype(x.dtype) for y in ys]
 
 
 def quantized_matmuls(x: jax.Array, ws: list[QuantizedArray]) -> list[jax.Array]:
     """[x @ W^T for W in ws]: one ggml call for all of them when each takes the ggml path (q/k/v and
     gate/up share their input), otherwise one matmul each."""
-    if len(ws) <= GGML_MAX_WEIGHTS and all(_use_ggml(x, w) and w.layer is ws[0].layer for w in ws):
+    same_call = lambda w: w.layer is ws[0].layer and w.live_rows is ws[0].live_rows
+    if len(ws) <= GGML_MAX_WEIGHTS and all(_use_ggml(x, w) and same_call(w) for w in ws):
         return _ggml(x, ws)
     return [quantized_matmul(x, w) for w in ws]
 

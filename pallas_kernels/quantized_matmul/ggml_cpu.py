@@ -100,16 +100,20 @@ def poll() -> int:
 
 
 def mul_mats(x: jax.Array, weights: list[tuple[int, jax.Array]], layer: jax.Array | None,
-             amx: list[bool] | None = None, bf16_min_rows: int = 0) -> list[jax.Array]:
+             amx: list[bool] | None = None, bf16_min_rows: int = 0,
+             live_rows: jax.Array | None = None) -> list[jax.Array]:
     """x [T, in] f32 @ W_i^T -> [T, out_i] f32 for each (ggml type, W_i [out_i, row_bytes]) in one call
     (one ggml graph: the thread pool wakes once). W_i may be [L, out_i, row_bytes] with `layer` picking
     one: the stack is passed whole, so a layer scan never copies a slice of it out. amx[i]: W_i is in
     the AMX tile layout (amx_pack). bf16_min_rows: steps of at least this many rows multiply Q4_0 / Q4_1
     / Q8_0 weights in the AMX layout as one bf16 tile GEMM (amx_bf16.cc, where built), x and the weight
-    rounded to bfloat16; 0 keeps ggml's int8 kernels at every size."""
+    rounded to bfloat16; 0 keeps ggml's int8 kernels at every size. live_rows (a traced scalar): rows of
+    x past it are padding, not multiplied, and their outputs are zeros."""
     if any(data.ndim == 3 for _, data in weights) and layer is None:
         raise ValueError("a stacked weight needs the layer index")
-    index = jnp.zeros((), jnp.int32) if layer is None else jnp.asarray(layer, jnp.int32).reshape(())
+    index = jnp.zeros((1,), jnp.int32) if layer is None else jnp.asarray(layer, jnp.int32).reshape(1)
+    if live_rows is not None:
+        index = jnp.concatenate([index, jnp.asarray(live_rows, jnp.int32).reshape(1)])
     outs = [jax.ShapeDtypeStruct((x.shape[0], data.shape[-2]), jnp.float32) for _, data in weights]
     return jax.ffi.ffi_call(TARGET, outs, has_side_effect=False)(
         x.astype(jnp.float32), index, *[data for _, data in weights],

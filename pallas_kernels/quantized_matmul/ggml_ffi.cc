@@ -3,7 +3,8 @@
 // thread pool wakes once for them.
 //
 //   x:       f32 [T, K]
-//   layer:   s32 scalar
+//   layer:   s32 [1] (the stack's layer), or [2]: the layer, then the step's live rows (rows of x past
+//            it are padding: no product is computed for them, their outputs are zeros)
 //   w_1..n:  u8 [N_i, row_bytes_i] or [L, N_i, row_bytes_i] (a stack of layers; `layer` picks one, so a
 //            layer scan passes the stack whole instead of copying a slice out every layer)
 //   y_1..n:  f32 [T, N_i]
@@ -21,7 +22,9 @@
 // where the row-layout kernels of most block formats (Q4_1, the K-quants) are one dot per row. Large
 // steps of Q4_0 / Q4_1 / Q8_0 AMX weights go to a bf16 tile GEMM instead (amx_bf16.cc): x is
 // converted once to bf16 by ggml, then each weight's product runs as a custom op on ggml's pool.
+#include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <mutex>
 #include <vector>
 
@@ -169,16 +172,29 @@ ffi::Error MulMats(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> layer, ffi::Re
   const auto xd = x.dimensions();
   if (xd.size() != 2) return ffi::Error::InvalidArgument("jaxllm_ggml_mul_mat: x must be [T, K]");
   const int64_t t = xd[0], k = xd[1];
+  // Only the live rows are multiplied: a step padded up to its compiled bucket (67 rows run as 96)
+  // would otherwise pay for every padding row in every projection.
+  const int64_t live = layer.element_count() >= 2 ? std::clamp<int64_t>(layer.typed_data()[1], 0, t) : t;
   const size_t n_weights = weights.size();
   if (n_weights == 0 || outs.size() != n_weights || ggml_types.size() != n_weights || amx.size() != n_weights ||
       n_weights > kMaxWeights) {
     return ffi::Error::InvalidArgument("jaxllm_ggml_mul_mat: one output, one ggml type and one layout per weight (at most 4)");
   }
 
+  for (size_t i = 0; i < n_weights; ++i) {  // padding rows' outputs are zeros
+    auto y = outs.get<ffi::AnyBuffer>(i);
+    if (!y.has_value() || (t > 0 && (*y)->element_count() % t != 0)) {
+      return ffi::Error::InvalidArgument("jaxllm_ggml_mul_mat: bad output buffer");
+    }
+    const int64_t n = t > 0 ? (*y)->element_count() / t : 0;
+    std::memset(static_cast<float*>((*y)->untyped_data()) + live * n, 0, (t - live) * n * sizeof(float));
+  }
+  if (live == 0) return ffi::Error::Success();
+
   std::lock_guard<std::recursive_mutex> lock(mu);  // the arena
   ggml_init_params init = {sizeof(arena), arena, /*no_alloc=*/true};
   ggml_context* ctx = ggml_init(init);
-  ggml_tensor* xt = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, k, t);
+  ggml_tensor* xt = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, k, live);
   xt->data = const_cast<float*>(x.typed_data());
   ggml_cgraph* graph = ggml_new_graph_custom(ctx, 2 * kMaxWeights + 2, false);
   ggml_tensor* xt_bf16 = nullptr;  // made by the first weight that takes the bf16 GEMM
@@ -203,14 +219,14 @@ ffi::Error MulMats(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> layer, ffi::Re
     wt->data = static_cast<uint8_t*>(w->untyped_data()) + index * n * row_bytes;
     if (amx[i] && bf16_min_rows > 0 && t >= bf16_min_rows && amx_bf16_takes(type)) {
       if (xt_bf16 == nullptr) {
-        const size_t rows = (t + 31) / 32 * 32;
-        if (x_bf16.size() < rows * k) x_bf16.resize(rows * k);  // rows past t: read by the last block's tiles, their products dropped
-        ggml_tensor* dst = ggml_new_tensor_2d(ctx, GGML_TYPE_BF16, k, t);
+        const size_t rows = (live + 31) / 32 * 32;
+        if (x_bf16.size() < rows * k) x_bf16.resize(rows * k);  // rows past live: read by the last block's tiles, their products dropped
+        ggml_tensor* dst = ggml_new_tensor_2d(ctx, GGML_TYPE_BF16, k, live);
         dst->data = x_bf16.data();
         xt_bf16 = ggml_cpy(ctx, xt, dst);
       }
       ggml_tensor* args[2] = {wt, xt_bf16};
-      ggml_tensor* yt = ggml_custom_4d(ctx, GGML_TYPE_F32, n, t, 1, 1, args, 2, run_amx_bf16, GGML_N_TASKS_MAX, nullptr);
+      ggml_tensor* yt = ggml_custom_4d(ctx, GGML_TYPE_F32, n, live, 1, 1, args, 2, run_amx_bf16, GGML_N_TASKS_MAX, nullptr);
       yt->data = (*y)->untyped_data();
       ggml_build_forward_expand(graph, yt);
       continue;
