@@ -27,6 +27,7 @@ class RequestMetrics:
     finished_time: float | None = None
     num_preemptions: int = 0
     num_generation_tokens: int = 0  # tokens sampled so far, all of the request's sequences together
+    max_tokens_param: int | None = None  # the request's max_tokens (its default resolved), as vLLM records it
 
 
 @dataclass

@@ -117,6 +117,8 @@ class Metrics:
         self.request_generation_tokens = histogram("vllm:request_generation_tokens",
                                                    "Generated tokens per request (all its choices).", _TOKEN_BUCKETS)
         self.request_params_n = histogram("vllm:request_params_n", "Choices (n) per request.", _N_BUCKETS)
+        self.request_params_max_tokens = histogram("vllm:request_params_max_tokens", "max_tokens per request.",
+                                                   _TOKEN_BUCKETS)
         r.register(_EngineCollector(self))
         self._lock = threading.Lock()
         self._live: dict[str, _Live] = {}
@@ -186,6 +188,8 @@ class Metrics:
         if n_choices:
             self._labels(self.request_generation_tokens).observe(n_tokens)
             self._labels(self.request_params_n).observe(n_choices)
+            if m is not None and m.max_tokens_param is not None:
+                self._labels(self.request_params_max_tokens).observe(m.max_tokens_param)
         scheduled = m.first_scheduled_time if m is not None else None
         if not scheduled:
             return

@@ -199,6 +199,9 @@ class FakeEngine:
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests) or bool(self._aborted)
 
+    def launch_delay(self) -> float:
+        return 0.0  # no step in flight to wait out
+
     def _output(self, rid, r, finish):
         """The output a real engine gives for this request's output_kind (deltas only carry what is new)."""
         import dataclasses

@@ -11,6 +11,7 @@ import pytest
 import models
 from jaxllm import LLM, SamplingParams
 from jaxllm.engine.async_engine import AsyncEngine
+from jaxllm.engine.data_parallel import DataParallelEngine
 from jaxllm.engine.engine import _sibling_seed
 from jaxllm.engine.launch_pacer import LaunchPacer
 from jaxllm.sampling_params import RequestOutputKind
@@ -288,6 +289,28 @@ def test_every_step_reports_its_dispatch_and_fetch_to_the_launch_pacer(tiny):
     # (the tiny model's steps may end before their fetch, so which buckets got measured is left open)
     assert eng.pacer._host_s is not None and eng.pacer._last_end > started
     assert eng.launch_delay() == 0.0  # idle: nothing in flight
+
+
+def test_data_parallel_front_waits_for_its_soonest_busy_replica():
+    """--data-parallel-size: one step() steps every replica, so the front holds the next dispatch only
+    as long as the busy replica whose step in flight ends first allows; idle replicas do not count."""
+    class Replica:
+        def __init__(self, busy, delay):
+            self.busy, self.delay = busy, delay
+
+        def has_unfinished_requests(self):
+            return self.busy
+
+        def launch_delay(self):
+            return self.delay
+
+    front = DataParallelEngine.__new__(DataParallelEngine)  # the policy alone, without devices
+    front.replicas = [Replica(False, 0.0), Replica(True, 0.03), Replica(True, 0.01)]
+    assert front.launch_delay() == 0.01
+    front.replicas = [Replica(True, 0.03), Replica(False, 0.0)]
+    assert front.launch_delay() == 0.03
+    front.replicas = [Replica(False, 0.0)]
+    assert front.launch_delay() == 0.0
 
 
 class _HeldStub:

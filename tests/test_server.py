@@ -649,6 +649,7 @@ def test_metrics_add_up(client, http):
              "vllm:request_queue_time_seconds_count"]
     # vLLM's per-request histograms: one sample per finished request, sums that add up
     per_request = ["vllm:request_prompt_tokens", "vllm:request_generation_tokens", "vllm:request_params_n",
+                   "vllm:request_params_max_tokens",
                    "vllm:request_inference_time_seconds", "vllm:request_prefill_time_seconds",
                    "vllm:request_decode_time_seconds", "vllm:request_time_per_output_token_seconds",
                    "vllm:request_queue_time_seconds", "vllm:e2e_request_latency_seconds"]
@@ -681,6 +682,7 @@ def test_metrics_add_up(client, http):
     assert d["vllm:request_prompt_tokens_sum"] == prompt_tokens
     assert d["vllm:request_generation_tokens_sum"] == 28
     assert d["vllm:request_params_n_sum"] == 4
+    assert d["vllm:request_params_max_tokens_sum"] == 4 * 7
     # one set of engine timestamps: arrival -> scheduled -> first token -> finished
     assert d["vllm:request_prefill_time_seconds_sum"] > 0 and d["vllm:request_decode_time_seconds_sum"] > 0
     assert d["vllm:request_inference_time_seconds_sum"] == pytest.approx(

@@ -152,9 +152,19 @@ def test_engine_thread_death_fails_streams_and_exits_nonzero():
 
 
 def test_metrics_from_fake_engine(server):
-    text = httpx.get(server.base_url + "/metrics").text
-    assert metric_value(text, "jaxllm:num_compiles", model_name="fake-model") == 3
-    assert metric_value(text, "vllm:request_success_total", finished_reason="length") >= 4
+    """The counters move by exactly this test's own requests (it runs alone as well as after others)."""
+    def scrape(name: str, **labels) -> float:
+        return metric_value(httpx.get(server.base_url + "/metrics").text, name, **labels)
+
+    deadline = time.monotonic() + 20
+    while scrape("vllm:num_requests_running") + scrape("vllm:num_requests_waiting") and time.monotonic() < deadline:
+        time.sleep(0.05)  # earlier tests' requests may still be finishing
+    before = scrape("vllm:request_success_total", finished_reason="length")
+    client = openai.OpenAI(base_url=server.base_url + "/v1", api_key=KEY)
+    for _ in range(2):
+        assert client.completions.create(model="fake-model", prompt="hi", max_tokens=3).choices[0].finish_reason == "length"
+    assert scrape("vllm:request_success_total", finished_reason="length") - before == 2
+    assert scrape("jaxllm:num_compiles", model_name="fake-model") == 3
 
 
 def test_grafana_dashboard_uses_exported_metrics(server):

@@ -259,8 +259,7 @@ class AsyncEngine:
             wait = _IDLE_WAIT_S
         else:  # async scheduling: hold the next dispatch until the step in flight nearly ends, so that
             # a request arriving meanwhile joins it (LaunchPacer); the first command ends the wait
-            launch_delay = getattr(engine, "launch_delay", None)
-            wait = launch_delay() if launch_delay is not None else 0.0
+            wait = engine.launch_delay()
         if not self._drain_commands(wait):
             return False
         if engine.has_unfinished_requests():

@@ -69,6 +69,11 @@ class DataParallelEngine:
     def has_unfinished_requests(self) -> bool:
         return any(e.has_unfinished_requests() for e in self.replicas)
 
+    def launch_delay(self) -> float:
+        """The shortest of the busy replicas' delays (LLMEngine.launch_delay): step() steps them all, so
+        none may go out later than its own step in flight allows."""
+        return min((e.launch_delay() for e in self.replicas if e.has_unfinished_requests()), default=0.0)
+
     def reset_prefix_cache(self) -> int:
         return sum(e.reset_prefix_cache() for e in self.replicas)
 

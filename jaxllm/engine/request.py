@@ -168,7 +168,7 @@ class Request:
 
     def __post_init__(self):
         if self.metrics is None:
-            self.metrics = RequestMetrics(arrival_time=self.arrival_time)
+            self.metrics = RequestMetrics(arrival_time=self.arrival_time, max_tokens_param=self.max_tokens)
 
     @property
     def num_prompt_tokens(self) -> int:
