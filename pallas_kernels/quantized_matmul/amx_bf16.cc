@@ -160,23 +160,15 @@ AMX_BF16_TARGET void amx_bf16_mul_mat(int type, const uint8_t* w, int64_t n, int
       // A last block of at most 16 rows takes half the products (tiles 5 and 7 stay zero, unread): a
       // step just past a multiple of 32 rows would otherwise pay for 16 rows it does not have.
       const bool half = m - m0 <= 16;
-      if (half) {
-        for (int64_t kb = 0; kb < kb_count; ++kb) {
-          _tile_loadd(0, a0 + kb * 32, k * 2);
-          _tile_loadd(2, b0 + kb * 512, 64);
-          _tile_loadd(3, b1 + kb * 512, 64);
-          _tile_dpbf16ps(4, 0, 2);
-          _tile_dpbf16ps(6, 0, 3);
-        }
-      } else {
-        for (int64_t kb = 0; kb < kb_count; ++kb) {
-          _tile_loadd(0, a0 + kb * 32, k * 2);
+      for (int64_t kb = 0; kb < kb_count; ++kb) {
+        _tile_loadd(0, a0 + kb * 32, k * 2);
+        _tile_loadd(2, b0 + kb * 512, 64);
+        _tile_loadd(3, b1 + kb * 512, 64);
+        _tile_dpbf16ps(4, 0, 2);
+        _tile_dpbf16ps(6, 0, 3);
+        if (!half) {
           _tile_loadd(1, a1 + kb * 32, k * 2);
-          _tile_loadd(2, b0 + kb * 512, 64);
-          _tile_loadd(3, b1 + kb * 512, 64);
-          _tile_dpbf16ps(4, 0, 2);
           _tile_dpbf16ps(5, 1, 2);
-          _tile_dpbf16ps(6, 0, 3);
           _tile_dpbf16ps(7, 1, 3);
         }
       }

@@ -181,16 +181,6 @@ ffi::Error MulMats(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> layer, ffi::Re
     return ffi::Error::InvalidArgument("jaxllm_ggml_mul_mat: one output, one ggml type and one layout per weight (at most 4)");
   }
 
-  for (size_t i = 0; i < n_weights; ++i) {  // padding rows' outputs are zeros
-    auto y = outs.get<ffi::AnyBuffer>(i);
-    if (!y.has_value() || (t > 0 && (*y)->element_count() % t != 0)) {
-      return ffi::Error::InvalidArgument("jaxllm_ggml_mul_mat: bad output buffer");
-    }
-    const int64_t n = t > 0 ? (*y)->element_count() / t : 0;
-    std::memset(static_cast<float*>((*y)->untyped_data()) + live * n, 0, (t - live) * n * sizeof(float));
-  }
-  if (live == 0) return ffi::Error::Success();
-
   std::lock_guard<std::recursive_mutex> lock(mu);  // the arena
   ggml_init_params init = {sizeof(arena), arena, /*no_alloc=*/true};
   ggml_context* ctx = ggml_init(init);
@@ -215,6 +205,9 @@ ffi::Error MulMats(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> layer, ffi::Re
       ggml_free(ctx);
       return ffi::Error::InvalidArgument("jaxllm_ggml_mul_mat: a weight's shape does not match x, its type or its output");
     }
+    // padding rows' outputs are zeros
+    std::memset(static_cast<float*>((*y)->untyped_data()) + live * n, 0, (t - live) * n * sizeof(float));
+    if (live == 0) continue;  // nothing to multiply
     ggml_tensor* wt = ggml_new_tensor_2d(ctx, type, k, n);
     wt->data = static_cast<uint8_t*>(w->untyped_data()) + index * n * row_bytes;
     if (amx[i] && bf16_min_rows > 0 && t >= bf16_min_rows && amx_bf16_takes(type)) {
@@ -240,7 +233,8 @@ ffi::Error MulMats(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> layer, ffi::Re
     yt->data = (*y)->untyped_data();
     ggml_build_forward_expand(graph, yt);
   }
-  const ggml_status status = jaxllm_ggml_compute(graph, static_cast<int>(n_threads), static_cast<int>(poll));
+  const ggml_status status =
+      live == 0 ? GGML_STATUS_SUCCESS : jaxllm_ggml_compute(graph, static_cast<int>(n_threads), static_cast<int>(poll));
   ggml_free(ctx);
   if (status != GGML_STATUS_SUCCESS) return ffi::Error::Internal("jaxllm_ggml_mul_mat: ggml_graph_compute failed");
   return ffi::Error::Success();
