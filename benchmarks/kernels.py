@@ -2,6 +2,9 @@
 
   python -m benchmarks.kernels            # full sweep on the default device (GPU / TPU)
   python -m benchmarks.kernels --small    # tiny shapes, reference only: proves it runs (CPU)
+  python -m benchmarks.kernels --backend cpu --dtype float32 --kv-dtype bfloat16 --num-q-heads 9 \
+      --num-kv-heads 3 --head-dim 64 --no-compare --case 60:652 --case 60:652,1:600x7 --case 512:512
+                                          # given batches (q_len:kv_len, xN repeats), SmolLM2's shapes
 
 Decode rows report achieved HBM GB/s (bytes of K/V read + q/out), prefill rows achieved TFLOP/s
 (4 * D * Hq per visible query-key pair; causal pairs only), each next to the device peak. Beside our
@@ -143,6 +146,18 @@ def scenarios(small: bool):
     }
 
 
+def parse_case(text: str) -> list[tuple[int, int]]:
+    """"60:652,1:600x7" -> [(60, 652)] + [(1, 600)] * 7"""
+    seqs = []
+    for part in text.split(","):
+        spec, _, times = part.partition("x")
+        q_len, kv_len = (int(v) for v in spec.split(":"))
+        if not 0 < q_len <= kv_len:
+            raise argparse.ArgumentTypeError(f"--case {part!r}: need 0 < q_len <= kv_len")
+        seqs += [(q_len, kv_len)] * int(times or 1)
+    return seqs
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--small", action="store_true", help="tiny shapes, reference only (runs on CPU)")
@@ -156,6 +171,8 @@ def main(argv=None):
     p.add_argument("--kv-dtype", default=None, help="default: --dtype (int8 / float8_e4m3fn to quantize)")
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--no-compare", action="store_true", help="skip shipped kernels and dense attention")
+    p.add_argument("--case", type=parse_case, action="append", default=None,
+                   help="a batch to time instead of the sweep: q_len:kv_len[xN],... (repeatable)")
     args = p.parse_args(argv)
 
     backend = args.backend or ("reference" if args.small else "auto")
@@ -173,7 +190,7 @@ def main(argv=None):
           f"q {dtype.name} kv {kv_dtype.name} Hq={args.num_q_heads} Hkv={args.num_kv_heads} "
           f"D={args.head_dim} page={args.page_size}")
     print(f"{'case':<34}{'ours ms':>10}{'GB/s':>9}{'TFLOP/s':>9}{'shipped ms':>12}{'dense ms':>10}")
-    for name, cases in scenarios(args.small).items():
+    for name, cases in ({"case": args.case} if args.case else scenarios(args.small)).items():
         for seqs in cases:
             case = make_case(seqs, page_size=args.page_size, dtype=dtype, kv_dtype=kv_dtype, **shape)
             nbytes, flops = traffic(seqs, dtype=dtype, kv_dtype=kv_dtype, **shape)
@@ -190,7 +207,7 @@ def main(argv=None):
                                                                           calls_per_iter=calls)
                     except Exception as e:  # noqa: BLE001 -- a comparison point may not run here
                         other[label] = f"err:{type(e).__name__}"
-            q_len, kv_len = seqs[-1]
+            q_len, kv_len = max(seqs)  # the batch's longest query (a mixed batch's prefill)
             desc = f"{name} b={len(seqs)} q={q_len} kv={kv_len}"
             fmt = lambda x: "-" if x is None else (x if isinstance(x, str) else f"{x * 1e3:.3f}")
             print(f"{desc:<34}{t * 1e3:>10.3f}{nbytes / t / 1e9:>9.1f}{flops / t / 1e12:>9.2f}"

@@ -149,6 +149,28 @@ def test_bfloat16_pool_on_amx_tiles(group, page_size, head_dim, window):
     np.testing.assert_array_equal(np.asarray(one), got[start + 2:start + 3])
 
 
+@pytest.mark.skipif(not _amx_attention(), reason="no AMX-BF16 on this CPU: bfloat16 pools take the vector kernel")
+@pytest.mark.parametrize("window", [None, 40])
+def test_amx_prefill_items_of_many_lane_groups(window):
+    """A long prefill's items hold several lane groups (5 rows each at 3 query heads per KV head), which
+    share each chunk's K and V fetches: every row has the bits it has in a 5-row step of its own (one
+    lane group per item) and as a decode row, and stays within bf16's rounding of float64 attention."""
+    b = make_batch(5, [(240, 600), (1, 300)], group=3, num_kv_heads=3, head_dim=64, kv_dtype=jnp.bfloat16)
+    b.q = np.asarray(jnp.asarray(b.q).astype(jnp.bfloat16).astype(jnp.float32))
+    run = jax.jit(lambda *a: cpu.ragged_paged_attention(*a, sm_scale=0.125, sliding_window=window))
+    got = np.asarray(run(*b.args()))
+    want = naive_attention(b, sm_scale=0.125, sliding_window=window)
+    assert np.abs(got - want).max() <= 4e-3 * np.abs(want).max()
+    pool, table = b.args()[1], jnp.asarray(b.page_table[:1])
+    for start in (0, 5, 117, 235):  # the first lane groups, one inside an item, the last
+        rows = run(jnp.asarray(b.q[start:start + 5]), pool, jnp.array([600 - 240 + start + 5], jnp.int32), table,
+                   jnp.array([0, 5], jnp.int32), jnp.array([1], jnp.int32))
+        np.testing.assert_array_equal(np.asarray(rows)[:5], got[start:start + 5])
+    one = run(jnp.asarray(b.q[150:151]), pool, jnp.array([600 - 240 + 151], jnp.int32), table,
+              jnp.array([0, 1], jnp.int32), jnp.array([1], jnp.int32))
+    np.testing.assert_array_equal(np.asarray(one)[:1], got[150:151])
+
+
 def test_bfloat16_pool_writes_in_place_as_the_scatter_would():
     """write_kv into a bfloat16 pool on CPU is a custom call aliasing the pool (XLA:CPU's bf16 scatter
     converts the whole pool to float32 and back): the same bits as the scatter, padding slots unwritten,

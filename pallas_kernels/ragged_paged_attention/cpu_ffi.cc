@@ -47,6 +47,11 @@ namespace {
 
 constexpr int kRows = 4;  // rows of one sequence per item, sharing each gathered tile
 
+// attend_amx: rows of one lane group (as many query rows as fill 16 lanes with their group's heads), and
+// the most lane groups one item takes
+inline int64_t lane_group_rows(int64_t group) { return std::max<int64_t>(1, 16 / group); }
+constexpr int64_t kMaxLaneGroups = 8;
+
 // A unit of work: `count` consecutive rows (from `row`) of sequence `seq`, for KV heads `kv_head` ..
 // `kv_head + heads - 1` (heads > 1 only for attend_amx: a decode row's query heads fill one tile).
 struct Item {
@@ -270,15 +275,26 @@ inline int64_t column_of(int64_t x) {
   return x / 32 * 32 + 8 * (n / 4) + 4 * ((x / 16) % 2) + n % 4;
 }
 
+// One lane group's queries and running softmax state.
+struct LaneGroup {
+  alignas(64) int32_t first[16];  // each lane's keys: [first, last)
+  alignas(64) int32_t last[16];
+  alignas(64) float m[16];        // the running max and sum of weights, per lane
+  alignas(64) float l[16];
+  int64_t row, lanes;
+};
+
 struct AmxScratch {
-  std::vector<uint16_t> qt;   // per KV head: Q^T as D / 32 B tiles [16 d pairs][16 lanes][2], zero in
-                              // the other heads' lanes
+  std::vector<LaneGroup> groups;
+  std::vector<uint16_t> qt;   // per lane group and KV head: Q^T as D / 32 B tiles [16 d pairs][16 lanes][2],
+                              // zero in the other heads' lanes
   std::vector<float> st;      // S^T of a chunk [kChunk + 16][16] (a tile's spare rows land past its keys)
   std::vector<uint16_t> pa;   // per KV head: P as kChunk / 32 A tiles [16 lanes][32 keys], zero in the
                               // other heads' lanes
   std::vector<uint16_t> vb;   // per KV head: V as (kChunk / 32) x (D / 16) B tiles [16 key pairs][16 d][2]
   std::vector<uint16_t> kpad; // a tile cut short by its page, zero-padded [16][D]
-  std::vector<float> out, pv; // [16][D]: the lanes' running sums, a chunk's product
+  std::vector<float> out;     // per lane group [16][D]: the lanes' running sums
+  std::vector<float> pv;      // [16][D]: a chunk's product
   const uint16_t* krows[kChunk];  // the chunk's K and V rows in the pool
   const uint16_t* vrows[kChunk];
 };
@@ -297,8 +313,38 @@ AMX_TARGET inline __m512 exp_weights(__m512 x) {
   return _mm512_maskz_scalef_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(-std::numeric_limits<float>::infinity()), _CMP_NEQ_OQ), p, n);
 }
 
+// The 16 x 16 transpose of 32-bit lanes, in place: r[j] lane i <- r[i] lane j. In 4 x 4 blocks of rows
+// within each 128-bit lane (unpacks of 32, then 64 bits), then the 4 x 4 transpose of those lanes.
+AMX_TARGET inline void transpose16(__m512i r[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {  // r[i + c], 128-bit lane L: column 4L + c of rows i .. i + 3
+    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  for (int c = 0; c < 4; ++c) {
+    const __m512i a0 = _mm512_shuffle_i32x4(r[c], r[4 + c], 0x88), a1 = _mm512_shuffle_i32x4(r[c], r[4 + c], 0xdd);
+    const __m512i b0 = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0x88), b1 = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0xdd);
+    t[c] = _mm512_shuffle_i32x4(a0, b0, 0x88);
+    t[4 + c] = _mm512_shuffle_i32x4(a1, b1, 0x88);
+    t[8 + c] = _mm512_shuffle_i32x4(a0, b0, 0xdd);
+    t[12 + c] = _mm512_shuffle_i32x4(a1, b1, 0xdd);
+  }
+  for (int i = 0; i < 16; ++i) r[i] = t[i];
+}
+
 // kMulti: the item may hold several KV heads (a decode row); compiled apart so that one-head items keep
 // the loops of a single head (their prefill ran ~10 % slower through the general ones).
+// A one-head item holds up to kMaxLaneGroups lane groups of consecutive rows of one sequence: a chunk's
+// K and V rows are fetched and V paired once for all of them, the later groups reading K from cache.
+// Each group's lanes take exactly the steps of that group alone (its own keys, chunks and tiles): the
+// shared V pairs hold keys another group owns where a group alone holds zeros, and those keys' weights
+// are 0 in its P, so its products add the same zeros.
 template <bool kMulti>
 AMX_TARGET void attend_amx_heads(const Problem& p, int64_t item) {
   const Item it = p.items[item];
@@ -306,38 +352,54 @@ AMX_TARGET void attend_amx_heads(const Problem& p, int64_t item) {
   const int64_t heads = kMulti ? it.heads : 1, per_row = group * heads;
   // a lane's KV head, counted from h
   const auto head_of = [&](int64_t lane) -> int64_t { return kMulti ? lane % per_row / group : 0; };
-  const int64_t s = p.page_size, lanes = it.count * per_row, kv_len = p.kv_lens[seq];
+  const int64_t group_rows = kMulti ? 1 : lane_group_rows(group);
+  const int64_t num_groups = (it.count + group_rows - 1) / group_rows;
+  const int64_t s = p.page_size, kv_len = p.kv_lens[seq];
   const int64_t stride = 2 * p.num_kv_heads * d;  // between consecutive tokens' rows
   const int32_t* pages = p.page_table + seq * p.max_pages;
-  static thread_local AmxScratch sc;
+  static thread_local AmxScratch tls;
+  // one thread-local lookup per item: opaque to the compiler, which would otherwise look it up again
+  // inside the loops (a library's thread-locals are found by a call)
+  AmxScratch* scratch = &tls;
+  asm("" : "+r"(scratch));
+  AmxScratch& sc = *scratch;
   // Lanes are (row, head, query of the group); each head's Q^T and P tiles hold only its own lanes, so
   // its products add exact zeros to the others' (a lane's result is the same in any item).
-  sc.qt.assign(heads * d * 16, 0);
+  sc.groups.resize(num_groups);
+  sc.qt.assign(num_groups * heads * d * 16, 0);
   sc.st.resize((kChunk + 16) * 16);
   sc.pa.resize(heads * kChunk * 16);
   sc.vb.resize(heads * kChunk * d);
   sc.kpad.resize(16 * d);
-  sc.out.assign(16 * d, 0.0f);
+  sc.out.assign(num_groups * 16 * d, 0.0f);
   sc.pv.resize(16 * d);
-  alignas(64) int32_t first[16], last[16];  // each lane's keys: [first, last)
-  for (int64_t j = 0; j < 16; ++j) {
-    first[j] = last[j] = 0;
-    if (j >= lanes) continue;
-    const int64_t row = it.row + j / per_row, hh = head_of(j), g = j % group;
-    const int64_t pos = p.row_pos[row];
-    last[j] = static_cast<int32_t>(std::min<int64_t>(pos + 1, kv_len));
-    first[j] = static_cast<int32_t>(p.window > 0 ? std::max<int64_t>(0, pos - p.window + 1) : 0);
-    // the lane's q as bf16 pairs (32-bit), spread down column j of its head's Q^T tiles
-    const float* q = p.q + (row * p.num_q_heads + (h + hh) * group + g) * d;
-    uint32_t* qt = reinterpret_cast<uint32_t*>(sc.qt.data()) + hh * d * 8;
-    for (int64_t c = 0; c < d; c += 32) {
-      alignas(64) uint32_t pairs[16];
-      _mm512_store_si512(pairs, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(_mm512_loadu_ps(q + c + 16), _mm512_loadu_ps(q + c))));
-      for (int64_t dp = 0; dp < 16; ++dp) qt[(c / 32) * 256 + dp * 16 + j] = pairs[dp];
+  for (int64_t gi = 0; gi < num_groups; ++gi) {
+    LaneGroup& lg = sc.groups[gi];
+    lg.row = it.row + gi * group_rows;
+    lg.lanes = std::min<int64_t>(group_rows, it.count - gi * group_rows) * per_row;
+    for (int64_t j = 0; j < 16; ++j) {
+      lg.first[j] = lg.last[j] = 0;
+      lg.m[j] = -std::numeric_limits<float>::infinity();
+      lg.l[j] = 0.0f;
+      if (j >= lg.lanes) continue;
+      const int64_t row = lg.row + j / per_row, hh = head_of(j), g = j % group;
+      const int64_t pos = p.row_pos[row];
+      lg.last[j] = static_cast<int32_t>(std::min<int64_t>(pos + 1, kv_len));
+      lg.first[j] = static_cast<int32_t>(p.window > 0 ? std::max<int64_t>(0, pos - p.window + 1) : 0);
+      // the lane's q as bf16 pairs (32-bit), spread down column j of its head's Q^T tiles
+      const float* q = p.q + (row * p.num_q_heads + (h + hh) * group + g) * d;
+      uint32_t* qt = reinterpret_cast<uint32_t*>(sc.qt.data()) + (gi * heads + hh) * d * 8;
+      for (int64_t c = 0; c < d; c += 32) {
+        alignas(64) uint32_t pairs[16];
+        _mm512_store_si512(pairs, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(_mm512_loadu_ps(q + c + 16), _mm512_loadu_ps(q + c))));
+        for (int64_t dp = 0; dp < 16; ++dp) qt[(c / 32) * 256 + dp * 16 + j] = pairs[dp];
+      }
     }
   }
-  const int64_t begin = first[0], end = last[lanes - 1];  // rows are consecutive positions
+  // the item's keys: rows are consecutive positions, so the first lane's first and the last lane's last
+  const int64_t begin = sc.groups[0].first[0], end = sc.groups[num_groups - 1].last[sc.groups[num_groups - 1].lanes - 1];
   if (kMulti && heads > 1) {  // the lanes' rows of every P tile a chunk writes start at zero
+    const int64_t lanes = sc.groups[0].lanes;
     const int64_t blocks = std::min<int64_t>(kChunk, end - begin / kChunk * kChunk + 31) / 32;
     for (int64_t hh = 0; hh < heads; ++hh) {
       for (int64_t b = 0; b < blocks; ++b) {
@@ -345,91 +407,29 @@ AMX_TARGET void attend_amx_heads(const Problem& p, int64_t item) {
       }
     }
   }
-  const __m512i firstv = _mm512_load_si512(first), lastv = _mm512_load_si512(last);
   const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-  __m512 m = neg_inf, l = _mm512_setzero_ps();
   // pairs the two 16-value halves of one vector of 32 bf16 as the 32-bit lanes of a tile row
   const __m512i lanes_paired = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
                                                 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
   for (int64_t c0 = begin / kChunk * kChunk; c0 < end; c0 += kChunk) {
-    const int64_t k0 = std::max(c0, begin), k1 = std::min<int64_t>(c0 + kChunk, end);
+    const int64_t u0 = std::max(c0, begin), u1 = std::min<int64_t>(c0 + kChunk, end);  // the item's keys here
     // each key's K row (V follows it), one page lookup per page
-    for (int64_t t = k0; t < k1;) {
-      const int64_t page_first = t / s * s, n = std::min(page_first + s, k1) - t;
+    for (int64_t t = u0; t < u1;) {
+      const int64_t page_first = t / s * s, n = std::min(page_first + s, u1) - t;
       const uint16_t* k = p.bf16 + (static_cast<int64_t>(pages[t / s]) * s + t - page_first) * stride + 2 * h * d;
       for (int64_t j = 0; j < n; ++j) sc.krows[t - c0 + j] = k + j * stride, sc.vrows[t - c0 + j] = k + j * stride + d;
       t += n;
     }
-    // S^T of the chunk's keys, a tile at a time (a tile stays inside one page)
-    for (int64_t t = k0; t < k1;) {
-      const int64_t n = std::min<int64_t>({16 - t % 16, k1 - t, s - t % s});
-      // a decode row's item (the only one to read its keys, from memory): the next tile's K and V rows
-      // of its heads (V is read after the chunk's scores, from cache); the paged rows are strided,
-      // which the hardware prefetcher follows poorly (16 decode rows over 579 keys: 27 -> 19 ms)
-      if (it.count == 1) {
-        for (int64_t r = t + n; r < std::min<int64_t>(t + n + 16, k1); ++r) {
-          const char* row = reinterpret_cast<const char*>(sc.krows[r - c0]);
-          for (int64_t b = 0; b < heads * 4 * d; b += 64) _mm_prefetch(row + b, _MM_HINT_T0);
-        }
-      }
-      _tile_zero(0);
-      for (int64_t hh = 0; hh < heads; ++hh) {
-        const uint16_t* k = sc.krows[t - c0] + 2 * hh * d;
-        int64_t ld = stride;
-        if (n < 16) {  // whole tiles only: rows past the page are not ours to read
-          for (int64_t r = 0; r < 16; ++r) {
-            const uint16_t* src = r < n ? sc.krows[t - c0 + r] + 2 * hh * d : nullptr;
-            if (src) std::copy(src, src + d, sc.kpad.data() + r * d);
-            else std::fill(sc.kpad.data() + r * d, sc.kpad.data() + (r + 1) * d, 0);
-          }
-          k = sc.kpad.data();
-          ld = d;
-        }
-        for (int64_t c = 0; c < d; c += 32) {
-          _tile_loadd(1, k + c, ld * 2);
-          _tile_loadd(2, sc.qt.data() + hh * d * 16 + c * 16, 64);
-          _tile_dpbf16ps(0, 1, 2);
-        }
-      }
-      _tile_stored(0, sc.st.data() + (t - c0) * 16, 64);
-      t += n;
-    }
-    // the chunk's max per lane, over its own keys
-    __m512 top = neg_inf;
-    const __m512 scale = _mm512_set1_ps(p.sm_scale);
-    for (int64_t t = k0; t < k1; ++t) {
-      const __m512i key = _mm512_set1_epi32(static_cast<int32_t>(t));
-      const __mmask16 own = _mm512_cmpge_epi32_mask(key, firstv) & _mm512_cmplt_epi32_mask(key, lastv);
-      const __m512 score = _mm512_mask_mul_ps(neg_inf, own, _mm512_loadu_ps(sc.st.data() + (t - c0) * 16), scale);
-      _mm512_storeu_ps(sc.st.data() + (t - c0) * 16, score);
-      top = _mm512_max_ps(top, score);
-    }
-    const __m512 m_new = _mm512_max_ps(m, top);
-    const __mmask16 live = _mm512_cmp_ps_mask(m_new, neg_inf, _CMP_NEQ_OQ);  // lanes with a key so far
-    const __m512 shift = _mm512_maskz_mov_ps(live, m_new);
-    const __m512 corr = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(m, neg_inf, _CMP_NEQ_OQ),
-                                            reinterpret_cast<__m512>(exp_nonpositive(reinterpret_cast<v16>(_mm512_sub_ps(m, shift)))));
-    // P (bf16, A tiles) and V (B tiles) by blocks of 32 keys; keys outside [k0, k1) weigh 0 against 0
-    const int64_t b0 = (k0 - c0) / 32, b1 = (k1 - c0 + 31) / 32;
-    __m512 sum = _mm512_setzero_ps();
-    for (int64_t b = b0; b < b1; ++b) {
-      // [key pair][lane]: P's bf16 pairs, transposed below by scalar moves (an in-register transpose
-      // measured slower: its 64 shuffles compete with the V pairing's for the one shuffle port)
-      alignas(64) uint32_t cols[16][16];
+    // (V[2kp][i], V[2kp+1][i]) pairs by in-lane unpacks, by blocks of 32 keys (keys outside [u0, u1):
+    // zeros): columns of d come out permuted within each 32 (see column_of), the product's columns with
+    // them, undone when the item's output is written
+    for (int64_t b = (u0 - c0) / 32; b < (u1 - c0 + 31) / 32; ++b) {
       for (int64_t kp = 0; kp < 16; ++kp) {
-        __m512 w[2];
-        const uint16_t* vrow[2];  // the pair's V rows in the first head (nullptr: keys not ours, zeros)
+        const uint16_t* vrow[2];
         for (int e = 0; e < 2; ++e) {
           const int64_t t = c0 + b * 32 + 2 * kp + e;
-          const bool own = t >= k0 && t < k1;
-          w[e] = own ? exp_weights(_mm512_sub_ps(_mm512_loadu_ps(sc.st.data() + (t - c0) * 16), shift))
-                     : _mm512_setzero_ps();
-          w[e] = _mm512_maskz_mov_ps(live, w[e]);
-          sum = _mm512_add_ps(sum, w[e]);
-          vrow[e] = own ? sc.vrows[t - c0] : nullptr;
+          vrow[e] = t >= u0 && t < u1 ? sc.vrows[t - c0] : nullptr;
         }
-        // (V[2kp][i], V[2kp+1][i]) pairs by in-lane unpacks: columns of d come out permuted within each
-        // 32 (see column_of), the product's columns with them, undone when the item's output is written
         for (int64_t hh = 0; hh < heads; ++hh) {
           uint16_t* vdst = sc.vb.data() + hh * kChunk * d + (b * (d / 16)) * 512 + kp * 32;
           for (int64_t c = 0; c < d; c += 32) {
@@ -439,58 +439,135 @@ AMX_TARGET void attend_amx_heads(const Problem& p, int64_t item) {
             _mm512_storeu_si512(vdst + (c / 16 + 1) * 512, _mm512_unpackhi_epi16(v0, v1));
           }
         }
-        const __m512i both = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(w[1], w[0]));  // [w0 lanes | w1 lanes]
-        _mm512_store_si512(cols[kp], _mm512_permutexvar_epi16(lanes_paired, both));
-      }
-      // each lane's row in its own head's tile; the other heads' rows stay zero, rows past the lanes
-      // only feed product rows never read
-      for (int64_t j = 0; j < lanes; ++j) {
-        uint32_t* a = reinterpret_cast<uint32_t*>(sc.pa.data() + head_of(j) * kChunk * 16 + b * 512);
-        for (int64_t kp = 0; kp < 16; ++kp) a[j * 16 + kp] = cols[kp][j];
       }
     }
-    l = _mm512_add_ps(_mm512_mul_ps(l, corr), sum);
-    // P . V for the chunk, 4 column tiles (64 of d) at a time
-    for (int64_t c = 0; c < d; c += 64) {
-      const int64_t tiles = std::min<int64_t>(4, (d - c) / 16);
-      _tile_zero(4);
-      _tile_zero(5);
-      _tile_zero(6);
-      _tile_zero(7);
-      for (int64_t b = b0; b < b1; ++b) {
+    for (int64_t gi = 0; gi < num_groups; ++gi) {
+      LaneGroup& lg = sc.groups[gi];
+      const int64_t lanes = lg.lanes;
+      const int64_t k0 = std::max<int64_t>(c0, lg.first[0]), k1 = std::min<int64_t>(c0 + kChunk, lg.last[lanes - 1]);
+      if (k0 >= k1) continue;  // none of the group's keys in this chunk (a group alone never visits it)
+      const uint16_t* qt = sc.qt.data() + gi * heads * d * 16;
+      // S^T of the chunk's keys, a tile at a time (a tile stays inside one page)
+      for (int64_t t = k0; t < k1;) {
+        const int64_t n = std::min<int64_t>({16 - t % 16, k1 - t, s - t % s});
+        // a decode row's item (the only one to read its keys, from memory): the next tile's K and V rows
+        // of its heads (V is read after the chunk's scores, from cache); the paged rows are strided,
+        // which the hardware prefetcher follows poorly (16 decode rows over 579 keys: 27 -> 19 ms)
+        if (it.count == 1) {
+          for (int64_t r = t + n; r < std::min<int64_t>(t + n + 16, k1); ++r) {
+            const char* row = reinterpret_cast<const char*>(sc.krows[r - c0]);
+            for (int64_t b = 0; b < heads * 4 * d; b += 64) _mm_prefetch(row + b, _MM_HINT_T0);
+          }
+        }
+        _tile_zero(0);
         for (int64_t hh = 0; hh < heads; ++hh) {
-          _tile_loadd(3, sc.pa.data() + hh * kChunk * 16 + b * 512, 64);
-          const uint16_t* vt = sc.vb.data() + hh * kChunk * d + (b * (d / 16) + c / 16) * 512;
-          _tile_loadd(2, vt, 64);
-          _tile_dpbf16ps(4, 3, 2);
-          if (tiles > 1) { _tile_loadd(2, vt + 512, 64); _tile_dpbf16ps(5, 3, 2); }
-          if (tiles > 2) { _tile_loadd(2, vt + 1024, 64); _tile_dpbf16ps(6, 3, 2); }
-          if (tiles > 3) { _tile_loadd(2, vt + 1536, 64); _tile_dpbf16ps(7, 3, 2); }
+          const uint16_t* k = sc.krows[t - c0] + 2 * hh * d;
+          int64_t ld = stride;
+          if (n < 16) {  // whole tiles only: rows past the page are not ours to read
+            for (int64_t r = 0; r < 16; ++r) {
+              const uint16_t* src = r < n ? sc.krows[t - c0 + r] + 2 * hh * d : nullptr;
+              if (src) std::copy(src, src + d, sc.kpad.data() + r * d);
+              else std::fill(sc.kpad.data() + r * d, sc.kpad.data() + (r + 1) * d, 0);
+            }
+            k = sc.kpad.data();
+            ld = d;
+          }
+          for (int64_t c = 0; c < d; c += 32) {
+            _tile_loadd(1, k + c, ld * 2);
+            _tile_loadd(2, qt + hh * d * 16 + c * 16, 64);
+            _tile_dpbf16ps(0, 1, 2);
+          }
+        }
+        _tile_stored(0, sc.st.data() + (t - c0) * 16, 64);
+        t += n;
+      }
+      // the chunk's max per lane, over its own keys
+      const __m512i firstv = _mm512_load_si512(lg.first), lastv = _mm512_load_si512(lg.last);
+      __m512 top = neg_inf;
+      const __m512 scale = _mm512_set1_ps(p.sm_scale);
+      for (int64_t t = k0; t < k1; ++t) {
+        const __m512i key = _mm512_set1_epi32(static_cast<int32_t>(t));
+        const __mmask16 own = _mm512_cmpge_epi32_mask(key, firstv) & _mm512_cmplt_epi32_mask(key, lastv);
+        const __m512 score = _mm512_mask_mul_ps(neg_inf, own, _mm512_loadu_ps(sc.st.data() + (t - c0) * 16), scale);
+        _mm512_storeu_ps(sc.st.data() + (t - c0) * 16, score);
+        top = _mm512_max_ps(top, score);
+      }
+      const __m512 m = _mm512_load_ps(lg.m);
+      const __m512 m_new = _mm512_max_ps(m, top);
+      const __mmask16 live = _mm512_cmp_ps_mask(m_new, neg_inf, _CMP_NEQ_OQ);  // lanes with a key so far
+      const __m512 shift = _mm512_maskz_mov_ps(live, m_new);
+      const __m512 corr = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(m, neg_inf, _CMP_NEQ_OQ),
+                                              reinterpret_cast<__m512>(exp_nonpositive(reinterpret_cast<v16>(_mm512_sub_ps(m, shift)))));
+      // P (bf16, A tiles) by blocks of 32 keys; keys outside [k0, k1) weigh 0
+      const int64_t b0 = (k0 - c0) / 32, b1 = (k1 - c0 + 31) / 32;
+      __m512 sum = _mm512_setzero_ps();
+      for (int64_t b = b0; b < b1; ++b) {
+        __m512i cols[16];  // [key pair][lane]: P's bf16 pairs, transposed to [lane][key pair] below
+        for (int64_t kp = 0; kp < 16; ++kp) {
+          __m512 w[2];
+          for (int e = 0; e < 2; ++e) {
+            const int64_t t = c0 + b * 32 + 2 * kp + e;
+            w[e] = t >= k0 && t < k1 ? exp_weights(_mm512_sub_ps(_mm512_loadu_ps(sc.st.data() + (t - c0) * 16), shift))
+                                     : _mm512_setzero_ps();
+            w[e] = _mm512_maskz_mov_ps(live, w[e]);
+            sum = _mm512_add_ps(sum, w[e]);
+          }
+          const __m512i both = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(w[1], w[0]));  // [w0 lanes | w1 lanes]
+          cols[kp] = _mm512_permutexvar_epi16(lanes_paired, both);
+        }
+        transpose16(cols);
+        // each lane's row in its own head's tile; the other heads' rows stay zero, rows past the lanes
+        // only feed product rows never read
+        for (int64_t j = 0; j < lanes; ++j) {
+          _mm512_storeu_si512(sc.pa.data() + head_of(j) * kChunk * 16 + b * 512 + j * 32, cols[j]);
         }
       }
-      _tile_stored(4, sc.pv.data() + c, d * 4);
-      if (tiles > 1) _tile_stored(5, sc.pv.data() + c + 16, d * 4);
-      if (tiles > 2) _tile_stored(6, sc.pv.data() + c + 32, d * 4);
-      if (tiles > 3) _tile_stored(7, sc.pv.data() + c + 48, d * 4);
-    }
-    alignas(64) float corr_lanes[16];
-    _mm512_store_ps(corr_lanes, corr);
-    for (int64_t j = 0; j < lanes; ++j) {
-      const __m512 cj = _mm512_set1_ps(corr_lanes[j]);
-      for (int64_t c = 0; c < d; c += 16) {
-        float* o = sc.out.data() + j * d + c;
-        _mm512_storeu_ps(o, _mm512_fmadd_ps(_mm512_loadu_ps(o), cj, _mm512_loadu_ps(sc.pv.data() + j * d + c)));
+      _mm512_store_ps(lg.l, _mm512_add_ps(_mm512_mul_ps(_mm512_load_ps(lg.l), corr), sum));
+      _mm512_store_ps(lg.m, m_new);
+      // P . V for the chunk, 4 column tiles (64 of d) at a time
+      for (int64_t c = 0; c < d; c += 64) {
+        const int64_t tiles = std::min<int64_t>(4, (d - c) / 16);
+        _tile_zero(4);
+        _tile_zero(5);
+        _tile_zero(6);
+        _tile_zero(7);
+        for (int64_t b = b0; b < b1; ++b) {
+          for (int64_t hh = 0; hh < heads; ++hh) {
+            _tile_loadd(3, sc.pa.data() + hh * kChunk * 16 + b * 512, 64);
+            const uint16_t* vt = sc.vb.data() + hh * kChunk * d + (b * (d / 16) + c / 16) * 512;
+            _tile_loadd(2, vt, 64);
+            _tile_dpbf16ps(4, 3, 2);
+            if (tiles > 1) { _tile_loadd(2, vt + 512, 64); _tile_dpbf16ps(5, 3, 2); }
+            if (tiles > 2) { _tile_loadd(2, vt + 1024, 64); _tile_dpbf16ps(6, 3, 2); }
+            if (tiles > 3) { _tile_loadd(2, vt + 1536, 64); _tile_dpbf16ps(7, 3, 2); }
+          }
+        }
+        _tile_stored(4, sc.pv.data() + c, d * 4);
+        if (tiles > 1) _tile_stored(5, sc.pv.data() + c + 16, d * 4);
+        if (tiles > 2) _tile_stored(6, sc.pv.data() + c + 32, d * 4);
+        if (tiles > 3) _tile_stored(7, sc.pv.data() + c + 48, d * 4);
+      }
+      alignas(64) float corr_lanes[16];
+      _mm512_store_ps(corr_lanes, corr);
+      float* out = sc.out.data() + gi * 16 * d;
+      for (int64_t j = 0; j < lanes; ++j) {
+        const __m512 cj = _mm512_set1_ps(corr_lanes[j]);
+        for (int64_t c = 0; c < d; c += 16) {
+          float* o = out + j * d + c;
+          _mm512_storeu_ps(o, _mm512_fmadd_ps(_mm512_loadu_ps(o), cj, _mm512_loadu_ps(sc.pv.data() + j * d + c)));
+        }
       }
     }
-    m = m_new;
   }
-  alignas(64) float l_lanes[16];
-  _mm512_store_ps(l_lanes, l);
-  for (int64_t j = 0; j < lanes; ++j) {
-    const int64_t row = it.row + j / per_row, hh = head_of(j), g = j % group;
-    float* dst = p.out + (row * p.num_q_heads + (h + hh) * group + g) * d;
-    const float inv = l_lanes[j] > 0.0f ? 1.0f / l_lanes[j] : 0.0f;
-    for (int64_t x = 0; x < d; ++x) dst[column_of(x)] = sc.out[j * d + x] * inv;
+  for (int64_t gi = 0; gi < num_groups; ++gi) {
+    const LaneGroup& lg = sc.groups[gi];
+    const float* out = sc.out.data() + gi * 16 * d;
+    for (int64_t j = 0; j < lg.lanes; ++j) {
+      const int64_t row = lg.row + j / per_row, hh = head_of(j), g = j % group;
+      float* dst = p.out + (row * p.num_q_heads + (h + hh) * group + g) * d;
+      const float inv = lg.l[j] > 0.0f ? 1.0f / lg.l[j] : 0.0f;
+      for (int64_t x = 0; x < d; ++x) dst[column_of(x)] = out[j * d + x] * inv;
+    }
   }
 }
 
@@ -605,9 +682,11 @@ ffi::Error PagedAttention(ffi::Buffer<ffi::F32> q, ffi::AnyBuffer kv_pages, ffi:
       p.row_pos[row] = static_cast<int32_t>(kv_len - (cu[seq + 1] - row));
       work += (p.row_pos[row] + 1) * p.num_kv_heads;
     }
-    // a window's rows do not share the vector kernel's tiles; attend_amx masks each lane's keys
-    const int64_t group = p.num_q_heads / p.num_kv_heads;
-    const int64_t per_item = p.amx ? std::max<int64_t>(1, 16 / group) : p.window > 0 ? 1 : kRows;
+    // a window's rows do not share the vector kernel's tiles; attend_amx masks each lane's keys and
+    // takes several lane groups per item, as many as leave each thread ~4 items of this sequence
+    const int64_t group = p.num_q_heads / p.num_kv_heads, lane_groups = (last - first + lane_group_rows(group) - 1) / lane_group_rows(group);
+    const int64_t per_item = p.amx ? lane_group_rows(group) * std::clamp<int64_t>(lane_groups * p.num_kv_heads / (4 * std::max<int64_t>(n_threads, 1)), 1, kMaxLaneGroups)
+                                   : p.window > 0 ? 1 : kRows;
     // attend_amx: a lone (decode) row takes as many KV heads per item as fill 16 lanes, so the softmax
     // and the weights' pass run once for all of them
     const int64_t heads = p.amx && last - first == 1 ? std::clamp<int64_t>(16 / group, 1, p.num_kv_heads) : 1;
