@@ -698,6 +698,17 @@ ffi::Error PagedAttention(ffi::Buffer<ffi::F32> q, ffi::AnyBuffer kv_pages, ffi:
       }
     }
   }
+  if (work >= kInlineWork && n_threads > 1) {
+    // The threads take items in turn: the costliest first, so that the last ones taken are short and
+    // neither thread is left alone with a long one (8 decode rows over 200-1,000 keys: ~10 % faster).
+    // Each item writes only its own rows, so the order changes no bit.
+    const auto cost = [&](const Item& it) {
+      const int64_t last = p.row_pos[it.row + it.count - 1] + 1;
+      const int64_t first = p.window > 0 ? std::max<int64_t>(0, p.row_pos[it.row] - p.window + 1) : 0;
+      return (last - first) * it.heads * it.count;
+    };
+    std::stable_sort(p.items.begin(), p.items.end(), [&](const Item& a, const Item& b) { return cost(a) > cost(b); });
+  }
   if (work < kInlineWork || n_threads <= 1) {
     run_share(nullptr, 0, 1, &p);
     return ffi::Error::Success();
