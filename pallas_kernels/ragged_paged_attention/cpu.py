@@ -21,7 +21,13 @@ decode is faster. 30 layers of SmolLM2's shapes on the 2-core dev VM (custom cal
 
 bfloat16 pools on CPUs with AMX-BF16 run on the tile units (cpu_ffi.cc's attend_amx: q and the softmax
 weights rounded to bf16, float32 sums; JAXLLM_AMX_BF16=0 keeps the vector tiles): a 512-token prefill
-~50 ms where the float32 pool's vector tiles take ~105, 16 rows over 230 keys ~9 ms (2026-12-02). Their
+~50 ms where the float32 pool's vector tiles take ~105, 16 rows over 230 keys ~9 ms (2026-12-02). A
+prefill's item there holds up to 8 lane groups of rows, which fetch each chunk's K / V rows and pair V
+once for all of them (same bits per row); one layer of SmolLM2's shapes on a slow day of the VM
+(`python -m benchmarks.kernels --backend cpu --dtype float32 --kv-dtype bfloat16 --num-q-heads 9
+--num-kv-heads 3 --head-dim 64 --no-compare --case ...`, three runs alternating with the previous build,
+2026-12-03): 60 rows over 652 keys 0.46-0.50 -> 0.31-0.41 ms, the same beside 7 decode rows 0.64-0.72 ->
+0.50-0.53 ms, a 512-token prefill 1.9-2.9 -> 1.3-1.4 ms, a 2,000-token prefill 24-36 -> 13-14 ms. Their
 writes go through write_kv here too: XLA:CPU's bfloat16 scatter converts the whole pool around it.
 """
 
