@@ -451,8 +451,11 @@ AMX_TARGET void attend_amx_heads(const Problem& p, int64_t item) {
       for (int64_t t = k0; t < k1;) {
         const int64_t n = std::min<int64_t>({16 - t % 16, k1 - t, s - t % s});
         // a decode row's item (the only one to read its keys, from memory): the next tile's K and V rows
-        // of its heads (V is read after the chunk's scores, from cache); the paged rows are strided,
-        // which the hardware prefetcher follows poorly (16 decode rows over 579 keys: 27 -> 19 ms)
+        // of its heads; the paged rows are strided, which the hardware prefetcher follows poorly (16
+        // decode rows over 579 keys: 27 -> 19 ms, when V was paired after the chunk's scores). Since V
+        // is paired first, for all lane groups, only the K rows are still ahead here; with 8 rows over
+        // 800 keys bound by memory bandwidth, these prefetches, other hints (T1, NTA) or none measured
+        // the same (2026-12-03)
         if (it.count == 1) {
           for (int64_t r = t + n; r < std::min<int64_t>(t + n + 16, k1); ++r) {
             const char* row = reinterpret_cast<const char*>(sc.krows[r - c0]);
