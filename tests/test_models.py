@@ -40,9 +40,9 @@ class PagedRunner:
         self.kv = jnp.zeros(self.cfg.kv_pool_shape(max_seqs * pages_per_seq, PAGE), model.dtype)
         self.page_table = np.arange(max_seqs * pages_per_seq, dtype=np.int32).reshape(max_seqs, pages_per_seq)
 
-    def step(self, chunks: list[tuple[int, list[int], int]]) -> np.ndarray:
+    def step(self, chunks: list[tuple[int, list[int], int]], every_row: bool = False) -> np.ndarray:
         """chunks: (seq slot, new token ids, tokens already cached) -> float32 logits [len(chunks), V]
-        at each chunk's last row."""
+        at each chunk's last row, or [total new tokens, V] at every row."""
         ids, pos, slots, cu, kv_lens, rows = [], [], [], [0], [], []
         for seq, toks, cached in chunks:
             for j, t in enumerate(toks):
@@ -52,7 +52,7 @@ class PagedRunner:
                 slots.append(int(self.page_table[seq, p // PAGE]) * PAGE + p % PAGE)
             cu.append(cu[-1] + len(toks))
             kv_lens.append(cached + len(toks))
-            rows.append(cu[-1] - 1)
+            rows += list(range(cu[-2], cu[-1])) if every_row else [cu[-1] - 1]
         n = len(chunks)
         # Pad rows to a multiple of 8 and sequences to max_seqs, as the engine's buckets do.
         t_pad = -(-len(ids) // 8) * 8

@@ -89,20 +89,27 @@ def test_ggml_matmul_matches_reference(fmt):
                                atol=1e-4 * np.abs(xs @ w1.T).max())
 
 
-def _teacher_forced(model, gold) -> tuple[float, float]:
+def _teacher_forced(model, gold, one_step: bool = False) -> tuple[float, float]:
     """Top-1 agreement with HF's greedy tokens, fed HF's tokens (so one miss does not derail the rest),
-    and the mean |logprob difference| of those tokens."""
+    and the mean |logprob difference| of those tokens. one_step: prompt and HF's tokens as one prefill
+    chunk, logits at every row, for paths whose cost is per step (XLA dequantizing every weight) rather
+    than per row; otherwise one decode step per token, as serving runs them."""
     runner = PagedRunner(model)
     agree, deltas = [], []
     for seq, case in enumerate(gold["cases"]):
         prompt, want = case["prompt_ids"], case["output_ids"]
-        logits = runner.step([(seq, prompt, 0)])[0]
-        for i, tok in enumerate(want):
+        if one_step:
+            every = runner.step([(seq, prompt + want[:-1], 0)], every_row=True)
+            per_token = every[len(prompt) - 1:]
+            assert len(per_token) == len(want)
+        else:
+            per_token = [runner.step([(seq, prompt, 0)])[0]]
+            for i, tok in enumerate(want[:-1]):
+                per_token.append(runner.step([(seq, [tok], len(prompt) + i)])[0])
+        for i, (logits, tok) in enumerate(zip(per_token, want, strict=True)):
             lp = log_softmax(logits)
             agree.append(int(np.argmax(lp)) == tok)
             deltas.append(abs(lp[tok] - case["top_logprobs"][i][0][1]))
-            if i + 1 < len(want):
-                logits = runner.step([(seq, [tok], len(prompt) + i)])[0]
     return float(np.mean(agree)), float(np.mean(deltas))
 
 
@@ -123,7 +130,7 @@ def test_gguf_kept_quantized_reference_path_is_the_float_model(smollm2_gold, mon
     # path's programs out of the other tests
     jax.clear_caches()
     try:
-        agree, delta = _teacher_forced(loaded.model, smollm2_gold)
+        agree, delta = _teacher_forced(loaded.model, smollm2_gold, one_step=True)
     finally:
         jax.clear_caches()
     assert agree == 1.0 and delta < 1e-3
@@ -136,7 +143,7 @@ def test_quantized_weights_agree_with_goldens(smollm2_gold, quantization, min_ag
     if quantization != "fp8":
         _require_ggml()
     loaded = load_model(None, quantization=quantization)
-    agree, delta = _teacher_forced(loaded.model, smollm2_gold)
+    agree, delta = _teacher_forced(loaded.model, smollm2_gold, one_step=quantization == "fp8")
     print(f"{quantization}: top-1 agreement {agree:.3f}, mean |delta logprob| {delta:.4f}")
     assert agree >= min_agree
 
@@ -173,12 +180,13 @@ def test_native_low_precision_dots_by_device():
 
 def test_fp8_w8a8_model_agrees_with_goldens(smollm2_gold, monkeypatch):
     """The fp8 GPUs' path (activations quantized per token to e4m3 as well), run here by claiming this
-    CPU has fp8 dots: the real SmolLM2 against HF's goldens (measured 95.0 % top-1, mean |delta| 0.094)."""
+    CPU has fp8 dots: the real SmolLM2 against HF's goldens (measured 92.5 % top-1, mean |delta| 0.100
+    teacher-forced in one prefill step; 95.0 % and 0.094 token by token)."""
     monkeypatch.setattr(qm, "native_low_precision", lambda fmt, device=None: fmt == "fp8")
     loaded = load_model(None, quantization="fp8")
     jax.clear_caches()
     try:
-        agree, delta = _teacher_forced(loaded.model, smollm2_gold)
+        agree, delta = _teacher_forced(loaded.model, smollm2_gold, one_step=True)
     finally:
         jax.clear_caches()
     print(f"fp8 W8A8: top-1 agreement {agree:.3f}, mean |delta logprob| {delta:.4f}")
