@@ -29,6 +29,34 @@ _N_BUCKETS = [1, 2, 5, 10, 20]
 _FINISH_REASONS = ("stop", "length", "abort")
 
 
+class _XlaBuilds:
+    """XLA executables built in this process, compiled or read from the persistent compilation cache,
+    counted through jax.monitoring's event around every build. Warm-up builds them all; afterwards the
+    count stays flat while serving, and a rise means a request path built a program that every stream
+    waited for: a step shape outside the ShapeTable (which the engine also counts itself) or any other
+    jitted or eager op on device arrays (which only this sees)."""
+
+    EVENT = "/jax/core/compile/backend_compile_duration"
+    count = 0
+    _installed = False
+    _lock = threading.Lock()
+
+    @classmethod
+    def install(cls) -> None:
+        with cls._lock:
+            if cls._installed:
+                return
+            import jax.monitoring
+            jax.monitoring.register_event_duration_secs_listener(cls._on_event)
+            cls._installed = True
+
+    @classmethod
+    def _on_event(cls, event: str, duration: float, **kwargs) -> None:
+        if event == cls.EVENT:
+            with cls._lock:
+                cls.count += 1
+
+
 class _Live:
     __slots__ = ("arrival", "last_time", "num_tokens")
 
@@ -76,6 +104,11 @@ class _EngineCollector:
         yield gauge("jaxllm:num_compiles", "XLA programs compiled (warm-up included).", "num_compiles")
         yield gauge("jaxllm:num_recompiles_after_warmup", "Compiles after warm-up (should stay 0).",
                     "num_recompiles_after_warmup")
+        builds = CounterMetricFamily("jaxllm:xla_programs_built", "XLA executables built in this process "
+                                     "(compiled or read from the compilation cache; flat while serving).",
+                                     labels=["model_name"])
+        builds.add_metric([m.model_name], float(_XlaBuilds.count))
+        yield builds
         yield gauge("jaxllm:warmup_seconds", "Seconds spent compiling at start-up.", "warmup_seconds")
         yield gauge("jaxllm:engine_ready", "1 once the engine has finished warm-up.", None,
                     1 if s is not None else 0)
@@ -119,6 +152,7 @@ class Metrics:
         self.request_params_n = histogram("vllm:request_params_n", "Choices (n) per request.", _N_BUCKETS)
         self.request_params_max_tokens = histogram("vllm:request_params_max_tokens", "max_tokens per request.",
                                                    _TOKEN_BUCKETS)
+        _XlaBuilds.install()  # before the engine warms up, so that its builds are counted too
         r.register(_EngineCollector(self))
         self._lock = threading.Lock()
         self._live: dict[str, _Live] = {}

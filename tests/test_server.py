@@ -697,6 +697,47 @@ def test_metrics_add_up(client, http):
     assert metric_value(text, "vllm:iteration_tokens_total_count") > 0
 
 
+def test_serving_builds_no_xla_program_after_start_up(client, http):
+    """Warm-up builds every program: a concurrent mix of the sampling features (n, best_of, seeds,
+    penalties, logit_bias, min_tokens, logprobs and prompt logprobs of a prompt longer than a step,
+    stop strings, streaming, JSON mode, required tools, embeddings) builds none, counted by XLA itself
+    (eager ops included), not only the step shapes the engine tracks."""
+    import concurrent.futures
+
+    def built() -> float:
+        return metric_value(http.get("/metrics").text, "jaxllm:xla_programs_built_total")
+
+    long = "Tell me a long story about a dragon and a knight. " * 30
+    weather = {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+    calls = [
+        lambda: client.completions.create(model="smol", prompt="Hello", max_tokens=8, n=3, temperature=0.8, seed=1),
+        lambda: client.completions.create(model="smol", prompt=long, max_tokens=4, echo=True, logprobs=3,
+                                          extra_body={"prompt_logprobs": 2}),
+        lambda: client.completions.create(model="smol", prompt="The sky is", max_tokens=12, presence_penalty=0.5,
+                                          frequency_penalty=0.3, logit_bias={"13": -100}),
+        lambda: client.completions.create(model="smol", prompt="List: 1,", max_tokens=20, stop=[","], best_of=3,
+                                          n=2, temperature=0.7),
+        lambda: client.chat.completions.create(model="smol", messages=[{"role": "user", "content": "hi"}],
+                                               max_tokens=16, logprobs=True, top_logprobs=5,
+                                               extra_body={"min_tokens": 5, "repetition_penalty": 1.2}),
+        lambda: list(client.chat.completions.create(model="smol", messages=[{"role": "user", "content": "count"}],
+                                                    max_tokens=20, stream=True,
+                                                    stream_options={"include_usage": True})),
+        lambda: client.chat.completions.create(model="smol", messages=[{"role": "user", "content": "Give JSON"}],
+                                               max_tokens=20, response_format={"type": "json_object"}),
+        lambda: client.chat.completions.create(model="smol", max_tokens=40, tools=[weather], tool_choice="required",
+                                               messages=[{"role": "user", "content": "weather in Paris?"}]),
+        lambda: client.embeddings.create(model="smol", input=["a", "b c"]),
+    ]
+    before = built()
+    assert before > 0  # warm-up's builds are counted
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        results = [f.result() for f in [pool.submit(call) for call in calls * 2]]
+    assert len(results) == 2 * len(calls)
+    assert built() == before
+
+
 def test_sigterm_drains_in_flight_then_exits_zero(server, http):
     """Last in the module: it stops the shared server."""
     if server.proc is None:
