@@ -708,8 +708,6 @@ def test_serving_builds_no_xla_program_after_start_up(client, http):
         return metric_value(http.get("/metrics").text, "jaxllm:xla_programs_built_total")
 
     long = "Tell me a long story about a dragon and a knight. " * 30
-    weather = {"type": "function", "function": {"name": "get_weather", "parameters": {
-        "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
     calls = [
         lambda: client.completions.create(model="smol", prompt="Hello", max_tokens=8, n=3, temperature=0.8, seed=1),
         lambda: client.completions.create(model="smol", prompt=long, max_tokens=4, echo=True, logprobs=3,
@@ -726,7 +724,8 @@ def test_serving_builds_no_xla_program_after_start_up(client, http):
                                                     stream_options={"include_usage": True})),
         lambda: client.chat.completions.create(model="smol", messages=[{"role": "user", "content": "Give JSON"}],
                                                max_tokens=20, response_format={"type": "json_object"}),
-        lambda: client.chat.completions.create(model="smol", max_tokens=40, tools=[weather], tool_choice="required",
+        lambda: client.chat.completions.create(model="smol", max_tokens=60, tools=[WEATHER_TOOL],
+                                               tool_choice="required",
                                                messages=[{"role": "user", "content": "weather in Paris?"}]),
         lambda: client.embeddings.create(model="smol", input=["a", "b c"]),
     ]

@@ -701,21 +701,19 @@ ffi::Error PagedAttention(ffi::Buffer<ffi::F32> q, ffi::AnyBuffer kv_pages, ffi:
       }
     }
   }
-  if (work >= kInlineWork && n_threads > 1) {
-    // The threads take items in turn: the costliest first, so that the last ones taken are short and
-    // neither thread is left alone with a long one (8 decode rows over 200-1,000 keys: ~10 % faster).
-    // Each item writes only its own rows, so the order changes no bit.
-    const auto cost = [&](const Item& it) {
-      const int64_t last = p.row_pos[it.row + it.count - 1] + 1;
-      const int64_t first = p.window > 0 ? std::max<int64_t>(0, p.row_pos[it.row] - p.window + 1) : 0;
-      return (last - first) * it.heads * it.count;
-    };
-    std::stable_sort(p.items.begin(), p.items.end(), [&](const Item& a, const Item& b) { return cost(a) > cost(b); });
-  }
   if (work < kInlineWork || n_threads <= 1) {
     run_share(nullptr, 0, 1, &p);
     return ffi::Error::Success();
   }
+  // The threads take items in turn: the costliest first, so that the last ones taken are short and
+  // neither thread is left alone with a long one (8 decode rows over 200-1,000 keys: ~10 % faster).
+  // Each item writes only its own rows, so the order changes no bit.
+  const auto cost = [&](const Item& it) {
+    const int64_t last = p.row_pos[it.row + it.count - 1] + 1;
+    const int64_t first = p.window > 0 ? std::max<int64_t>(0, p.row_pos[it.row] - p.window + 1) : 0;
+    return (last - first) * it.heads * it.count;
+  };
+  std::stable_sort(p.items.begin(), p.items.end(), [&](const Item& a, const Item& b) { return cost(a) > cost(b); });
   const ggml_status status = jaxllm_run_on_pool(run_share, &p, static_cast<int>(n_threads), static_cast<int>(poll));
   if (status != GGML_STATUS_SUCCESS) return ffi::Error::Internal("jaxllm_cpu_paged_attention: ggml compute failed");
   return ffi::Error::Success();
