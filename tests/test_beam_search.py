@@ -7,10 +7,12 @@ import models
 from jaxllm import LLM, BeamSearchParams, SamplingParams
 from tests.test_engine import TINY_LLAMA, assert_pool_empty
 
+# The engines here skip warm-up (see tests/test_engine.py): the tests count no recompiles.
+
 
 def test_beam_search_equals_its_definition_computed_from_the_models_logprobs():
     llm = LLM(TINY_LLAMA, tokenizer=models.default_model_path(), max_num_seqs=16, max_num_batched_tokens=64,
-              max_model_len=64, page_size=4)
+              max_model_len=64, page_size=4, warmup=False)
     prompt = [11, 12, 13, 14, 15, 16, 17]
     width = 2
     beams = llm.beam_search([{"prompt_token_ids": prompt}], BeamSearchParams(beam_width=width, max_tokens=2,
@@ -32,7 +34,7 @@ def test_beam_search_equals_its_definition_computed_from_the_models_logprobs():
 
 
 def test_beam_search_stops_on_eos_and_decodes_text():
-    llm = LLM(max_num_seqs=8, max_num_batched_tokens=64, max_model_len=128)
+    llm = LLM(max_num_seqs=8, max_num_batched_tokens=64, max_model_len=128, warmup=False)
     out = llm.beam_search(["The capital of France is"], BeamSearchParams(beam_width=2, max_tokens=8))[0]
     assert len(out.sequences) == 2
     for seq in out.sequences:

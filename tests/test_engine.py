@@ -31,6 +31,11 @@ def tiny_llm(**flags):
     return LLM(TINY_LLAMA, tokenizer=models.default_model_path(), **flags)
 
 
+# Engines that only give a test its expected outputs skip warm-up (warmup=False): they build the
+# programs they use on first use, not the whole shape table, which on a cold CI machine (no persistent
+# compilation cache) costs ~1 s per program. Engines whose test counts recompiles keep it.
+
+
 def assert_pool_empty(llm):
     pool = llm.engine.pool
     assert pool.num_free == pool.num_pages and (pool.ref_counts == 0).all()
@@ -198,7 +203,7 @@ def _workload(n=36, seed=0):
 @pytest.mark.parametrize("async_scheduling", [False, True])
 def test_batch_invariance_with_chunked_prefill_and_preemption(async_scheduling):
     prompts, params = _workload()
-    alone_llm = tiny_llm(max_num_seqs=4, max_num_batched_tokens=64, max_model_len=80, page_size=4)
+    alone_llm = tiny_llm(max_num_seqs=4, max_num_batched_tokens=64, max_model_len=80, page_size=4, warmup=False)
     alone = [alone_llm.generate(p, sp, use_tqdm=False)[0].outputs[0].token_ids for p, sp in zip(prompts, params)]
     # 24 pages of 4 tokens: far less than 36 concurrent requests need, and a 16-token step budget.
     busy_llm = tiny_llm(max_num_seqs=16, max_num_batched_tokens=16, max_model_len=64, page_size=4, num_pages=24,
@@ -213,7 +218,7 @@ def test_batch_invariance_with_chunked_prefill_and_preemption(async_scheduling):
 
 
 def test_generate_accepts_text_token_ids_and_keeps_order():
-    llm = tiny_llm(max_num_seqs=4, max_num_batched_tokens=32, max_model_len=64)
+    llm = tiny_llm(max_num_seqs=4, max_num_batched_tokens=32, max_model_len=64, warmup=False)
     outs = llm.generate(["in the", [5, 6, 7], {"prompt_token_ids": [9, 9]}],
                         SamplingParams(temperature=0, max_tokens=3, ignore_eos=True), use_tqdm=False)
     assert [o.prompt_token_ids for o in outs][1:] == [[5, 6, 7], [9, 9]]

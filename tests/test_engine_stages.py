@@ -155,7 +155,7 @@ def test_forked_siblings_copy_the_prompt_penalty_state(async_scheduling):
     # Sibling i of a seeded n > 1 request samples with _sibling_seed(seed, i); with the prompt marks
     # copied from its parent's seat it must equal an n = 1 request with that seed.
     llm = tiny_llm(max_num_seqs=4, max_num_batched_tokens=32, max_model_len=64, page_size=4,
-                   async_scheduling=async_scheduling)
+                   async_scheduling=async_scheduling, warmup=False)
     prompt = {"prompt_token_ids": [11, 12, 13, 11, 14, 15, 16, 12, 17, 18]}
     p = dict(temperature=1.0, max_tokens=10, repetition_penalty=1.8, presence_penalty=0.6, ignore_eos=True)
     fan = llm.generate(prompt, SamplingParams(n=3, seed=42, **p), use_tqdm=False)[0]
@@ -193,7 +193,7 @@ def _shared_prefix_workload(seed=0, n=24):
 def test_prefix_caching_on_and_off_give_identical_outputs_under_eviction_and_preemption(async_scheduling):
     prompts, params = _shared_prefix_workload()
     off = tiny_llm(max_num_seqs=4, max_num_batched_tokens=64, max_model_len=64, page_size=4,
-                   enable_prefix_caching=False)
+                   enable_prefix_caching=False, warmup=False)  # the reference (see tests/test_engine.py)
     alone = [token_ids(off.generate(p, sp, use_tqdm=False))[0] for p, sp in zip(prompts, params)]
     # 20 pages of 4 tokens for 24 concurrent requests: cached pages are evicted and requests preempted.
     on = tiny_llm(max_num_seqs=8, max_num_batched_tokens=16, max_model_len=64, page_size=4, num_pages=20,
@@ -211,7 +211,8 @@ def test_prefix_caching_on_and_off_give_identical_outputs_under_eviction_and_pre
 
 @pytest.fixture(scope="module")
 def smol():
-    return LLM(max_num_seqs=4, max_num_batched_tokens=64, max_model_len=256)
+    # no warm-up: these tests count no recompiles (see tests/test_engine.py)
+    return LLM(max_num_seqs=4, max_num_batched_tokens=64, max_model_len=256, warmup=False)
 
 
 def test_smollm2_prefix_hit_accounting_and_salt(smol):
