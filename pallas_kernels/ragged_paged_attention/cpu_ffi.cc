@@ -76,6 +76,9 @@ struct Problem {
   std::vector<int32_t> row_pos;  // each row's position in its sequence
   bool amx = false;              // items go to attend_amx
   mutable std::atomic<int64_t> next_item{0};  // the pool's threads take items in turn as they finish
+
+  // The first key a row at position `pos` attends to: its sliding window's start, or 0.
+  int64_t first_key(int64_t pos) const { return window > 0 ? std::max<int64_t>(0, pos - window + 1) : 0; }
 };
 
 constexpr int kTile = 16;  // keys per softmax update: one vector of 16 scores
@@ -134,7 +137,7 @@ void attend(const Problem& p, int64_t item) {
   for (int64_t r = 0; r < rows; ++r) ends[r] = std::min<int64_t>(p.row_pos[it.row + r] + 1, kv_len);
   const int64_t end = ends[rows - 1];  // rows are consecutive positions
   // a window's rows start apart (items of one row, see PagedAttention)
-  const int64_t begin = p.window > 0 ? std::max<int64_t>(0, p.row_pos[it.row] - p.window + 1) : 0;
+  const int64_t begin = p.first_key(p.row_pos[it.row]);
   const int32_t* pages = p.page_table + seq * p.max_pages;
   const int64_t token_stride = 2 * p.num_kv_heads * d;
   static thread_local Scratch sc;
@@ -385,7 +388,7 @@ AMX_TARGET void attend_amx_heads(const Problem& p, int64_t item) {
       const int64_t row = lg.row + j / per_row, hh = head_of(j), g = j % group;
       const int64_t pos = p.row_pos[row];
       lg.last[j] = static_cast<int32_t>(std::min<int64_t>(pos + 1, kv_len));
-      lg.first[j] = static_cast<int32_t>(p.window > 0 ? std::max<int64_t>(0, pos - p.window + 1) : 0);
+      lg.first[j] = static_cast<int32_t>(p.first_key(pos));
       // the lane's q as bf16 pairs (32-bit), spread down column j of its head's Q^T tiles
       const float* q = p.q + (row * p.num_q_heads + (h + hh) * group + g) * d;
       uint32_t* qt = reinterpret_cast<uint32_t*>(sc.qt.data()) + (gi * heads + hh) * d * 8;
@@ -683,7 +686,7 @@ ffi::Error PagedAttention(ffi::Buffer<ffi::F32> q, ffi::AnyBuffer kv_pages, ffi:
     }
     for (int64_t row = first; row < last; ++row) {
       p.row_pos[row] = static_cast<int32_t>(kv_len - (cu[seq + 1] - row));
-      work += (p.row_pos[row] + 1) * p.num_kv_heads;
+      work += (p.row_pos[row] + 1 - p.first_key(p.row_pos[row])) * p.num_kv_heads;
     }
     // a window's rows do not share the vector kernel's tiles; attend_amx masks each lane's keys and
     // takes several lane groups per item, as many as leave each thread ~4 items of this sequence
@@ -709,9 +712,7 @@ ffi::Error PagedAttention(ffi::Buffer<ffi::F32> q, ffi::AnyBuffer kv_pages, ffi:
   // neither thread is left alone with a long one (8 decode rows over 200-1,000 keys: ~10 % faster).
   // Each item writes only its own rows, so the order changes no bit.
   const auto cost = [&](const Item& it) {
-    const int64_t last = p.row_pos[it.row + it.count - 1] + 1;
-    const int64_t first = p.window > 0 ? std::max<int64_t>(0, p.row_pos[it.row] - p.window + 1) : 0;
-    return (last - first) * it.heads * it.count;
+    return (p.row_pos[it.row + it.count - 1] + 1 - p.first_key(p.row_pos[it.row])) * it.heads * it.count;
   };
   std::stable_sort(p.items.begin(), p.items.end(), [&](const Item& a, const Item& b) { return cost(a) > cost(b); });
   const ggml_status status = jaxllm_run_on_pool(run_share, &p, static_cast<int>(n_threads), static_cast<int>(poll));
