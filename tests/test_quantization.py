@@ -355,6 +355,20 @@ def test_amx_large_steps_are_one_bf16_gemm(fmt, monkeypatch):
     assert np.abs(int8 - steps[161]).max() > 1e-4 * np.abs(int8).max()
 
 
+def test_amx_bf16_gemm_over_panel_groups_and_row_blocks():
+    """A weight too large for one call to hold all its dequantized panels (k = 4,096: four 32-column
+    panels per megabyte, ten panels) is multiplied a group of panels at a time, each group over every
+    64-row block of the step (100 rows: 64, then 36 ending in a 4-row half block): the same product."""
+    _require_amx_bf16("q8_0")
+    stack = _random_blocks("q8_0", 320, 4096, 3)[None]
+    packed = qm.pack_for_amx(QuantizedArray(jnp.asarray(stack), None, None, "q8_0"))
+    w = np.asarray(dequantize("q8_0", jnp.asarray(stack[0])))
+    xs = np.random.default_rng(9).standard_normal((100, 4096)).astype(np.float32)
+    got = np.asarray(jax.jit(lambda x, w: quantized_matmul(x, w.at_layer(0)))(xs, packed))
+    want = _bf16(xs) @ _bf16(w).T
+    assert np.abs(got - want).max() <= 2e-6 * np.abs(want).max()
+
+
 @pytest.mark.parametrize("layout", ["rows", "amx_int8", "amx_bf16"])
 def test_padding_rows_are_not_multiplied(layout):
     """Rows past a step's live_rows (its padding up to the compiled size) are skipped: each live row's

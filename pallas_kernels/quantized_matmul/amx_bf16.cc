@@ -5,9 +5,10 @@
 // Why: ggml's AMX int8 kernels scale every 32-wide block of k in AVX-512 (the product of two block
 // scales), re-reading and re-writing the output block and re-unpacking the weight for each 32 rows, so
 // a 512-row step of SmolLM2's Q4_1 projections ran at ~5 % of the tile units' peak. Here each 32-column
-// panel of the weight is dequantized once per call into bf16 tiles that stay in L2, and every 32 rows
-// of the step are one run of tile dot products over the whole k with float32 accumulation in the tile
-// registers. The result is what the reference computes in float32 with weights and activations
+// panel of the weight is dequantized once per call into bf16 tiles, up to a megabyte of panels at a
+// time so that they stay in L2 while every 64-row block of the step runs over them, and every 32 rows
+// of a block are one run of tile dot products over the whole k with float32 accumulation in the tile
+// registers. x arrives packed in the tiles' order, so each tile load reads one contiguous kilobyte. The result is what the reference computes in float32 with weights and activations
 // rounded to bfloat16 (tests/test_quantization.py); ggml's int8 kernels keep the small steps, where
 // dequantizing every panel would cost more than the product.
 //
@@ -93,12 +94,17 @@ AMX_BF16_TARGET void dequantize_tile(const Layout& l, const uint8_t* src, uint16
   }
 }
 
+// The dequantized panels one call keeps at a time: every 64-row block of the step runs over them while
+// they sit in L2 (2 MB per core on Sapphire Rapids), beside that block's rows of x.
+constexpr int64_t kPanelBudget = 1 << 19;  // bf16 elements: 1 MB
+constexpr int64_t kRowBlock = 64;
+
 struct Scratch {
-  std::vector<uint16_t> panel;  // a panel's two columns of B tiles, over-allocated to align them
+  std::vector<uint16_t> panels;  // over-allocated to align the tiles
   alignas(64) float tail[32 * 32];
   uint16_t* tiles(size_t elements) {
-    if (panel.size() < elements + 32) panel.resize(elements + 32);
-    return reinterpret_cast<uint16_t*>((reinterpret_cast<uintptr_t>(panel.data()) + 63) & ~uintptr_t{63});
+    if (panels.size() < elements + 32) panels.resize(elements + 32);
+    return reinterpret_cast<uint16_t*>((reinterpret_cast<uintptr_t>(panels.data()) + 63) & ~uintptr_t{63});
   }
 };
 
@@ -132,57 +138,85 @@ bool amx_bf16_takes(int type) {
   return layout_of(type, &l);
 }
 
+AMX_BF16_TARGET void amx_bf16_pack_rows(const float* x, int64_t m, int64_t k, uint16_t* a, int ith, int nth) {
+  const int64_t kb_count = k / 32, blocks = (m + 31) / 32 * 2;
+  for (int64_t rb = blocks * ith / nth, end = blocks * (ith + 1) / nth; rb < end; ++rb) {
+    uint16_t* block = a + rb * kb_count * 512;
+    for (int64_t r = 0; r < 16; ++r) {
+      const int64_t row = rb * 16 + r;
+      for (int64_t kb = 0; kb < kb_count; ++kb) {
+        uint16_t* dst = block + kb * 512 + r * 32;
+        if (row >= m) {
+          _mm512_storeu_si512(dst, _mm512_setzero_si512());
+          continue;
+        }
+        const float* src = x + row * k + kb * 32;
+        _mm512_storeu_si512(dst, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(_mm512_loadu_ps(src + 16), _mm512_loadu_ps(src))));
+      }
+    }
+  }
+}
+
 AMX_BF16_TARGET void amx_bf16_mul_mat(int type, const uint8_t* w, int64_t n, int64_t k, const uint16_t* a,
                                       int64_t m, float* y, int ith, int nth) {
   Layout l;
   if (!layout_of(type, &l)) return;
-  const int64_t kb_count = k / 32, panels = n / 32;
+  const int64_t kb_count = k / 32, panels = n / 32, panel_elements = 2 * kb_count * 512;
   const int64_t begin = panels * ith / nth, end = panels * (ith + 1) / nth;
   if (begin == end) return;
+  const int64_t group = std::clamp<int64_t>(kPanelBudget / panel_elements, 1, end - begin);
   static thread_local Scratch scratch;
-  uint16_t* b0 = scratch.tiles(2 * kb_count * 512);
-  uint16_t* b1 = b0 + kb_count * 512;
+  uint16_t* held = scratch.tiles(group * panel_elements);
 
   AmxTileScope tiles;
 
-  for (int64_t p = begin; p < end; ++p) {
-    for (int64_t kb = 0; kb < kb_count; ++kb) {
-      dequantize_tile(l, w + ((2 * p) * kb_count + kb) * l.tile_size, b0 + kb * 512);
-      dequantize_tile(l, w + ((2 * p + 1) * kb_count + kb) * l.tile_size, b1 + kb * 512);
+  for (int64_t g = begin; g < end; g += group) {
+    const int64_t g_end = std::min(end, g + group);
+    for (int64_t p = g; p < g_end; ++p) {
+      uint16_t* b = held + (p - g) * panel_elements;
+      for (int64_t kb = 0; kb < 2 * kb_count; ++kb) {  // the panel's two 16-column halves in turn
+        dequantize_tile(l, w + (2 * p * kb_count + kb) * l.tile_size, b + kb * 512);
+      }
     }
-    for (int64_t m0 = 0; m0 < m; m0 += 32) {
-      _tile_zero(4);
-      _tile_zero(5);
-      _tile_zero(6);
-      _tile_zero(7);
-      const uint16_t* a0 = a + m0 * k;
-      const uint16_t* a1 = a0 + 16 * k;
-      // A last block of at most 16 rows takes half the products (tiles 5 and 7 stay zero, unread): a
-      // step just past a multiple of 32 rows would otherwise pay for 16 rows it does not have.
-      const bool half = m - m0 <= 16;
-      for (int64_t kb = 0; kb < kb_count; ++kb) {
-        _tile_loadd(0, a0 + kb * 32, k * 2);
-        _tile_loadd(2, b0 + kb * 512, 64);
-        _tile_loadd(3, b1 + kb * 512, 64);
-        _tile_dpbf16ps(4, 0, 2);
-        _tile_dpbf16ps(6, 0, 3);
-        if (!half) {
-          _tile_loadd(1, a1 + kb * 32, k * 2);
-          _tile_dpbf16ps(5, 1, 2);
-          _tile_dpbf16ps(7, 1, 3);
+    for (int64_t mb = 0; mb < m; mb += kRowBlock) {
+      for (int64_t p = g; p < g_end; ++p) {
+        const uint16_t* b0 = held + (p - g) * panel_elements;
+        const uint16_t* b1 = b0 + kb_count * 512;
+        for (int64_t m0 = mb; m0 < std::min(m, mb + kRowBlock); m0 += 32) {
+          _tile_zero(4);
+          _tile_zero(5);
+          _tile_zero(6);
+          _tile_zero(7);
+          const uint16_t* a0 = a + (m0 / 16) * kb_count * 512;
+          const uint16_t* a1 = a0 + kb_count * 512;
+          // A last block of at most 16 rows takes half the products (tiles 5 and 7 stay zero, unread): a
+          // step just past a multiple of 32 rows would otherwise pay for 16 rows it does not have.
+          const bool half = m - m0 <= 16;
+          for (int64_t kb = 0; kb < kb_count; ++kb) {
+            _tile_loadd(0, a0 + kb * 512, 64);
+            _tile_loadd(2, b0 + kb * 512, 64);
+            _tile_loadd(3, b1 + kb * 512, 64);
+            _tile_dpbf16ps(4, 0, 2);
+            _tile_dpbf16ps(6, 0, 3);
+            if (!half) {
+              _tile_loadd(1, a1 + kb * 512, 64);
+              _tile_dpbf16ps(5, 1, 2);
+              _tile_dpbf16ps(7, 1, 3);
+            }
+          }
+          const bool full = m0 + 32 <= m;
+          float* c = full ? y + m0 * n + p * 32 : scratch.tail;
+          const int64_t ldc = full ? n : 32;
+          _tile_stored(4, c, ldc * 4);
+          _tile_stored(6, c + 16, ldc * 4);
+          if (!half) {
+            _tile_stored(5, c + 16 * ldc, ldc * 4);
+            _tile_stored(7, c + 16 * ldc + 16, ldc * 4);
+          }
+          if (!full) {
+            for (int64_t r = 0; r < m - m0; ++r) std::memcpy(y + (m0 + r) * n + p * 32, scratch.tail + r * 32, 32 * 4);
+          }
         }
-      }
-      const bool full = m0 + 32 <= m;
-      float* c = full ? y + m0 * n + p * 32 : scratch.tail;
-      const int64_t ldc = full ? n : 32;
-      _tile_stored(4, c, ldc * 4);
-      _tile_stored(6, c + 16, ldc * 4);
-      if (!half) {
-        _tile_stored(5, c + 16 * ldc, ldc * 4);
-        _tile_stored(7, c + 16 * ldc + 16, ldc * 4);
-      }
-      if (!full) {
-        for (int64_t r = 0; r < m - m0; ++r) std::memcpy(y + (m0 + r) * n + p * 32, scratch.tail + r * 32, 32 * 4);
       }
     }
   }
@@ -194,6 +228,7 @@ bool amx_tiles_granted() { return false; }
 AmxTileScope::AmxTileScope() {}
 AmxTileScope::~AmxTileScope() {}
 bool amx_bf16_takes(int) { return false; }
+void amx_bf16_pack_rows(const float*, int64_t, int64_t, uint16_t*, int, int) {}
 void amx_bf16_mul_mat(int, const uint8_t*, int64_t, int64_t, const uint16_t*, int64_t, float*, int, int) {}
 
 #endif

@@ -21,7 +21,8 @@
 // are multiplied by its int8 tile kernels (llama.cpp's AMX buffer type): a GEMM for every row count,
 // where the row-layout kernels of most block formats (Q4_1, the K-quants) are one dot per row. Large
 // steps of Q4_0 / Q4_1 / Q8_0 AMX weights go to a bf16 tile GEMM instead (amx_bf16.cc): x is
-// converted once to bf16 by ggml, then each weight's product runs as a custom op on ggml's pool.
+// converted once to bf16 in the tiles' order (amx_bf16_pack_rows), then each weight's product runs as a custom op
+// on ggml's pool.
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -50,7 +51,7 @@ int64_t pool_poll = -1;
 std::vector<uint8_t> work;
 alignas(64) uint8_t arena[32 * 1024];
 constexpr size_t kMaxWeights = 4;
-std::vector<uint16_t> x_bf16;  // x for the bf16 GEMM, rows rounded up to its 32-row blocks
+std::vector<uint16_t> x_bf16;  // x for the bf16 GEMM (amx_bf16_pack_rows)
 
 }  // namespace
 
@@ -159,6 +160,11 @@ ggml_status jaxllm_run_on_pool(ggml_custom_op_t fn, void* userdata, int n_thread
 
 namespace {
 
+void run_pack_rows(ggml_tensor* a, int ith, int nth, void* /*userdata*/) {
+  const ggml_tensor* x = a->src[0];
+  amx_bf16_pack_rows(static_cast<const float*>(x->data), x->ne[1], x->ne[0], static_cast<uint16_t*>(a->data), ith, nth);
+}
+
 void run_amx_bf16(ggml_tensor* y, int ith, int nth, void* /*userdata*/) {
   const ggml_tensor* w = y->src[0];
   const ggml_tensor* x = y->src[1];
@@ -212,11 +218,11 @@ ffi::Error MulMats(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> layer, ffi::Re
     wt->data = static_cast<uint8_t*>(w->untyped_data()) + index * n * row_bytes;
     if (amx[i] && bf16_min_rows > 0 && t >= bf16_min_rows && amx_bf16_takes(type)) {
       if (xt_bf16 == nullptr) {
-        const size_t rows = (live + 31) / 32 * 32;
-        if (x_bf16.size() < rows * k) x_bf16.resize(rows * k);  // rows past live: read by the last block's tiles, their products dropped
-        ggml_tensor* dst = ggml_new_tensor_2d(ctx, GGML_TYPE_BF16, k, live);
-        dst->data = x_bf16.data();
-        xt_bf16 = ggml_cpy(ctx, xt, dst);
+        const int64_t rows = (live + 31) / 32 * 32;
+        if (x_bf16.size() < static_cast<size_t>(rows * k)) x_bf16.resize(rows * k);
+        ggml_tensor* src[1] = {xt};
+        xt_bf16 = ggml_custom_4d(ctx, GGML_TYPE_BF16, k, rows, 1, 1, src, 1, run_pack_rows, GGML_N_TASKS_MAX, nullptr);
+        xt_bf16->data = x_bf16.data();
       }
       ggml_tensor* args[2] = {wt, xt_bf16};
       ggml_tensor* yt = ggml_custom_4d(ctx, GGML_TYPE_F32, n, live, 1, 1, args, 2, run_amx_bf16, GGML_N_TASKS_MAX, nullptr);
