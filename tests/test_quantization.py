@@ -253,6 +253,41 @@ def test_cpu_decode_never_expands_the_weight():
     assert "f32[256,512]" in ref
 
 
+_XLA_POOL_PROBE = """
+import json, os, sys, jax, jax.numpy as jnp
+from jaxllm.engine.data_parallel import create_engine
+from jaxllm.config import EngineConfig
+if sys.argv[1] == "gguf":
+    create_engine(EngineConfig.from_flags(quantization="gguf", warmup=False, max_model_len=256))
+jnp.arange(1 << 20).astype(jnp.float32).sum().block_until_ready()  # any computation: the pool exists now
+names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+print(json.dumps({"eigen": names.count("tf_XLAEigen"), "env": "PJRT_NPROC" in os.environ}))
+"""
+
+
+def test_gguf_engine_leaves_the_cores_to_ggml():
+    """A -q gguf engine on one device sizes XLA's intra-op pool to one thread (ggml's pool runs its
+    matmuls and attention), without leaving PJRT_NPROC set for processes started later; a process
+    without it keeps one thread per core."""
+    _require_ggml()
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("one core: XLA's pool has one thread anyway")
+    import json
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "PJRT_NPROC"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    seen = {}
+    for mode in ("gguf", "plain"):
+        proc = subprocess.run([sys.executable, "-c", _XLA_POOL_PROBE, mode], env=env, capture_output=True, text=True,
+                              timeout=600, cwd=root)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        seen[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert seen["gguf"] == {"eigen": 1, "env": False}
+    assert seen["plain"]["eigen"] == len(os.sched_getaffinity(0)) and not seen["plain"]["env"]
+
+
 def test_fused_projections_equal_separate_ones():
     """q/k/v (and gate/up) go to ggml as one call of several weights: the same numbers as one call each,
     including weights of different formats and output sizes from one layer of a stack."""

@@ -19,6 +19,7 @@ from jaxllm.config import EngineConfig
 from jaxllm.engine.engine import EngineStats, LLMEngine, load_for
 from jaxllm.outputs import RequestOutput
 from models import sharding
+from pallas_kernels.quantized_matmul import ggml_cpu
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +108,12 @@ class DataParallelEngine:
 
 def create_engine(config: EngineConfig):
     """LLMEngine, DataParallelEngine when data_parallel_size > 1, or rank 0's LeaderEngine when nnodes > 1."""
+    par = config.parallel
+    if config.model.quantization == "gguf" and par.tensor_parallel_size == par.data_parallel_size == par.nnodes == 1:
+        # One device: nothing needs XLA's other threads (several devices' programs and their
+        # collectives share that pool, so it keeps its size for them).
+        if ggml_cpu.leave_cores_to_ggml():
+            logger.info("XLA's CPU thread pool sized to one thread (PJRT_NPROC=1): ggml's pool runs the matmuls")
     if config.parallel.nnodes > 1:
         from jaxllm.engine.multihost import LeaderEngine
         return LeaderEngine(config)

@@ -94,6 +94,27 @@ def num_threads() -> int:
     return int(os.environ.get("JAXLLM_GGML_THREADS") or len(os.sched_getaffinity(0)))
 
 
+def leave_cores_to_ggml() -> bool:
+    """Sizes XLA's CPU intra-op thread pool to one thread (PJRT_NPROC=1), for a process where ggml's pool
+    runs every matmul and the attention; returns whether it did. XLA's other threads then only split small
+    elementwise ops (norms, residual adds, SiLU) between cores, and waking one, its core held by ggml's
+    polling worker, costs more than the split saves: a 67-row step's XLA ops took 23-26 ms with the
+    default pool and 15 ms with one thread. Left alone when the user set PJRT_NPROC, when the extension
+    is absent, or once JAX's backends have started (their pool is sized then). The variable is set only
+    while the backends start, so processes started later (multi-device workers) keep the default."""
+    if "PJRT_NPROC" in os.environ or not available():
+        return False
+    from jax._src import xla_bridge
+    if xla_bridge.backends_are_initialized():
+        return False
+    os.environ["PJRT_NPROC"] = "1"
+    try:
+        jax.devices("cpu")  # the CPU client reads it as it starts
+    finally:
+        del os.environ["PJRT_NPROC"]
+    return True
+
+
 def poll() -> int:
     """How hard ggml's idle workers spin for the next call (0-100)."""
     return int(os.environ.get("JAXLLM_GGML_POLL", "50"))
