@@ -109,9 +109,10 @@ class DataParallelEngine:
 def create_engine(config: EngineConfig):
     """LLMEngine, DataParallelEngine when data_parallel_size > 1, or rank 0's LeaderEngine when nnodes > 1."""
     par = config.parallel
-    if config.model.quantization == "gguf" and par.tensor_parallel_size == par.data_parallel_size == par.nnodes == 1:
-        # One device: nothing needs XLA's other threads (several devices' programs and their
-        # collectives share that pool, so it keeps its size for them).
+    one_device = par.tensor_parallel_size == par.data_parallel_size == par.nnodes == 1
+    if config.model.quantization in ("gguf", "int8") and one_device:
+        # On CPU both put the projections on ggml's kernels. One device: nothing else needs XLA's
+        # other threads (several devices' programs and their collectives share that pool).
         if ggml_cpu.leave_cores_to_ggml():
             logger.info("XLA's CPU thread pool sized to one thread (PJRT_NPROC=1): ggml's pool runs the matmuls")
     if config.parallel.nnodes > 1:

@@ -8,9 +8,10 @@
 // panel of the weight is dequantized once per call into bf16 tiles, up to a megabyte of panels at a
 // time so that they stay in L2 while every 64-row block of the step runs over them, and every 32 rows
 // of a block are one run of tile dot products over the whole k with float32 accumulation in the tile
-// registers. x arrives packed in the tiles' order, so each tile load reads one contiguous kilobyte. The result is what the reference computes in float32 with weights and activations
-// rounded to bfloat16 (tests/test_quantization.py); ggml's int8 kernels keep the small steps, where
-// dequantizing every panel would cost more than the product.
+// registers. x arrives packed in the tiles' order, so each tile load reads one contiguous kilobyte.
+// The result is what the reference computes in float32 with weights and activations rounded to
+// bfloat16 (tests/test_quantization.py); ggml's int8 kernels keep the small steps, where dequantizing
+// every panel would cost more than the product.
 //
 // Packed layout read here (ggml-cpu/amx/mmq.cpp, pack_B): per 16 output columns and 32 of k, one tile
 // of TILE_SIZE bytes: the quants as 8 rows of 4 consecutive k for each of the 16 columns ([8][16][4]

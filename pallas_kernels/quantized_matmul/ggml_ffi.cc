@@ -21,8 +21,8 @@
 // are multiplied by its int8 tile kernels (llama.cpp's AMX buffer type): a GEMM for every row count,
 // where the row-layout kernels of most block formats (Q4_1, the K-quants) are one dot per row. Large
 // steps of Q4_0 / Q4_1 / Q8_0 AMX weights go to a bf16 tile GEMM instead (amx_bf16.cc): x is
-// converted once to bf16 in the tiles' order (amx_bf16_pack_rows), then each weight's product runs as a custom op
-// on ggml's pool.
+// converted once to bf16 in the tiles' order (amx_bf16_pack_rows), then each weight's product runs as
+// a custom op on ggml's pool.
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
