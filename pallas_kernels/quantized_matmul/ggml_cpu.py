@@ -110,6 +110,8 @@ def leave_cores_to_ggml() -> bool:
     os.environ["PJRT_NPROC"] = "1"
     try:
         jax.devices("cpu")  # the CPU client reads it as it starts
+    except RuntimeError:  # no CPU platform (JAX_PLATFORMS without cpu): nothing here runs on ggml
+        return False
     finally:
         del os.environ["PJRT_NPROC"]
     return True
