@@ -3,10 +3,13 @@ against the reference path, and the real SmolLM2 quantized against its float sel
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
 import shutil
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import gguf
@@ -272,9 +275,6 @@ def test_gguf_engine_leaves_the_cores_to_ggml():
     _require_ggml()
     if len(os.sched_getaffinity(0)) < 2:
         pytest.skip("one core: XLA's pool has one thread anyway")
-    import json
-    import subprocess
-    import sys
     env = {k: v for k, v in os.environ.items() if k != "PJRT_NPROC"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
