@@ -260,8 +260,12 @@ _XLA_POOL_PROBE = """
 import json, os, sys, jax, jax.numpy as jnp
 from jaxllm.engine.data_parallel import create_engine
 from jaxllm.config import EngineConfig
+flags = dict(quantization="gguf", warmup=False, max_model_len=256)
 if sys.argv[1] == "gguf":
-    create_engine(EngineConfig.from_flags(quantization="gguf", warmup=False, max_model_len=256))
+    create_engine(EngineConfig.from_flags(**flags))
+elif sys.argv[1] == "ray_worker":  # a Ray Data actor builds its LLMEngine itself
+    from jaxllm.batch.ray import EngineWorker
+    EngineWorker(None, flags)
 jnp.arange(1 << 20).astype(jnp.float32).sum().block_until_ready()  # any computation: the pool exists now
 names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
 print(json.dumps({"eigen": names.count("tf_XLAEigen"), "env": "PJRT_NPROC" in os.environ}))
@@ -269,9 +273,9 @@ print(json.dumps({"eigen": names.count("tf_XLAEigen"), "env": "PJRT_NPROC" in os
 
 
 def test_gguf_engine_leaves_the_cores_to_ggml():
-    """A -q gguf engine on one device sizes XLA's intra-op pool to one thread (ggml's pool runs its
-    matmuls and attention), without leaving PJRT_NPROC set for processes started later; a process
-    without it keeps one thread per core."""
+    """A -q gguf engine on one device (made by create_engine, or by a Ray Data worker) sizes XLA's
+    intra-op pool to one thread (ggml's pool runs its matmuls and attention), without leaving
+    PJRT_NPROC set for processes started later; a process without it keeps one thread per core."""
     _require_ggml()
     if len(os.sched_getaffinity(0)) < 2:
         pytest.skip("one core: XLA's pool has one thread anyway")
@@ -279,12 +283,12 @@ def test_gguf_engine_leaves_the_cores_to_ggml():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     seen = {}
-    for mode in ("gguf", "plain"):
+    for mode in ("gguf", "ray_worker", "plain"):
         proc = subprocess.run([sys.executable, "-c", _XLA_POOL_PROBE, mode], env=env, capture_output=True, text=True,
                               timeout=600, cwd=root)
         assert proc.returncode == 0, proc.stderr[-2000:]
         seen[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert seen["gguf"] == {"eigen": 1, "env": False}
+    assert seen["gguf"] == seen["ray_worker"] == {"eigen": 1, "env": False}
     assert seen["plain"]["eigen"] == len(os.sched_getaffinity(0)) and not seen["plain"]["env"]
 
 

@@ -45,8 +45,11 @@ class EngineWorker:
     """One LLMEngine per actor, built once; each call runs a block of input lines to output lines."""
 
     def __init__(self, model: str | None, engine_flags: dict[str, Any]):
+        from jaxllm.engine.data_parallel import size_cpu_threads
         from jaxllm.engine.engine import LLMEngine
-        self.engine = LLMEngine(EngineConfig.from_flags(model=model, **engine_flags))
+        config = EngineConfig.from_flags(model=model, **engine_flags)
+        size_cpu_threads(config)  # as create_engine does
+        self.engine = LLMEngine(config)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list[str]]:
         # Ray's text reader keeps the source path, not line numbers: a line without a custom_id is keyed

@@ -106,15 +106,19 @@ class DataParallelEngine:
         return total
 
 
-def create_engine(config: EngineConfig):
-    """LLMEngine, DataParallelEngine when data_parallel_size > 1, or rank 0's LeaderEngine when nnodes > 1."""
+def size_cpu_threads(config: EngineConfig) -> None:
+    """Before a process's first engine: -q gguf and -q int8 on one device leave the cores to ggml
+    (ggml_cpu.leave_cores_to_ggml); on CPU both put the projections on ggml's kernels. Several devices'
+    programs and their collectives share XLA's pool, so it keeps its size for them."""
     par = config.parallel
     one_device = par.tensor_parallel_size == par.data_parallel_size == par.nnodes == 1
-    if config.model.quantization in ("gguf", "int8") and one_device:
-        # On CPU both put the projections on ggml's kernels. One device: nothing else needs XLA's
-        # other threads (several devices' programs and their collectives share that pool).
-        if ggml_cpu.leave_cores_to_ggml():
-            logger.info("XLA's CPU thread pool sized to one thread (PJRT_NPROC=1): ggml's pool runs the matmuls")
+    if config.model.quantization in ("gguf", "int8") and one_device and ggml_cpu.leave_cores_to_ggml():
+        logger.info("XLA's CPU thread pool sized to one thread (PJRT_NPROC=1): ggml's pool runs the matmuls")
+
+
+def create_engine(config: EngineConfig):
+    """LLMEngine, DataParallelEngine when data_parallel_size > 1, or rank 0's LeaderEngine when nnodes > 1."""
+    size_cpu_threads(config)
     if config.parallel.nnodes > 1:
         from jaxllm.engine.multihost import LeaderEngine
         return LeaderEngine(config)
