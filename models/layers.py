@@ -18,7 +18,7 @@ import numpy as np
 from flax import nnx
 
 import pallas_kernels
-from pallas_kernels.quantized_matmul import QuantizedArray, quantized_matmuls, take_rows
+from pallas_kernels.quantized_matmul import QuantizedArray, quantized_matmuls, quantized_swiglu, take_rows
 from pallas_kernels.ragged_paged_attention import resolve_backend
 from models.base import AttentionMetadata
 from models.config import TransformerConfig
@@ -225,6 +225,12 @@ class GatedMLP(nnx.Module):
         self.act = act
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        gate_w, up_w = self.gate_proj.weight.get_value(), self.up_proj.weight.get_value()
+        if (self.act == "silu" and isinstance(gate_w, QuantizedArray) and isinstance(up_w, QuantizedArray)
+                and self.gate_proj.bias is None and self.up_proj.bias is None):
+            h = quantized_swiglu(x.reshape(-1, x.shape[-1]), gate_w, up_w)
+            if h is not None:
+                return self.down_proj(h.reshape(x.shape[:-1] + h.shape[-1:]))
         gate, up = project(x, self.gate_proj, self.up_proj)
         return self.down_proj(ACTIVATIONS[self.act](gate) * up)
 

@@ -434,6 +434,34 @@ def test_padding_rows_are_not_multiplied(layout):
         assert not got[live:].any(), f"padding rows past {live} are not zeros"
 
 
+@pytest.mark.parametrize("layout", ["rows", "amx_int8", "amx_bf16"])
+def test_swiglu_is_taken_in_the_projections_ggml_call(layout):
+    """A gated MLP's silu(x @ gate^T) * (x @ up^T) comes out of the one ggml call of both projections:
+    the same numbers (to float32 rounding of the activation) as the two products with the SwiGLU taken
+    after them, only the step's live rows computed and the padding rows zeros."""
+    _require_ggml()
+    fmt, t, lives = "q4_1", 24, (0, 1, 17, 24)
+    stacks = [np.stack([_random_blocks(fmt, 96, 512, seed + 2 * k) for seed in range(2)]) for k in range(2)]
+    gate, up = (QuantizedArray(jnp.asarray(s), None, None, fmt) for s in stacks)
+    if layout != "rows":
+        _require_amx() if layout == "amx_int8" else _require_amx_bf16(fmt)
+        gate, up = qm.pack_for_amx(gate), qm.pack_for_amx(up)
+    if layout == "amx_bf16":
+        t, lives = 96, (1, 67, 96)
+    xs = jnp.asarray(np.random.default_rng(11).standard_normal((t, 512)).astype(np.float32))
+    fused = jax.jit(lambda x, g, u, i, n: qm.quantized_swiglu(x, g.at_layer(i, n), u.at_layer(i, n)))
+    apart = jax.jit(lambda x, g, u, i, n: qm.quantized_matmuls(x, [g.at_layer(i, n), u.at_layer(i, n)]))
+    hlo = fused.lower(xs, gate, up, jnp.int32(1), jnp.int32(t)).compile().as_text()
+    assert hlo.count('custom_call_target="jaxllm_ggml_mul_mat"') == 1 and "logistic" not in hlo
+    for live in lives:
+        got = np.asarray(fused(xs, gate, up, jnp.int32(1), jnp.int32(live)))
+        g, u = (np.asarray(y, np.float64) for y in apart(xs, gate, up, jnp.int32(1), jnp.int32(live)))
+        want = g / (1 + np.exp(-g)) * u
+        assert got.shape == (t, 96) and not got[live:].any(), f"padding rows past {live} are not zeros"
+        np.testing.assert_allclose(got[:live], want[:live], rtol=2e-6, atol=1e-6 * np.abs(want).max())
+    assert qm.quantized_swiglu(xs, gate.at_layer(0), up.at_layer(1)) is None  # two calls: XLA takes the SwiGLU
+
+
 def test_amx_bf16_gemm_model_agrees_with_goldens(smollm2_gold, monkeypatch):
     """SmolLM2 -q gguf with every step through the bf16 GEMM (threshold lowered to one row): closer to
     HF than ggml's 8-bit activation blocks (97.5 % top-1, 0.038)."""

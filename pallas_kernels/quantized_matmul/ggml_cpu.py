@@ -124,23 +124,26 @@ def poll() -> int:
 
 def mul_mats(x: jax.Array, weights: list[tuple[int, jax.Array]], layer: jax.Array | None,
              amx: list[bool] | None = None, bf16_min_rows: int = 0,
-             live_rows: jax.Array | None = None) -> list[jax.Array]:
+             live_rows: jax.Array | None = None, glu: bool = False) -> list[jax.Array]:
     """x [T, in] f32 @ W_i^T -> [T, out_i] f32 for each (ggml type, W_i [out_i, row_bytes]) in one call
     (one ggml graph: the thread pool wakes once). W_i may be [L, out_i, row_bytes] with `layer` picking
     one: the stack is passed whole, so a layer scan never copies a slice of it out. amx[i]: W_i is in
     the AMX tile layout (amx_pack). bf16_min_rows: steps of at least this many rows multiply Q4_0 / Q4_1
     / Q8_0 weights in the AMX layout as one bf16 tile GEMM (amx_bf16.cc, where built), x and the weight
     rounded to bfloat16; 0 keeps ggml's int8 kernels at every size. live_rows (a traced scalar): rows of
-    x past it are padding, not multiplied, and their outputs are zeros."""
+    x past it are padding, not multiplied, and their outputs are zeros. glu: weights are a gated MLP's
+    (gate, up); the one result is silu(x @ gate^T) * (x @ up^T), taken in the same ggml graph."""
     if any(data.ndim == 3 for _, data in weights) and layer is None:
         raise ValueError("a stacked weight needs the layer index")
+    if glu and (len(weights) != 2 or weights[0][1].shape[-2] != weights[1][1].shape[-2]):
+        raise ValueError("glu takes two weights (gate, up) of the same number of outputs")
     index = jnp.zeros((1,), jnp.int32) if layer is None else jnp.asarray(layer, jnp.int32).reshape(1)
     if live_rows is not None:
         index = jnp.concatenate([index, jnp.asarray(live_rows, jnp.int32).reshape(1)])
-    outs = [jax.ShapeDtypeStruct((x.shape[0], data.shape[-2]), jnp.float32) for _, data in weights]
+    outs = [jax.ShapeDtypeStruct((x.shape[0], data.shape[-2]), jnp.float32) for _, data in weights[:1 if glu else None]]
     return jax.ffi.ffi_call(TARGET, outs, has_side_effect=False)(
         x.astype(jnp.float32), index, *[data for _, data in weights],
         ggml_types=np.array([t for t, _ in weights], np.int64),
         amx=np.array(amx if amx is not None else [False] * len(weights), np.int64),
-        bf16_min_rows=np.int64(bf16_min_rows), n_threads=np.int64(num_threads()),
+        bf16_min_rows=np.int64(bf16_min_rows), glu=np.int64(glu), n_threads=np.int64(num_threads()),
         poll=np.int64(poll()))

@@ -7,10 +7,12 @@
 //            it are padding: no product is computed for them, their outputs are zeros)
 //   w_1..n:  u8 [N_i, row_bytes_i] or [L, N_i, row_bytes_i] (a stack of layers; `layer` picks one, so a
 //            layer scan passes the stack whole instead of copying a slice out every layer)
-//   y_1..n:  f32 [T, N_i]
+//   y_1..n:  f32 [T, N_i], or with glu one y: f32 [T, N] = silu(x @ W_1^T) * (x @ W_2^T)
 //   attrs:   ggml_types (ggml's type id of each weight), amx (per weight: 1 if it is in ggml's AMX tile
 //            layout, see jaxllm_amx_pack), bf16_min_rows (steps of at least this many rows take
 //            AMX-layout weights through amx_bf16.cc's bf16 GEMM where it reads their type; 0: never),
+//            glu (1: two weights, gate and up, of the same N, and a gated MLP's SwiGLU taken in the
+//            same graph, so XLA never runs it over the step's padded rows as a pass of its own),
 //            n_threads, poll (ggml's idle-polling level of its workers, 0-100)
 //
 // ggml computes it as llama.cpp does: x is quantized per block to 8 bits and dotted with the packed
@@ -52,6 +54,7 @@ std::vector<uint8_t> work;
 alignas(64) uint8_t arena[32 * 1024];
 constexpr size_t kMaxWeights = 4;
 std::vector<uint16_t> x_bf16;  // x for the bf16 GEMM (amx_bf16_pack_rows)
+std::vector<float> glu_products;  // with glu: the gate's and the up projection's products
 
 }  // namespace
 
@@ -174,7 +177,7 @@ void run_amx_bf16(ggml_tensor* y, int ith, int nth, void* /*userdata*/) {
 
 ffi::Error MulMats(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> layer, ffi::RemainingArgs weights,
                    ffi::RemainingRets outs, ffi::Span<const int64_t> ggml_types, ffi::Span<const int64_t> amx,
-                   int64_t bf16_min_rows, int64_t n_threads, int64_t poll) {
+                   int64_t bf16_min_rows, int64_t glu, int64_t n_threads, int64_t poll) {
   const auto xd = x.dimensions();
   if (xd.size() != 2) return ffi::Error::InvalidArgument("jaxllm_ggml_mul_mat: x must be [T, K]");
   const int64_t t = xd[0], k = xd[1];
@@ -182,9 +185,10 @@ ffi::Error MulMats(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> layer, ffi::Re
   // would otherwise pay for every padding row in every projection.
   const int64_t live = layer.element_count() >= 2 ? std::clamp<int64_t>(layer.typed_data()[1], 0, t) : t;
   const size_t n_weights = weights.size();
-  if (n_weights == 0 || outs.size() != n_weights || ggml_types.size() != n_weights || amx.size() != n_weights ||
-      n_weights > kMaxWeights) {
-    return ffi::Error::InvalidArgument("jaxllm_ggml_mul_mat: one output, one ggml type and one layout per weight (at most 4)");
+  if (n_weights == 0 || outs.size() != (glu ? 1 : n_weights) || ggml_types.size() != n_weights ||
+      amx.size() != n_weights || n_weights > kMaxWeights || (glu && n_weights != 2)) {
+    return ffi::Error::InvalidArgument("jaxllm_ggml_mul_mat: one output, one ggml type and one layout per weight (at most 4); "
+                                       "with glu two weights and one output");
   }
 
   std::lock_guard<std::recursive_mutex> lock(mu);  // the arena
@@ -194,9 +198,10 @@ ffi::Error MulMats(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> layer, ffi::Re
   xt->data = const_cast<float*>(x.typed_data());
   ggml_cgraph* graph = ggml_new_graph_custom(ctx, 2 * kMaxWeights + 2, false);
   ggml_tensor* xt_bf16 = nullptr;  // made by the first weight that takes the bf16 GEMM
+  ggml_tensor* products[kMaxWeights] = {};
   for (size_t i = 0; i < n_weights; ++i) {
     auto w = weights.get<ffi::AnyBuffer>(i);
-    auto y = outs.get<ffi::AnyBuffer>(i);
+    auto y = outs.get<ffi::AnyBuffer>(glu ? 0 : i);
     if (!w.has_value() || !y.has_value()) {
       ggml_free(ctx);
       return ffi::Error::InvalidArgument("jaxllm_ggml_mul_mat: bad weight or output buffer");
@@ -214,6 +219,11 @@ ffi::Error MulMats(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> layer, ffi::Re
     // padding rows' outputs are zeros
     std::memset(static_cast<float*>((*y)->untyped_data()) + live * n, 0, (t - live) * n * sizeof(float));
     if (live == 0) continue;  // nothing to multiply
+    float* product = static_cast<float*>((*y)->untyped_data());
+    if (glu) {  // the products go to scratch; the gated activation writes y
+      if (glu_products.size() < static_cast<size_t>(2 * live * n)) glu_products.resize(2 * live * n);
+      product = glu_products.data() + i * live * n;
+    }
     ggml_tensor* wt = ggml_new_tensor_2d(ctx, type, k, n);
     wt->data = static_cast<uint8_t*>(w->untyped_data()) + index * n * row_bytes;
     if (amx[i] && bf16_min_rows > 0 && t >= bf16_min_rows && amx_bf16_takes(type)) {
@@ -226,8 +236,9 @@ ffi::Error MulMats(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> layer, ffi::Re
       }
       ggml_tensor* args[2] = {wt, xt_bf16};
       ggml_tensor* yt = ggml_custom_4d(ctx, GGML_TYPE_F32, n, live, 1, 1, args, 2, run_amx_bf16, GGML_N_TASKS_MAX, nullptr);
-      yt->data = (*y)->untyped_data();
+      yt->data = product;
       ggml_build_forward_expand(graph, yt);
+      products[i] = yt;
       continue;
     }
     if (amx[i]) {  // claimed by the AMX buffer type, whose kernels then compute this product
@@ -236,8 +247,14 @@ ffi::Error MulMats(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> layer, ffi::Re
       buffer->iface.init_tensor(buffer, wt);
     }
     ggml_tensor* yt = ggml_mul_mat(ctx, wt, xt);  // [N, T] in ggml's order = row-major [T, N]
-    yt->data = (*y)->untyped_data();
+    yt->data = product;
     ggml_build_forward_expand(graph, yt);
+    products[i] = yt;
+  }
+  if (glu && live > 0) {  // both products are [live, N]: each was checked against the one output
+    ggml_tensor* h = ggml_swiglu_split(ctx, products[0], products[1]);
+    h->data = outs.get<ffi::AnyBuffer>(0).value()->untyped_data();
+    ggml_build_forward_expand(graph, h);
   }
   const ggml_status status =
       live == 0 ? GGML_STATUS_SUCCESS : jaxllm_ggml_compute(graph, static_cast<int>(n_threads), static_cast<int>(poll));
@@ -257,5 +274,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxllmGgmlMulMat, MulMats,
                                   .Attr<ffi::Span<const int64_t>>("ggml_types")
                                   .Attr<ffi::Span<const int64_t>>("amx")
                                   .Attr<int64_t>("bf16_min_rows")
+                                  .Attr<int64_t>("glu")
                                   .Attr<int64_t>("n_threads")
                                   .Attr<int64_t>("poll"));
