@@ -408,6 +408,37 @@ def test_amx_bf16_gemm_over_panel_groups_and_row_blocks():
     assert np.abs(got - want).max() <= 2e-6 * np.abs(want).max()
 
 
+def test_amx_int8_small_steps_give_ggml_numbers(monkeypatch):
+    """Q4_1 steps of 2 to 63 rows in the AMX layout take amx_int8.cc's tile kernel, which gives ggml's
+    numbers bit for bit: those of ggml's AMX kernel for the whole step (JAXLLM_AMX_INT8=0), and each
+    row's those of ggml's one-row kernel alone. Row counts off the 16-row tiles, six 16-column tiles,
+    and an odd number of 32-wide blocks of k (17), which ends the kernel's two-block pipeline early."""
+    _require_amx()
+    fmt, k = "q4_1", 544
+    ggml_type = GGML_FORMATS[fmt][0]
+    if not ggml_cpu.amx_int8_takes(ggml_type):
+        pytest.skip("this build has no AMX int8 tile kernel of its own")
+    stack = np.stack([_random_blocks(fmt, 96, k, seed) for seed in range(2)])
+    packed = qm.pack_for_amx(QuantizedArray(jnp.asarray(stack), None, None, fmt))
+    w = np.asarray(dequantize(fmt, jnp.asarray(stack[1])))
+    xs = np.random.default_rng(10).standard_normal((63, k)).astype(np.float32)
+    run = jax.jit(lambda x, w, i: quantized_matmul(x, w.at_layer(i)))  # traced per row count: the env is read then
+    alone = np.asarray(run(xs[:1], packed, jnp.int32(1)))
+    for t in (2, 7, 16, 17, 40, 63):
+        monkeypatch.delenv("JAXLLM_AMX_INT8", raising=False)
+        ours = np.asarray(run(xs[:t], packed, jnp.int32(1)))
+        direct = ggml_cpu.amx_int8_mul_mat(ggml_type, xs[:t], np.asarray(packed.data[1]))
+        monkeypatch.setenv("JAXLLM_AMX_INT8", "0")
+        ggmls = np.asarray(jax.jit(lambda x, w, i: quantized_matmul(x, w.at_layer(i)))(xs[:t], packed, jnp.int32(1)))
+        np.testing.assert_array_equal(direct, ggmls)
+        np.testing.assert_array_equal(ours, ggmls)
+        np.testing.assert_array_equal(ours[:1], alone)
+        want = xs[:t] @ w.T  # 8-bit activation blocks: ~1 % of the row's scale
+        assert np.abs(direct - want).max() <= 2e-2 * np.abs(want).max()
+    with pytest.raises(ValueError, match="does not take"):
+        ggml_cpu.amx_int8_mul_mat(GGML_FORMATS["q8_0"][0], xs[:2], np.asarray(packed.data[1]))
+
+
 @pytest.mark.parametrize("layout", ["rows", "amx_int8", "amx_bf16"])
 def test_padding_rows_are_not_multiplied(layout):
     """Rows past a step's live_rows (its padding up to the compiled size) are skipped: each live row's

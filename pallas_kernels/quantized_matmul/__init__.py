@@ -5,7 +5,9 @@
 Dispatch:
   - weights repacked for AMX at load (pack_for_amx, Intel Xeon 4th gen+): ggml's AMX int8 kernels,
     or for steps of AMX_BF16_MIN_ROWS or more of Q4_0 / Q4_1 / Q8_0 on CPUs with AMX-BF16 our bf16 tile
-    GEMM (amx_bf16.cc), both inside the one custom call (the repacked bytes are readable by nothing else);
+    GEMM (amx_bf16.cc), or for smaller steps of AMX_INT8_MIN_ROWS or more live rows of Q4_1 our int8 tile
+    kernel (amx_int8.cc: ggml's numbers bit for bit), all inside the one custom call (the repacked bytes
+    are readable by nothing else);
   - ggml block formats on CPU, T <= GGML_MAX_ROWS, extension built: ggml's kernels (ggml_cpu.py);
   - ggml block formats on a CPU with bf16 dots, T >= BF16_MIN_ROWS (prefill): dequantized to bfloat16
     and one bf16 GEMM (see _prefill_in_bf16);
@@ -47,6 +49,7 @@ GGML_MAX_ROWS = 32
 GGML_MAX_WEIGHTS = 4  # per call: ggml_ffi.cc's kMaxWeights
 BF16_MIN_ROWS = 128  # the XLA path's dequantize-to-bf16 (CPUs with bf16 dots, no AMX layout)
 AMX_BF16_MIN_ROWS = 64  # AMX-layout weights: our bf16 tile GEMM instead of ggml's int8 tile kernels
+AMX_INT8_MIN_ROWS = 2  # AMX-layout Q4_1 weights: amx_int8.cc's tile kernel instead of ggml's (one row: its VNNI GEMV)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,6 +140,13 @@ def _amx_bf16_min_rows() -> int:
     return 0 if os.environ.get("JAXLLM_AMX_BF16", "1") == "0" else AMX_BF16_MIN_ROWS
 
 
+def _amx_int8_min_rows() -> int:
+    """Steps of AMX_INT8_MIN_ROWS live rows up to AMX_BF16_MIN_ROWS multiply Q4_1 weights in the AMX
+    layout by amx_int8.cc's tile kernel, which gives ggml's numbers bit for bit at a lower cost (its
+    header says why); JAXLLM_AMX_INT8=0 keeps ggml's own kernels."""
+    return 0 if os.environ.get("JAXLLM_AMX_INT8", "1") == "0" else AMX_INT8_MIN_ROWS
+
+
 def native_low_precision(fmt: str, device=None) -> bool:
     """Whether `fmt`'s weights meet activations of their own type in a native dot on this device:
     float8 e4m3 on NVIDIA GPUs of compute capability 8.9+ (Ada, Hopper, Blackwell). int8 stays
@@ -169,6 +179,7 @@ def dynamic_quantized_matmul(x: jax.Array, fmt: str, data: jax.Array, scale: jax
 def _ggml(x: jax.Array, ws: list[QuantizedArray], glu: bool = False) -> list[jax.Array]:
     ys = ggml_cpu.mul_mats(x, [(GGML_FORMATS[w.fmt][0], w.data) for w in ws], ws[0].layer,
                            [bool(w.amx_in_features) for w in ws], bf16_min_rows=_amx_bf16_min_rows(),
+                           int8_min_rows=_amx_int8_min_rows(),
                            live_rows=ws[0].live_rows, glu=glu)
     return [y.astype(x.dtype) for y in ys]
 

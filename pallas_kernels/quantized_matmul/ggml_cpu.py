@@ -51,6 +51,11 @@ def _library() -> ctypes.CDLL | None:
     lib.jaxllm_amx_pack.argtypes = [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 2
     lib.jaxllm_amx_bf16_takes.restype = ctypes.c_int
     lib.jaxllm_amx_bf16_takes.argtypes = [ctypes.c_int64]
+    lib.jaxllm_amx_int8_takes.restype = ctypes.c_int
+    lib.jaxllm_amx_int8_takes.argtypes = [ctypes.c_int64]
+    lib.jaxllm_amx_int8_mul_mat.restype = ctypes.c_int
+    lib.jaxllm_amx_int8_mul_mat.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                                            ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
     return lib
 
 
@@ -74,6 +79,25 @@ def amx_bf16_takes(ggml_type: int) -> bool:
     Q4_0, Q4_1, Q8_0 on CPUs with AMX-BF16 and AVX512-BF16) rather than through ggml's int8 kernels."""
     lib = _library()
     return lib is not None and bool(lib.jaxllm_amx_bf16_takes(ggml_type))
+
+
+def amx_int8_takes(ggml_type: int) -> bool:
+    """Whether small steps (int8_min_rows up to bf16_min_rows) multiply AMX-layout weights of this type by
+    amx_int8.cc's tile kernel (Q4_1 on CPUs with AMX) rather than ggml's."""
+    lib = _library()
+    return lib is not None and bool(lib.jaxllm_amx_int8_takes(ggml_type))
+
+
+def amx_int8_mul_mat(ggml_type: int, x: np.ndarray, packed: np.ndarray) -> np.ndarray:
+    """x [m, k] f32 @ W^T by amx_int8.cc's kernel alone, on this thread; packed: W [n, amx_row_bytes] in
+    the AMX tile layout. For tests: the custom call reaches the kernel inside ggml's graph."""
+    x = np.ascontiguousarray(x, np.float32)
+    packed = np.ascontiguousarray(packed, np.uint8)
+    y = np.empty((x.shape[0], packed.shape[0]), np.float32)
+    if _library().jaxllm_amx_int8_mul_mat(ggml_type, x.ctypes.data, x.shape[0], x.shape[1], packed.ctypes.data,
+                                          packed.shape[0], y.ctypes.data):
+        raise ValueError(f"amx_int8.cc does not take ggml type {ggml_type} [{packed.shape[0]}, {x.shape[1]}] here")
+    return y
 
 
 def amx_pack(ggml_type: int, data: np.ndarray, in_features: int) -> np.ndarray:
@@ -123,14 +147,16 @@ def poll() -> int:
 
 
 def mul_mats(x: jax.Array, weights: list[tuple[int, jax.Array]], layer: jax.Array | None,
-             amx: list[bool] | None = None, bf16_min_rows: int = 0,
+             amx: list[bool] | None = None, bf16_min_rows: int = 0, int8_min_rows: int = 0,
              live_rows: jax.Array | None = None, glu: bool = False) -> list[jax.Array]:
     """x [T, in] f32 @ W_i^T -> [T, out_i] f32 for each (ggml type, W_i [out_i, row_bytes]) in one call
     (one ggml graph: the thread pool wakes once). W_i may be [L, out_i, row_bytes] with `layer` picking
     one: the stack is passed whole, so a layer scan never copies a slice of it out. amx[i]: W_i is in
     the AMX tile layout (amx_pack). bf16_min_rows: steps of at least this many rows multiply Q4_0 / Q4_1
     / Q8_0 weights in the AMX layout as one bf16 tile GEMM (amx_bf16.cc, where built), x and the weight
-    rounded to bfloat16; 0 keeps ggml's int8 kernels at every size. live_rows (a traced scalar): rows of
+    rounded to bfloat16; 0 keeps ggml's int8 kernels at every size. int8_min_rows: steps of at least
+    this many live rows (and fewer than bf16_min_rows) multiply Q4_1 weights in the AMX layout by
+    amx_int8.cc's tile kernel (the same numbers as ggml's); 0: never. live_rows (a traced scalar): rows of
     x past it are padding, not multiplied, and their outputs are zeros. glu: weights are a gated MLP's
     (gate, up); the one result is silu(x @ gate^T) * (x @ up^T), taken in the same ggml graph."""
     if any(data.ndim == 3 for _, data in weights) and layer is None:
@@ -145,5 +171,5 @@ def mul_mats(x: jax.Array, weights: list[tuple[int, jax.Array]], layer: jax.Arra
         x.astype(jnp.float32), index, *[data for _, data in weights],
         ggml_types=np.array([t for t, _ in weights], np.int64),
         amx=np.array(amx if amx is not None else [False] * len(weights), np.int64),
-        bf16_min_rows=np.int64(bf16_min_rows), glu=np.int64(glu), n_threads=np.int64(num_threads()),
+        bf16_min_rows=np.int64(bf16_min_rows), int8_min_rows=np.int64(int8_min_rows), glu=np.int64(glu), n_threads=np.int64(num_threads()),
         poll=np.int64(poll()))

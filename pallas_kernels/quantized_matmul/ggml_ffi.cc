@@ -11,6 +11,8 @@
 //   attrs:   ggml_types (ggml's type id of each weight), amx (per weight: 1 if it is in ggml's AMX tile
 //            layout, see jaxllm_amx_pack), bf16_min_rows (steps of at least this many rows take
 //            AMX-layout weights through amx_bf16.cc's bf16 GEMM where it reads their type; 0: never),
+//            int8_min_rows (smaller steps of at least this many live rows take AMX-layout Q4_1 weights
+//            through amx_int8.cc's tile kernel, ggml's numbers at a lower cost; 0: never),
 //            glu (1: two weights, gate and up, of the same N, and a gated MLP's SwiGLU taken in the
 //            same graph, so XLA never runs it over the step's padded rows as a pass of its own),
 //            n_threads, poll (ggml's idle-polling level of its workers, 0-100)
@@ -24,7 +26,8 @@
 // where the row-layout kernels of most block formats (Q4_1, the K-quants) are one dot per row. Large
 // steps of Q4_0 / Q4_1 / Q8_0 AMX weights go to a bf16 tile GEMM instead (amx_bf16.cc): x is
 // converted once to bf16 in the tiles' order (amx_bf16_pack_rows), then each weight's product runs as
-// a custom op on ggml's pool.
+// a custom op on ggml's pool. Smaller steps of two rows or more of Q4_1 AMX weights go to amx_int8.cc's
+// tile kernel the same way (x quantized once by amx_int8_quantize_rows): ggml's numbers, computed faster.
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -32,6 +35,7 @@
 #include <vector>
 
 #include "amx_bf16.h"
+#include "amx_int8.h"
 #include "ggml_runtime.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -54,6 +58,7 @@ std::vector<uint8_t> work;
 alignas(64) uint8_t arena[32 * 1024];
 constexpr size_t kMaxWeights = 4;
 std::vector<uint16_t> x_bf16;  // x for the bf16 GEMM (amx_bf16_pack_rows)
+std::vector<uint8_t> x_q8;  // x for the int8 tile products of small steps (amx_int8_quantize_rows)
 std::vector<float> glu_products;  // with glu: the gate's and the up projection's products
 
 }  // namespace
@@ -129,6 +134,23 @@ extern "C" int jaxllm_amx_bf16_takes(int64_t type) {
   return amx_buffer() != nullptr && amx_bf16_takes(static_cast<int>(type));
 }
 
+// Whether steps of int8_min_rows or more live rows take AMX-layout weights of ggml type `type` through
+// amx_int8.cc's tile kernel: built for this CPU, AMX granted, and Q4_1.
+extern "C" int jaxllm_amx_int8_takes(int64_t type) {
+  return amx_buffer() != nullptr && amx_int8_takes(static_cast<int>(type));
+}
+
+// y[m, n] = x[m, k] @ w^T by amx_int8.cc alone, on the calling thread (tests compare it with ggml's
+// kernels). w: [n, k] of `type` in the AMX tile layout. Returns 0 on success.
+extern "C" int jaxllm_amx_int8_mul_mat(int64_t type, const float* x, int64_t m, int64_t k, const void* w, int64_t n,
+                                       float* y) {
+  if (jaxllm_amx_int8_takes(type) == 0 || jaxllm_amx_row_bytes(type, n, k) == 0 || m <= 0) return 1;
+  std::vector<uint8_t> xq(amx_int8_rows_bytes(m, k));
+  amx_int8_quantize_rows(x, m, k, xq.data(), 0, 1);
+  amx_int8_mul_mat(static_cast<int>(type), static_cast<const uint8_t*>(w), n, k, xq.data(), m, y, 0, 1);
+  return 0;
+}
+
 ggml_status jaxllm_ggml_compute(ggml_cgraph* graph, int n_threads, int poll) {
   std::lock_guard<std::recursive_mutex> lock(mu);
   static const bool initialized = (ggml_cpu_init(), true);
@@ -168,6 +190,18 @@ void run_pack_rows(ggml_tensor* a, int ith, int nth, void* /*userdata*/) {
   amx_bf16_pack_rows(static_cast<const float*>(x->data), x->ne[1], x->ne[0], static_cast<uint16_t*>(a->data), ith, nth);
 }
 
+void run_quantize_rows(ggml_tensor* a, int ith, int nth, void* /*userdata*/) {
+  const ggml_tensor* x = a->src[0];
+  amx_int8_quantize_rows(static_cast<const float*>(x->data), x->ne[1], x->ne[0], static_cast<uint8_t*>(a->data), ith, nth);
+}
+
+void run_amx_int8(ggml_tensor* y, int ith, int nth, void* /*userdata*/) {
+  const ggml_tensor* w = y->src[0];
+  const ggml_tensor* x = y->src[1];
+  amx_int8_mul_mat(w->type, static_cast<const uint8_t*>(w->data), w->ne[1], w->ne[0],
+                   static_cast<const uint8_t*>(x->data), y->ne[1], static_cast<float*>(y->data), ith, nth);
+}
+
 void run_amx_bf16(ggml_tensor* y, int ith, int nth, void* /*userdata*/) {
   const ggml_tensor* w = y->src[0];
   const ggml_tensor* x = y->src[1];
@@ -177,7 +211,7 @@ void run_amx_bf16(ggml_tensor* y, int ith, int nth, void* /*userdata*/) {
 
 ffi::Error MulMats(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> layer, ffi::RemainingArgs weights,
                    ffi::RemainingRets outs, ffi::Span<const int64_t> ggml_types, ffi::Span<const int64_t> amx,
-                   int64_t bf16_min_rows, int64_t glu, int64_t n_threads, int64_t poll) {
+                   int64_t bf16_min_rows, int64_t int8_min_rows, int64_t glu, int64_t n_threads, int64_t poll) {
   const auto xd = x.dimensions();
   if (xd.size() != 2) return ffi::Error::InvalidArgument("jaxllm_ggml_mul_mat: x must be [T, K]");
   const int64_t t = xd[0], k = xd[1];
@@ -198,6 +232,7 @@ ffi::Error MulMats(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> layer, ffi::Re
   xt->data = const_cast<float*>(x.typed_data());
   ggml_cgraph* graph = ggml_new_graph_custom(ctx, 2 * kMaxWeights + 2, false);
   ggml_tensor* xt_bf16 = nullptr;  // made by the first weight that takes the bf16 GEMM
+  ggml_tensor* xt_q8 = nullptr;  // made by the first weight that takes the int8 tile products
   ggml_tensor* products[kMaxWeights] = {};
   for (size_t i = 0; i < n_weights; ++i) {
     auto w = weights.get<ffi::AnyBuffer>(i);
@@ -241,6 +276,21 @@ ffi::Error MulMats(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> layer, ffi::Re
       products[i] = yt;
       continue;
     }
+    if (amx[i] && int8_min_rows > 0 && live >= int8_min_rows && amx_int8_takes(type)) {
+      if (xt_q8 == nullptr) {
+        const int64_t bytes = amx_int8_rows_bytes(live, k);
+        if (x_q8.size() < static_cast<size_t>(bytes)) x_q8.resize(bytes);
+        ggml_tensor* src[1] = {xt};
+        xt_q8 = ggml_custom_4d(ctx, GGML_TYPE_I8, bytes, 1, 1, 1, src, 1, run_quantize_rows, GGML_N_TASKS_MAX, nullptr);
+        xt_q8->data = x_q8.data();
+      }
+      ggml_tensor* args[2] = {wt, xt_q8};
+      ggml_tensor* yt = ggml_custom_4d(ctx, GGML_TYPE_F32, n, live, 1, 1, args, 2, run_amx_int8, GGML_N_TASKS_MAX, nullptr);
+      yt->data = product;
+      ggml_build_forward_expand(graph, yt);
+      products[i] = yt;
+      continue;
+    }
     if (amx[i]) {  // claimed by the AMX buffer type, whose kernels then compute this product
       ggml_backend_buffer_t buffer = amx_buffer();
       wt->buffer = buffer;
@@ -274,6 +324,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxllmGgmlMulMat, MulMats,
                                   .Attr<ffi::Span<const int64_t>>("ggml_types")
                                   .Attr<ffi::Span<const int64_t>>("amx")
                                   .Attr<int64_t>("bf16_min_rows")
+                                  .Attr<int64_t>("int8_min_rows")
                                   .Attr<int64_t>("glu")
                                   .Attr<int64_t>("n_threads")
                                   .Attr<int64_t>("poll"));
