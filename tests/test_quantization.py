@@ -443,8 +443,9 @@ def test_amx_int8_small_steps_give_ggml_numbers(monkeypatch):
 def test_padding_rows_are_not_multiplied(layout):
     """Rows past a step's live_rows (its padding up to the compiled size) are skipped: each live row's
     product is bit for bit the one of the whole step, and the padding's outputs are zeros (no row left
-    as whatever the buffer held). amx_bf16: a 96-row step with 1, 17, 67 (a last block of 3 rows, half
-    the tile products) and 80 live rows."""
+    as whatever the buffer held). amx_bf16: a 96-row step with 67 (a last block of 3 rows, half the tile
+    products) and 80 live rows; fewer than AMX_BF16_MIN_ROWS live rows take the int8 kernels (the GEMM
+    is chosen by live rows, not by the compiled size), the same numbers as the step compiled for them."""
     _require_ggml()
     fmt = "q4_1"
     stack = np.stack([_random_blocks(fmt, 64, 512, seed) for seed in range(2)])
@@ -454,7 +455,7 @@ def test_padding_rows_are_not_multiplied(layout):
         _require_amx() if layout == "amx_int8" else _require_amx_bf16(fmt)
         w = qm.pack_for_amx(w)
     if layout == "amx_bf16":
-        t, lives = 96, (0, 1, 17, 67, 80)
+        t, lives = 96, (0, 67, 80)
     xs = jnp.asarray(np.random.default_rng(8).standard_normal((t, 512)).astype(np.float32))
     run = jax.jit(lambda x, w, i, n: quantized_matmul(x, w.at_layer(i, n)))
     whole = np.asarray(run(xs, w, jnp.int32(1), jnp.int32(t)))
@@ -463,6 +464,11 @@ def test_padding_rows_are_not_multiplied(layout):
         got = np.asarray(run(xs, w, jnp.int32(1), jnp.int32(live)))
         np.testing.assert_array_equal(got[:live], whole[:live])
         assert not got[live:].any(), f"padding rows past {live} are not zeros"
+    if layout == "amx_bf16":  # below the threshold by live rows: the int8 kernels, as if compiled for them
+        for live in (1, 17):
+            got = np.asarray(run(xs, w, jnp.int32(1), jnp.int32(live)))
+            np.testing.assert_array_equal(got[:live], np.asarray(run(xs[:live], w, jnp.int32(1), jnp.int32(live))))
+            assert np.abs(got[:live] - whole[:live]).max() > 0 and not got[live:].any()
 
 
 @pytest.mark.parametrize("layout", ["rows", "amx_int8", "amx_bf16"])

@@ -4,7 +4,7 @@
 
 Dispatch:
   - weights repacked for AMX at load (pack_for_amx, Intel Xeon 4th gen+): ggml's AMX int8 kernels,
-    or for steps of AMX_BF16_MIN_ROWS or more of Q4_0 / Q4_1 / Q8_0 on CPUs with AMX-BF16 our bf16 tile
+    or for steps of AMX_BF16_MIN_ROWS or more live rows of Q4_0 / Q4_1 / Q8_0 on CPUs with AMX-BF16 our bf16 tile
     GEMM (amx_bf16.cc), or for smaller steps of AMX_INT8_MIN_ROWS or more live rows of Q4_1 our int8 tile
     kernel (amx_int8.cc: ggml's numbers bit for bit), all inside the one custom call (the repacked bytes
     are readable by nothing else);
@@ -30,6 +30,11 @@ steps: ~260 ms). Then AMX int8 -> AMX bf16 tiles for large steps (same sitting):
 T=256 113.8 -> 72.5 ms, T=512 213.6 -> 99.9 ms; the bf16 tiles win from ~48 rows (T=64 29.7 vs 24.8 ms),
 so AMX_BF16_MIN_ROWS is 64 (whole-model steps, same sitting: 64 decode rows 63.5 -> 47.4 ms, a 96-row
 step 83.9 -> 63.8 ms, 32 rows even); the XLA path's bf16 threshold stays at 128.
+Then Q4_1's 2-63 rows moved from ggml's int8 tile kernel to amx_int8.cc's (2026-12-04, same projections,
+ggml's / ours): 2 rows 6.3 / 4.7 ms, 8 rows 8.3 / 5.7, 16 rows 9.4 / 8.2, 32 rows 20.4 / 13.8, 48 rows
+30 / 19.3; the bf16 GEMM 16.6 at 32 rows, 20.4 at 48, 27.1 at 64, 36.1 at 96 against ours' 25.1 and 37.9.
+So the threshold is taken on the live rows (a step compiled for 64 rows with 34 live ones went to the
+bf16 GEMM before) and stays at 64, where the two are within 10 %.
 """
 
 from __future__ import annotations
@@ -134,7 +139,7 @@ def _prefill_in_bf16(x: jax.Array, w: QuantizedArray) -> bool:
 
 
 def _amx_bf16_min_rows() -> int:
-    """Steps of at least AMX_BF16_MIN_ROWS rows multiply Q4_0 / Q4_1 / Q8_0 weights in the AMX layout as one
+    """Steps of at least AMX_BF16_MIN_ROWS live rows multiply Q4_0 / Q4_1 / Q8_0 weights in the AMX layout as one
     bf16 tile GEMM (amx_bf16.cc) rather than ggml's int8 tile kernels, which re-scale every 32 of k in
     AVX-512; JAXLLM_AMX_BF16=0 keeps ggml's kernels at every size."""
     return 0 if os.environ.get("JAXLLM_AMX_BF16", "1") == "0" else AMX_BF16_MIN_ROWS

@@ -152,7 +152,7 @@ def mul_mats(x: jax.Array, weights: list[tuple[int, jax.Array]], layer: jax.Arra
     """x [T, in] f32 @ W_i^T -> [T, out_i] f32 for each (ggml type, W_i [out_i, row_bytes]) in one call
     (one ggml graph: the thread pool wakes once). W_i may be [L, out_i, row_bytes] with `layer` picking
     one: the stack is passed whole, so a layer scan never copies a slice of it out. amx[i]: W_i is in
-    the AMX tile layout (amx_pack). bf16_min_rows: steps of at least this many rows multiply Q4_0 / Q4_1
+    the AMX tile layout (amx_pack). bf16_min_rows: steps of at least this many live rows multiply Q4_0 / Q4_1
     / Q8_0 weights in the AMX layout as one bf16 tile GEMM (amx_bf16.cc, where built), x and the weight
     rounded to bfloat16; 0 keeps ggml's int8 kernels at every size. int8_min_rows: steps of at least
     this many live rows (and fewer than bf16_min_rows) multiply Q4_1 weights in the AMX layout by

@@ -9,7 +9,7 @@
 //            layer scan passes the stack whole instead of copying a slice out every layer)
 //   y_1..n:  f32 [T, N_i], or with glu one y: f32 [T, N] = silu(x @ W_1^T) * (x @ W_2^T)
 //   attrs:   ggml_types (ggml's type id of each weight), amx (per weight: 1 if it is in ggml's AMX tile
-//            layout, see jaxllm_amx_pack), bf16_min_rows (steps of at least this many rows take
+//            layout, see jaxllm_amx_pack), bf16_min_rows (steps of at least this many live rows take
 //            AMX-layout weights through amx_bf16.cc's bf16 GEMM where it reads their type; 0: never),
 //            int8_min_rows (smaller steps of at least this many live rows take AMX-layout Q4_1 weights
 //            through amx_int8.cc's tile kernel, ggml's numbers at a lower cost; 0: never),
@@ -261,7 +261,9 @@ ffi::Error MulMats(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> layer, ffi::Re
     }
     ggml_tensor* wt = ggml_new_tensor_2d(ctx, type, k, n);
     wt->data = static_cast<uint8_t*>(w->untyped_data()) + index * n * row_bytes;
-    if (amx[i] && bf16_min_rows > 0 && t >= bf16_min_rows && amx_bf16_takes(type)) {
+    // By live rows, not the compiled size: a 34-token step compiled as 64 rows costs ~17 ms in the bf16
+    // GEMM's panel dequantization and ~14 ms in the int8 tile kernel (SmolLM2's 30 layers of Q4_1).
+    if (amx[i] && bf16_min_rows > 0 && live >= bf16_min_rows && amx_bf16_takes(type)) {
       if (xt_bf16 == nullptr) {
         const int64_t rows = (live + 31) / 32 * 32;
         if (x_bf16.size() < static_cast<size_t>(rows * k)) x_bf16.resize(rows * k);
