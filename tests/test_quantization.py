@@ -332,7 +332,7 @@ def test_amx_packed_weights_compute_the_row_layouts_product(fmt):
     run = jax.jit(lambda x, w, i: quantized_matmul(x, w.at_layer(i)))
     xs = np.random.default_rng(6).standard_normal((40, 512)).astype(np.float32)
     rows = QuantizedArray(jnp.asarray(stack), None, None, fmt)
-    for t in (1, 5, 17, 40):
+    for t in (1, 5, 17, qm.AMX_BF16_MIN_ROWS - 1):  # larger steps: the bf16 GEMM where built
         got = np.asarray(run(xs[:t], packed, jnp.int32(1)))
         want = np.asarray(ggml_cpu.mul_mats(jnp.asarray(xs[:t]), [(GGML_FORMATS[fmt][0], rows.data)], jnp.int32(1))[0])
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
@@ -409,9 +409,9 @@ def test_amx_bf16_gemm_over_panel_groups_and_row_blocks():
 
 
 def test_amx_int8_small_steps_give_ggml_numbers(monkeypatch):
-    """Q4_1 steps of 2 to 63 rows in the AMX layout take amx_int8.cc's tile kernel, which gives ggml's
-    numbers bit for bit: those of ggml's AMX kernel for the whole step (JAXLLM_AMX_INT8=0), and each
-    row's those of ggml's one-row kernel alone. Row counts off the 16-row tiles, six 16-column tiles,
+    """Q4_1 steps of 2 to AMX_BF16_MIN_ROWS - 1 rows in the AMX layout take amx_int8.cc's tile kernel,
+    which gives ggml's numbers bit for bit: those of ggml's AMX kernel for the whole step
+    (JAXLLM_AMX_INT8=0), and each row's those of ggml's one-row kernel alone. Row counts off the 16-row tiles, six 16-column tiles,
     and an odd number of 32-wide blocks of k (17), which ends the kernel's two-block pipeline early."""
     _require_amx()
     fmt, k = "q4_1", 544
@@ -424,7 +424,7 @@ def test_amx_int8_small_steps_give_ggml_numbers(monkeypatch):
     xs = np.random.default_rng(10).standard_normal((63, k)).astype(np.float32)
     run = jax.jit(lambda x, w, i: quantized_matmul(x, w.at_layer(i)))  # traced per row count: the env is read then
     alone = np.asarray(run(xs[:1], packed, jnp.int32(1)))
-    for t in (2, 7, 16, 17, 40, 63):
+    for t in (2, 7, 16, 17, 33, qm.AMX_BF16_MIN_ROWS - 1):
         monkeypatch.delenv("JAXLLM_AMX_INT8", raising=False)
         ours = np.asarray(run(xs[:t], packed, jnp.int32(1)))
         direct = ggml_cpu.amx_int8_mul_mat(ggml_type, xs[:t], np.asarray(packed.data[1]))

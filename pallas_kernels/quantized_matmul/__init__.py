@@ -33,8 +33,11 @@ step 83.9 -> 63.8 ms, 32 rows even); the XLA path's bf16 threshold stays at 128.
 Then Q4_1's 2-63 rows moved from ggml's int8 tile kernel to amx_int8.cc's (2026-12-04, same projections,
 ggml's / ours): 2 rows 6.3 / 4.7 ms, 8 rows 8.3 / 5.7, 16 rows 9.4 / 8.2, 32 rows 20.4 / 13.8, 48 rows
 30 / 19.3; the bf16 GEMM 16.6 at 32 rows, 20.4 at 48, 27.1 at 64, 36.1 at 96 against ours' 25.1 and 37.9.
-So the threshold is taken on the live rows (a step compiled for 64 rows with 34 live ones went to the
-bf16 GEMM before) and stays at 64, where the two are within 10 %.
+Those loops keep the weights hotter than a model step does: whole SmolLM2 steps (in-process, 500 cached
+tokens plus new ones, alternating AMX_BF16_MIN_ROWS 64 / 8) put the crossover near 40 rows: 16 new tokens
+15.7 / 19-25 ms, 24: 18.9 / 21.5-25.9, 32: 24.0 / 25.1, 40: 25.5 / 25.5, 51: 31.4 / 28.5 (threshold 32).
+So AMX_BF16_MIN_ROWS is 40, taken on the step's live rows (a step compiled for 64 rows with 34 live
+ones went to the bf16 GEMM before, one compiled for 32 with 20 to ggml's kernel).
 """
 
 from __future__ import annotations
@@ -53,7 +56,7 @@ from pallas_kernels.quantized_matmul.reference import CHANNEL_FORMATS, GGML_FORM
 GGML_MAX_ROWS = 32
 GGML_MAX_WEIGHTS = 4  # per call: ggml_ffi.cc's kMaxWeights
 BF16_MIN_ROWS = 128  # the XLA path's dequantize-to-bf16 (CPUs with bf16 dots, no AMX layout)
-AMX_BF16_MIN_ROWS = 64  # AMX-layout weights: our bf16 tile GEMM instead of ggml's int8 tile kernels
+AMX_BF16_MIN_ROWS = 40  # AMX-layout weights: our bf16 tile GEMM instead of ggml's int8 tile kernels
 AMX_INT8_MIN_ROWS = 2  # AMX-layout Q4_1 weights: amx_int8.cc's tile kernel instead of ggml's (one row: its VNNI GEMV)
 
 

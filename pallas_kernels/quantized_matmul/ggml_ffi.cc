@@ -261,8 +261,8 @@ ffi::Error MulMats(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> layer, ffi::Re
     }
     ggml_tensor* wt = ggml_new_tensor_2d(ctx, type, k, n);
     wt->data = static_cast<uint8_t*>(w->untyped_data()) + index * n * row_bytes;
-    // By live rows, not the compiled size: a 34-token step compiled as 64 rows costs ~17 ms in the bf16
-    // GEMM's panel dequantization and ~14 ms in the int8 tile kernel (SmolLM2's 30 layers of Q4_1).
+    // By live rows, not the compiled size: the kernels' costs follow the rows they multiply (the
+    // threshold's figures: quantized_matmul/__init__.py).
     if (amx[i] && bf16_min_rows > 0 && live >= bf16_min_rows && amx_bf16_takes(type)) {
       if (xt_bf16 == nullptr) {
         const int64_t rows = (live + 31) / 32 * 32;
