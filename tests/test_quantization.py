@@ -411,8 +411,9 @@ def test_amx_bf16_gemm_over_panel_groups_and_row_blocks():
 def test_amx_int8_small_steps_give_ggml_numbers(monkeypatch):
     """Q4_1 steps of 2 to AMX_BF16_MIN_ROWS - 1 rows in the AMX layout take amx_int8.cc's tile kernel,
     which gives ggml's numbers bit for bit: those of ggml's AMX kernel for the whole step
-    (JAXLLM_AMX_INT8=0), and each row's those of ggml's one-row kernel alone. Row counts off the 16-row tiles, six 16-column tiles,
-    and an odd number of 32-wide blocks of k (17), which ends the kernel's two-block pipeline early."""
+    (JAXLLM_AMX_INT8=0), and each row's those of ggml's one-row kernel alone. Row counts off the
+    16-row tiles, six 16-column tiles, and an odd number of 32-wide blocks of k (17), which ends the
+    kernel's two-block pipeline early."""
     _require_amx()
     fmt, k = "q4_1", 544
     ggml_type = GGML_FORMATS[fmt][0]

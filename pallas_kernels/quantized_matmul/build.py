@@ -27,9 +27,10 @@ from pathlib import Path
 
 GGML_SDIST = "llama-cpp-python==0.3.36"
 HERE = Path(__file__).resolve().parent
-SOURCES = (HERE / "ggml_ffi.cc", HERE / "amx_bf16.cc", HERE / "amx_int8.cc", HERE.parent / "ragged_paged_attention" / "cpu_ffi.cc",
-           HERE.parent / "sampling" / "cpu_ffi.cc")
-HEADERS = (HERE / "ggml_runtime.h", HERE / "amx_bf16.h", HERE / "amx_int8.h", HERE / "amx_tiles.h", HERE / "cpu_vectors.h")
+SOURCES = (HERE / "ggml_ffi.cc", HERE / "amx_bf16.cc", HERE / "amx_int8.cc",
+           HERE.parent / "ragged_paged_attention" / "cpu_ffi.cc", HERE.parent / "sampling" / "cpu_ffi.cc")
+HEADERS = (HERE / "ggml_runtime.h", HERE / "amx_bf16.h", HERE / "amx_int8.h", HERE / "amx_tiles.h",
+           HERE / "cpu_vectors.h")
 
 
 def cache_dir() -> Path:

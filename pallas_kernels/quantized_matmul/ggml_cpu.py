@@ -171,5 +171,5 @@ def mul_mats(x: jax.Array, weights: list[tuple[int, jax.Array]], layer: jax.Arra
         x.astype(jnp.float32), index, *[data for _, data in weights],
         ggml_types=np.array([t for t, _ in weights], np.int64),
         amx=np.array(amx if amx is not None else [False] * len(weights), np.int64),
-        bf16_min_rows=np.int64(bf16_min_rows), int8_min_rows=np.int64(int8_min_rows), glu=np.int64(glu), n_threads=np.int64(num_threads()),
-        poll=np.int64(poll()))
+        bf16_min_rows=np.int64(bf16_min_rows), int8_min_rows=np.int64(int8_min_rows), glu=np.int64(glu),
+        n_threads=np.int64(num_threads()), poll=np.int64(poll()))

@@ -192,7 +192,8 @@ void run_pack_rows(ggml_tensor* a, int ith, int nth, void* /*userdata*/) {
 
 void run_quantize_rows(ggml_tensor* a, int ith, int nth, void* /*userdata*/) {
   const ggml_tensor* x = a->src[0];
-  amx_int8_quantize_rows(static_cast<const float*>(x->data), x->ne[1], x->ne[0], static_cast<uint8_t*>(a->data), ith, nth);
+  amx_int8_quantize_rows(static_cast<const float*>(x->data), x->ne[1], x->ne[0], static_cast<uint8_t*>(a->data), ith,
+                         nth);
 }
 
 void run_amx_int8(ggml_tensor* y, int ith, int nth, void* /*userdata*/) {
@@ -287,7 +288,8 @@ ffi::Error MulMats(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> layer, ffi::Re
         xt_q8->data = x_q8.data();
       }
       ggml_tensor* args[2] = {wt, xt_q8};
-      ggml_tensor* yt = ggml_custom_4d(ctx, GGML_TYPE_F32, n, live, 1, 1, args, 2, run_amx_int8, GGML_N_TASKS_MAX, nullptr);
+      ggml_tensor* yt =
+          ggml_custom_4d(ctx, GGML_TYPE_F32, n, live, 1, 1, args, 2, run_amx_int8, GGML_N_TASKS_MAX, nullptr);
       yt->data = product;
       ggml_build_forward_expand(graph, yt);
       products[i] = yt;
