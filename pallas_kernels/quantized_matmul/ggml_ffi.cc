@@ -295,11 +295,13 @@ ffi::Error MulMats(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> layer, ffi::Re
       products[i] = yt;
       continue;
     }
+#ifdef JAXLLM_AMX  // (without it no weight passes the layout check above as AMX-packed)
     if (amx[i]) {  // claimed by the AMX buffer type, whose kernels then compute this product
       ggml_backend_buffer_t buffer = amx_buffer();
       wt->buffer = buffer;
       buffer->iface.init_tensor(buffer, wt);
     }
+#endif
     ggml_tensor* yt = ggml_mul_mat(ctx, wt, xt);  // [N, T] in ggml's order = row-major [T, N]
     yt->data = product;
     ggml_build_forward_expand(graph, yt);
