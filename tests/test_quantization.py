@@ -542,6 +542,21 @@ def test_gguf_on_amx_tiles_defaults_to_a_bfloat16_pool():
     assert text.startswith(" Paris"), text
 
 
+def test_extension_sources_compile_without_amx():
+    """The extension's sources compile for a CPU without AMX or AVX-512 (no JAXLLM_AMX* defines, AVX2
+    only), as build.py compiles them there: the AMX code paths are the only ones this suite's machine
+    runs, and an AMX-only declaration once used outside its #ifdef broke every such build."""
+    from pallas_kernels.quantized_matmul import build
+    _require_ggml()
+    if not build.headers_dir().is_dir():
+        pytest.skip("built before ggml's headers were kept beside the library")
+    for source in build.SOURCES:
+        done = subprocess.run(["c++", "-std=c++17", "-fsyntax-only", "-w", "-fopenmp-simd", "-mavx2", "-mfma",
+                               "-mf16c", str(source), "-I", str(build.HERE), "-I", str(build.headers_dir()),
+                               "-I", jax.ffi.include_dir()], capture_output=True, text=True)
+        assert done.returncode == 0, f"{source.name} does not compile without AMX:\n{done.stderr[-2000:]}"
+
+
 def test_amx_patch_reloads_ggml_tile_configuration(tmp_path):
     """ggml's AMX kernels loaded their tile configuration once per thread; XLA's own AMX dots release
     the tiles on the thread that later calls ggml (a SIGILL on ggml's next tile load, seen in this

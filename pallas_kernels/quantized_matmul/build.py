@@ -10,7 +10,7 @@ instruction). ggml's AMX int8 kernels are built where the CPU reports all of AMX
 bf16 GEMM for large steps (and the attention's bf16 tile path) where it reports AMX_BF16_FLAGS. The
 result, ggml_ffi.cc, amx_bf16.cc, the CPU paged attention (ragged_paged_attention/cpu_ffi.cc) and the
 sampler's row reductions (sampling/cpu_ffi.cc), which run on ggml's thread pool, linked against it, go
-to the cache directory `library_path()` names.
+to the cache directory `library_path()` names, with ggml's public headers beside it (`headers_dir()`).
 """
 
 from __future__ import annotations
@@ -159,7 +159,15 @@ def build(force: bool = False) -> Path:
                         "-Wl,--whole-archive", str(libs["libggml-cpu.a"]), "-Wl,--no-whole-archive",
                         str(libs["libggml-base.a"]), "-lpthread", "-lm", "-o", str(tmp_out)], check=True)
         tmp_out.replace(out)
+        # ggml's public headers stay beside the library: tests compile our sources against them for CPUs
+        # this one is not (headers_dir)
+        shutil.copytree(ggml / "include", headers_dir(), dirs_exist_ok=True)
     return out
+
+
+def headers_dir() -> Path:
+    """ggml's public headers of the built library (copied by build)."""
+    return library_path().parent / "include"
 
 
 def main() -> int:
