@@ -423,14 +423,15 @@ def test_amx_int8_small_steps_give_ggml_numbers(monkeypatch):
     packed = qm.pack_for_amx(QuantizedArray(jnp.asarray(stack), None, None, fmt))
     w = np.asarray(dequantize(fmt, jnp.asarray(stack[1])))
     xs = np.random.default_rng(10).standard_normal((63, k)).astype(np.float32)
-    run = jax.jit(lambda x, w, i: quantized_matmul(x, w.at_layer(i)))  # traced per row count: the env is read then
+    # each traced once per row count, under the env its kernel choice reads then
+    run, run_ggml = (jax.jit(lambda x, w, i: quantized_matmul(x, w.at_layer(i))) for _ in range(2))
     alone = np.asarray(run(xs[:1], packed, jnp.int32(1)))
     for t in (2, 7, 16, 17, 33, qm.AMX_BF16_MIN_ROWS - 1):
         monkeypatch.delenv("JAXLLM_AMX_INT8", raising=False)
         ours = np.asarray(run(xs[:t], packed, jnp.int32(1)))
         direct = ggml_cpu.amx_int8_mul_mat(ggml_type, xs[:t], np.asarray(packed.data[1]))
         monkeypatch.setenv("JAXLLM_AMX_INT8", "0")
-        ggmls = np.asarray(jax.jit(lambda x, w, i: quantized_matmul(x, w.at_layer(i)))(xs[:t], packed, jnp.int32(1)))
+        ggmls = np.asarray(run_ggml(xs[:t], packed, jnp.int32(1)))
         np.testing.assert_array_equal(direct, ggmls)
         np.testing.assert_array_equal(ours, ggmls)
         np.testing.assert_array_equal(ours[:1], alone)

@@ -262,6 +262,15 @@ ffi::Error MulMats(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> layer, ffi::Re
     }
     ggml_tensor* wt = ggml_new_tensor_2d(ctx, type, k, n);
     wt->data = static_cast<uint8_t*>(w->untyped_data()) + index * n * row_bytes;
+    const auto add_product = [&](ggml_tensor* yt) {  // written to `product`, kept for the SwiGLU
+      yt->data = product;
+      ggml_build_forward_expand(graph, yt);
+      products[i] = yt;
+    };
+    const auto add_custom_product = [&](ggml_tensor* x_prepared, ggml_custom_op_t run) {
+      ggml_tensor* args[2] = {wt, x_prepared};
+      add_product(ggml_custom_4d(ctx, GGML_TYPE_F32, n, live, 1, 1, args, 2, run, GGML_N_TASKS_MAX, nullptr));
+    };
     // By live rows, not the compiled size: the kernels' costs follow the rows they multiply (the
     // threshold's figures: quantized_matmul/__init__.py).
     if (amx[i] && bf16_min_rows > 0 && live >= bf16_min_rows && amx_bf16_takes(type)) {
@@ -272,11 +281,7 @@ ffi::Error MulMats(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> layer, ffi::Re
         xt_bf16 = ggml_custom_4d(ctx, GGML_TYPE_BF16, k, rows, 1, 1, src, 1, run_pack_rows, GGML_N_TASKS_MAX, nullptr);
         xt_bf16->data = x_bf16.data();
       }
-      ggml_tensor* args[2] = {wt, xt_bf16};
-      ggml_tensor* yt = ggml_custom_4d(ctx, GGML_TYPE_F32, n, live, 1, 1, args, 2, run_amx_bf16, GGML_N_TASKS_MAX, nullptr);
-      yt->data = product;
-      ggml_build_forward_expand(graph, yt);
-      products[i] = yt;
+      add_custom_product(xt_bf16, run_amx_bf16);
       continue;
     }
     if (amx[i] && int8_min_rows > 0 && live >= int8_min_rows && amx_int8_takes(type)) {
@@ -287,12 +292,7 @@ ffi::Error MulMats(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> layer, ffi::Re
         xt_q8 = ggml_custom_4d(ctx, GGML_TYPE_I8, bytes, 1, 1, 1, src, 1, run_quantize_rows, GGML_N_TASKS_MAX, nullptr);
         xt_q8->data = x_q8.data();
       }
-      ggml_tensor* args[2] = {wt, xt_q8};
-      ggml_tensor* yt =
-          ggml_custom_4d(ctx, GGML_TYPE_F32, n, live, 1, 1, args, 2, run_amx_int8, GGML_N_TASKS_MAX, nullptr);
-      yt->data = product;
-      ggml_build_forward_expand(graph, yt);
-      products[i] = yt;
+      add_custom_product(xt_q8, run_amx_int8);
       continue;
     }
 #ifdef JAXLLM_AMX  // (without it no weight passes the layout check above as AMX-packed)
@@ -302,10 +302,7 @@ ffi::Error MulMats(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> layer, ffi::Re
       buffer->iface.init_tensor(buffer, wt);
     }
 #endif
-    ggml_tensor* yt = ggml_mul_mat(ctx, wt, xt);  // [N, T] in ggml's order = row-major [T, N]
-    yt->data = product;
-    ggml_build_forward_expand(graph, yt);
-    products[i] = yt;
+    add_product(ggml_mul_mat(ctx, wt, xt));  // [N, T] in ggml's order = row-major [T, N]
   }
   if (glu && live > 0) {  // both products are [live, N]: each was checked against the one output
     ggml_tensor* h = ggml_swiglu_split(ctx, products[0], products[1]);
