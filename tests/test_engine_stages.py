@@ -292,6 +292,43 @@ def test_every_step_reports_its_dispatch_and_fetch_to_the_launch_pacer(tiny):
     assert eng.launch_delay() == 0.0  # idle: nothing in flight
 
 
+def test_a_step_carrying_a_first_token_is_applied_before_the_next_is_built():
+    """Async scheduling overlaps decode steps, never a first token: the step that samples it is applied
+    (and its output returned) before another is scheduled, and no pacing holds that back."""
+    llm = tiny_llm(max_num_seqs=4, max_num_batched_tokens=32, max_model_len=96, page_size=4, num_pages=64,
+                   async_scheduling=True)
+    eng = llm.engine
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    eng.add_request("a", None, params, prompt_token_ids=[5, 6, 7])
+    assert eng.step() == []  # a's prefill went out
+    assert eng._inflight.first_output
+    eng.pacer._device_s[eng._inflight.bucket] = 10.0  # an estimate that would hold the next dispatch
+    assert eng.launch_delay() == 0.0
+    out = eng.step()
+    assert [len(o.outputs[0].token_ids) for o in out] == [1] and eng._inflight is None
+    # Decode steps overlap: each call dispatches the next and returns the one before it.
+    assert eng.step() == [] and not eng._inflight.first_output
+    eng.pacer._device_s[eng._inflight.bucket] = 10.0
+    assert eng.launch_delay() > 0
+    out = eng.step()
+    assert [len(o.outputs[0].token_ids) for o in out] == [2] and eng._inflight is not None
+    # b's prefill rides with a's decode row: that step is applied alone, a's token with b's first.
+    eng.add_request("b", None, params, prompt_token_ids=[8, 9])
+    eng.step()
+    assert eng._inflight.first_output
+    out = {o.request_id: len(o.outputs[0].token_ids) for o in eng.step()}
+    assert out == {"a": 4, "b": 1} and eng._inflight is None
+    while eng.has_unfinished_requests():
+        eng.step()
+    alone = tiny_llm(max_num_seqs=4, max_num_batched_tokens=32, max_model_len=96, page_size=4, num_pages=64,
+                     async_scheduling=False)
+    expected = alone.generate([{"prompt_token_ids": [5, 6, 7]}, {"prompt_token_ids": [8, 9]}], params,
+                              use_tqdm=False)
+    assert token_ids(llm.generate([{"prompt_token_ids": [5, 6, 7]}, {"prompt_token_ids": [8, 9]}], params,
+                                  use_tqdm=False)) == token_ids(expected)
+    assert_pool_empty(llm)
+
+
 def test_data_parallel_front_waits_for_its_soonest_busy_replica():
     """--data-parallel-size: one step() steps every replica, so the front holds the next dispatch only
     as long as the busy replica whose step in flight ends first allows; idle replicas do not count."""
