@@ -312,20 +312,19 @@ def test_a_step_carrying_a_first_token_is_applied_before_the_next_is_built():
     assert eng.launch_delay() > 0
     out = eng.step()
     assert [len(o.outputs[0].token_ids) for o in out] == [2] and eng._inflight is not None
-    # b's prefill rides with a's decode row: that step is applied alone, a's token with b's first.
+    # b's prefill rides with a's decode row: the call that dispatches it returns a's third token, and
+    # that step is then applied alone, a's fourth token with b's first.
     eng.add_request("b", None, params, prompt_token_ids=[8, 9])
-    eng.step()
-    assert eng._inflight.first_output
+    assert [len(o.outputs[0].token_ids) for o in eng.step()] == [3] and eng._inflight.first_output
     out = {o.request_id: len(o.outputs[0].token_ids) for o in eng.step()}
     assert out == {"a": 4, "b": 1} and eng._inflight is None
     while eng.has_unfinished_requests():
         eng.step()
+    prompts = [{"prompt_token_ids": [5, 6, 7]}, {"prompt_token_ids": [8, 9]}]
     alone = tiny_llm(max_num_seqs=4, max_num_batched_tokens=32, max_model_len=96, page_size=4, num_pages=64,
                      async_scheduling=False)
-    expected = alone.generate([{"prompt_token_ids": [5, 6, 7]}, {"prompt_token_ids": [8, 9]}], params,
-                              use_tqdm=False)
-    assert token_ids(llm.generate([{"prompt_token_ids": [5, 6, 7]}, {"prompt_token_ids": [8, 9]}], params,
-                                  use_tqdm=False)) == token_ids(expected)
+    expected = token_ids(alone.generate(prompts, params, use_tqdm=False))
+    assert token_ids(llm.generate(prompts, params, use_tqdm=False)) == expected
     assert_pool_empty(llm)
 
 
