@@ -546,7 +546,8 @@ class _Launched:
     # overlapped: it is applied before the next one is built, so that output waits neither for the next
     # step's host work and pacing (a dispatch held for a learned step time, which a step's context can
     # make ~2x off) nor, on a CPU, for cores the next step's computation has taken. Served on two cores,
-    # cached chat turns' median TTFT fell from 36-45 to 30-35 ms; the overlap is lost on one step per request.
+    # cached chat turns' median TTFT went 47.2 / 45.6 -> 37.6 / 39.2 ms (README, fifteenth sitting); the
+    # overlap is lost on one step per request.
     first_output: bool = False
 
 
