@@ -99,6 +99,11 @@ AMX_BF16_TARGET void dequantize_tile(const Layout& l, const uint8_t* src, uint16
 // they sit in L2 (2 MB per core on Sapphire Rapids), beside that block's rows of x.
 constexpr int64_t kPanelBudget = 1 << 19;  // bf16 elements: 1 MB
 constexpr int64_t kRowBlock = 64;
+// Dequantizing streams the weight from memory, and stalled on each tile's first load (~1/8 of the
+// GEMM's time in a 56-row step): the bytes of the tile this many ahead are requested meanwhile (a
+// 56-row step of SmolLM2 over 500 cached tokens: 30.2 / 30.6 -> 29.0 / 28.8 ms; 12 ahead measured the
+// same as 4).
+constexpr int64_t kPrefetchTiles = 4;
 
 struct Scratch {
   std::vector<uint16_t> panels;  // over-allocated to align the tiles
@@ -180,7 +185,12 @@ AMX_BF16_TARGET void amx_bf16_mul_mat(int type, const uint8_t* w, int64_t n, int
     for (int64_t p = g; p < g_end; ++p) {
       uint16_t* b = held + (p - g) * panel_elements;
       for (int64_t kb = 0; kb < 2 * kb_count; ++kb) {  // the panel's two 16-column halves in turn
-        dequantize_tile(l, w + (2 * p * kb_count + kb) * l.tile_size, b + kb * 512);
+        const uint8_t* src = w + (2 * p * kb_count + kb) * l.tile_size;
+        const uint8_t* ahead = src + kPrefetchTiles * l.tile_size;
+        for (int64_t line = 0; line < l.tile_size; line += 64) {
+          _mm_prefetch(reinterpret_cast<const char*>(ahead + line), _MM_HINT_T0);
+        }
+        dequantize_tile(l, src, b + kb * 512);
       }
     }
     for (int64_t mb = 0; mb < m; mb += kRowBlock) {
