@@ -74,9 +74,9 @@ class RemoteTokenizer:
 
 
 async def one_request(session: aiohttp.ClientSession, url: str, model: str | None, req: BenchRequest,
-                      ignore_eos: bool, headers: dict) -> Result:
+                      ignore_eos: bool, headers: dict, **fields) -> Result:
     body = {"prompt": req.prompt, "max_tokens": req.output_len, "temperature": 0.0, "stream": True,
-            "stream_options": {"include_usage": True}, "ignore_eos": ignore_eos}
+            "stream_options": {"include_usage": True}, "ignore_eos": ignore_eos, **fields}
     if model:
         body["model"] = model
     res = Result(prompt_len=req.prompt_len)
@@ -128,8 +128,12 @@ async def chat(session, url: str, model: str | None, conv: Conversation, ignore_
     history, results = "", []
     for turn, message in enumerate(conv.user_turns):
         prompt = f"{history}User: {message}\nAssistant:"
+        # Forced past EOS (--ignore-eos), a reply goes on with special tokens (`<|im_end|>`,
+        # `<|im_start|>`); stripped from its text, the resent history would no longer be the tokens the
+        # model produced and a cache keyed by tokens would miss from there on, which no chat that stops
+        # at EOS sees. Servers without vLLM's `skip_special_tokens` field ignore it.
         res = await one_request(session, url, model, BenchRequest(prompt, 0, conv.output_lens[turn]), ignore_eos,
-                                headers)
+                                headers, skip_special_tokens=False)
         res.turn = turn
         results.append(res)
         if not res.ok:
