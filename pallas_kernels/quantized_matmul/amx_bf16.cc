@@ -1,6 +1,11 @@
 // Large steps (prefill) of weights in ggml's AMX tile layout as one bfloat16 GEMM on the AMX tiles.
 //
 //   y[m, n] f32 = a[m, k] bf16 @ dequantize(w)^T        (shapes and layouts: amx_bf16.h)
+//   or, for a gated MLP, silu(a @ dequantize(w)^T) * (a @ dequantize(w_up)^T)
+//
+// The gated form takes each 32 x 32 block's two products into the activation while they are in L1: the
+// products of a 506-token prefill (6 MB a layer) no longer go through memory to ggml's SwiGLU pass
+// (SmolLM2 -q gguf, 506 uncached tokens: 140 / 148 -> 127 / 125 ms).
 //
 // Why: ggml's AMX int8 kernels scale every 32-wide block of k in AVX-512 (the product of two block
 // scales), re-reading and re-writing the output block and re-unpacking the weight for each 32 rows, so
@@ -28,6 +33,7 @@
 #include <vector>
 
 #include "amx_tiles.h"
+#include "cpu_vectors.h"
 #include "ggml.h"
 
 #ifdef JAXLLM_AMX_BF16
@@ -107,7 +113,8 @@ constexpr int64_t kPrefetchTiles = 4;
 
 struct Scratch {
   std::vector<uint16_t> panels;  // over-allocated to align the tiles
-  alignas(64) float tail[32 * 32];
+  alignas(64) float tail[32 * 32];  // a block of rows cut short by the step, or with glu the gate's product
+  alignas(64) float up[32 * 32];    // with glu: the up projection's product
   uint16_t* tiles(size_t elements) {
     if (panels.size() < elements + 32) panels.resize(elements + 32);
     return reinterpret_cast<uint16_t*>((reinterpret_cast<uintptr_t>(panels.data()) + 63) & ~uintptr_t{63});
@@ -167,69 +174,96 @@ AMX_BF16_TARGET void amx_bf16_pack_rows(const float* x, int64_t m, int64_t k, ui
   }
 }
 
-AMX_BF16_TARGET void amx_bf16_mul_mat(int type, const uint8_t* w, int64_t n, int64_t k, const uint16_t* a,
-                                      int64_t m, float* y, int ith, int nth) {
+// silu(g) * u for 16 lanes: g * sigmoid(g), the exponential of -|g| only (never overflows), ~2 ulp.
+AMX_BF16_TARGET inline __m512 swiglu16(__m512 g, __m512 u) {
+  const __m512 e = reinterpret_cast<__m512>(exp_nonpositive(reinterpret_cast<v16>(_mm512_sub_ps(_mm512_setzero_ps(),
+                                                                                                  _mm512_abs_ps(g)))));
+  const __m512 num = _mm512_mask_mul_ps(g, _mm512_cmp_ps_mask(g, _mm512_setzero_ps(), _CMP_LT_OQ), g, e);
+  return _mm512_mul_ps(_mm512_div_ps(num, _mm512_add_ps(_mm512_set1_ps(1.0f), e)), u);
+}
+
+AMX_BF16_TARGET void amx_bf16_mul_mat(int type, const uint8_t* w, const uint8_t* w_up, int64_t n, int64_t k,
+                                      const uint16_t* a, int64_t m, float* y, int ith, int nth) {
   Layout l;
   if (!layout_of(type, &l)) return;
   const int64_t kb_count = k / 32, panels = n / 32, panel_elements = 2 * kb_count * 512;
+  const int64_t weights = w_up != nullptr ? 2 : 1;  // with glu a panel's gate and up are held side by side
   const int64_t begin = panels * ith / nth, end = panels * (ith + 1) / nth;
   if (begin == end) return;
-  const int64_t group = std::clamp<int64_t>(kPanelBudget / panel_elements, 1, end - begin);
+  const int64_t group = std::clamp<int64_t>(kPanelBudget / (weights * panel_elements), 1, end - begin);
   static thread_local Scratch scratch;
-  uint16_t* held = scratch.tiles(group * panel_elements);
+  uint16_t* held = scratch.tiles(group * weights * panel_elements);
 
   AmxTileScope tiles;
+
+  // rows m0 .. m0 + 31 (or 16 with `half`) of the held panel `b0` into c [32][ldc]
+  const auto block_product = [&](const uint16_t* b0, int64_t m0, bool half, float* c, int64_t ldc) {
+    const uint16_t* b1 = b0 + kb_count * 512;
+    _tile_zero(4);
+    _tile_zero(5);
+    _tile_zero(6);
+    _tile_zero(7);
+    const uint16_t* a0 = a + (m0 / 16) * kb_count * 512;
+    const uint16_t* a1 = a0 + kb_count * 512;
+    for (int64_t kb = 0; kb < kb_count; ++kb) {
+      _tile_loadd(0, a0 + kb * 512, 64);
+      _tile_loadd(2, b0 + kb * 512, 64);
+      _tile_loadd(3, b1 + kb * 512, 64);
+      _tile_dpbf16ps(4, 0, 2);
+      _tile_dpbf16ps(6, 0, 3);
+      if (!half) {
+        _tile_loadd(1, a1 + kb * 512, 64);
+        _tile_dpbf16ps(5, 1, 2);
+        _tile_dpbf16ps(7, 1, 3);
+      }
+    }
+    _tile_stored(4, c, ldc * 4);
+    _tile_stored(6, c + 16, ldc * 4);
+    if (!half) {
+      _tile_stored(5, c + 16 * ldc, ldc * 4);
+      _tile_stored(7, c + 16 * ldc + 16, ldc * 4);
+    }
+  };
 
   for (int64_t g = begin; g < end; g += group) {
     const int64_t g_end = std::min(end, g + group);
     for (int64_t p = g; p < g_end; ++p) {
-      uint16_t* b = held + (p - g) * panel_elements;
-      for (int64_t kb = 0; kb < 2 * kb_count; ++kb) {  // the panel's two 16-column halves in turn
-        const uint8_t* src = w + (2 * p * kb_count + kb) * l.tile_size;
-        const uint8_t* ahead = src + kPrefetchTiles * l.tile_size;
-        for (int64_t line = 0; line < l.tile_size; line += 64) {
-          _mm_prefetch(reinterpret_cast<const char*>(ahead + line), _MM_HINT_T0);
+      for (int64_t wi = 0; wi < weights; ++wi) {
+        uint16_t* b = held + ((p - g) * weights + wi) * panel_elements;
+        const uint8_t* panel = (wi ? w_up : w) + 2 * p * kb_count * l.tile_size;
+        for (int64_t kb = 0; kb < 2 * kb_count; ++kb) {  // the panel's two 16-column halves in turn
+          const uint8_t* src = panel + kb * l.tile_size;
+          const uint8_t* ahead = src + kPrefetchTiles * l.tile_size;
+          for (int64_t line = 0; line < l.tile_size; line += 64) {
+            _mm_prefetch(reinterpret_cast<const char*>(ahead + line), _MM_HINT_T0);
+          }
+          dequantize_tile(l, src, b + kb * 512);
         }
-        dequantize_tile(l, src, b + kb * 512);
       }
     }
     for (int64_t mb = 0; mb < m; mb += kRowBlock) {
       for (int64_t p = g; p < g_end; ++p) {
-        const uint16_t* b0 = held + (p - g) * panel_elements;
-        const uint16_t* b1 = b0 + kb_count * 512;
+        const uint16_t* b0 = held + (p - g) * weights * panel_elements;
         for (int64_t m0 = mb; m0 < std::min(m, mb + kRowBlock); m0 += 32) {
-          _tile_zero(4);
-          _tile_zero(5);
-          _tile_zero(6);
-          _tile_zero(7);
-          const uint16_t* a0 = a + (m0 / 16) * kb_count * 512;
-          const uint16_t* a1 = a0 + kb_count * 512;
           // A last block of at most 16 rows takes half the products (tiles 5 and 7 stay zero, unread): a
           // step just past a multiple of 32 rows would otherwise pay for 16 rows it does not have.
           const bool half = m - m0 <= 16;
-          for (int64_t kb = 0; kb < kb_count; ++kb) {
-            _tile_loadd(0, a0 + kb * 512, 64);
-            _tile_loadd(2, b0 + kb * 512, 64);
-            _tile_loadd(3, b1 + kb * 512, 64);
-            _tile_dpbf16ps(4, 0, 2);
-            _tile_dpbf16ps(6, 0, 3);
-            if (!half) {
-              _tile_loadd(1, a1 + kb * 512, 64);
-              _tile_dpbf16ps(5, 1, 2);
-              _tile_dpbf16ps(7, 1, 3);
+          const int64_t rows = std::min<int64_t>(32, m - m0);
+          if (weights == 2) {  // both products of the block, then the activation straight into y
+            block_product(b0, m0, half, scratch.tail, 32);
+            block_product(b0 + panel_elements, m0, half, scratch.up, 32);
+            for (int64_t r = 0; r < rows; ++r) {
+              for (int64_t c = 0; c < 32; c += 16) {
+                _mm512_storeu_ps(y + (m0 + r) * n + p * 32 + c,
+                                 swiglu16(_mm512_loadu_ps(scratch.tail + r * 32 + c), _mm512_loadu_ps(scratch.up + r * 32 + c)));
+              }
             }
+            continue;
           }
-          const bool full = m0 + 32 <= m;
-          float* c = full ? y + m0 * n + p * 32 : scratch.tail;
-          const int64_t ldc = full ? n : 32;
-          _tile_stored(4, c, ldc * 4);
-          _tile_stored(6, c + 16, ldc * 4);
-          if (!half) {
-            _tile_stored(5, c + 16 * ldc, ldc * 4);
-            _tile_stored(7, c + 16 * ldc + 16, ldc * 4);
-          }
+          const bool full = rows == 32;
+          block_product(b0, m0, half, full ? y + m0 * n + p * 32 : scratch.tail, full ? n : 32);
           if (!full) {
-            for (int64_t r = 0; r < m - m0; ++r) std::memcpy(y + (m0 + r) * n + p * 32, scratch.tail + r * 32, 32 * 4);
+            for (int64_t r = 0; r < rows; ++r) std::memcpy(y + (m0 + r) * n + p * 32, scratch.tail + r * 32, 32 * 4);
           }
         }
       }
@@ -244,6 +278,7 @@ AmxTileScope::AmxTileScope(TileShapes) {}
 AmxTileScope::~AmxTileScope() {}
 bool amx_bf16_takes(int) { return false; }
 void amx_bf16_pack_rows(const float*, int64_t, int64_t, uint16_t*, int, int) {}
-void amx_bf16_mul_mat(int, const uint8_t*, int64_t, int64_t, const uint16_t*, int64_t, float*, int, int) {}
+void amx_bf16_mul_mat(int, const uint8_t*, const uint8_t*, int64_t, int64_t, const uint16_t*, int64_t, float*, int,
+                      int) {}
 
 #endif

@@ -26,7 +26,7 @@
 // where the row-layout kernels of most block formats (Q4_1, the K-quants) are one dot per row. Large
 // steps of Q4_0 / Q4_1 / Q8_0 AMX weights go to a bf16 tile GEMM instead (amx_bf16.cc): x is
 // converted once to bf16 in the tiles' order (amx_bf16_pack_rows), then each weight's product runs as
-// a custom op on ggml's pool. Smaller steps of two rows or more of Q4_1 AMX weights go to amx_int8.cc's
+// a custom op on ggml's pool (with glu, gate and up are one op that writes the activation). Smaller steps of two rows or more of Q4_1 AMX weights go to amx_int8.cc's
 // tile kernel the same way (x quantized once by amx_int8_quantize_rows): ggml's numbers, computed faster.
 #include <algorithm>
 #include <cstdint>
@@ -206,7 +206,9 @@ void run_amx_int8(ggml_tensor* y, int ith, int nth, void* /*userdata*/) {
 void run_amx_bf16(ggml_tensor* y, int ith, int nth, void* /*userdata*/) {
   const ggml_tensor* w = y->src[0];
   const ggml_tensor* x = y->src[1];
-  amx_bf16_mul_mat(w->type, static_cast<const uint8_t*>(w->data), w->ne[1], w->ne[0],
+  const ggml_tensor* up = y->src[2];  // with glu: the up projection (w is the gate)
+  amx_bf16_mul_mat(w->type, static_cast<const uint8_t*>(w->data),
+                   up ? static_cast<const uint8_t*>(up->data) : nullptr, w->ne[1], w->ne[0],
                    static_cast<const uint16_t*>(x->data), y->ne[1], static_cast<float*>(y->data), ith, nth);
 }
 
@@ -235,6 +237,15 @@ ffi::Error MulMats(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> layer, ffi::Re
   ggml_tensor* xt_bf16 = nullptr;  // made by the first weight that takes the bf16 GEMM
   ggml_tensor* xt_q8 = nullptr;  // made by the first weight that takes the int8 tile products
   ggml_tensor* products[kMaxWeights] = {};
+  // By live rows, not the compiled size: the kernels' costs follow the rows they multiply (the
+  // threshold's figures: quantized_matmul/__init__.py).
+  const auto takes_bf16 = [&](size_t i) {
+    return amx[i] && bf16_min_rows > 0 && live >= bf16_min_rows && amx_bf16_takes(static_cast<int>(ggml_types[i]));
+  };
+  // Gate and up both through the bf16 GEMM: one op takes the activation from their products block by
+  // block, without the products' round trip through memory, ggml's SwiGLU pass and two barriers.
+  const bool glu_in_gemm = glu && ggml_types[0] == ggml_types[1] && takes_bf16(0) && takes_bf16(1);
+  ggml_tensor* gate = nullptr;
   for (size_t i = 0; i < n_weights; ++i) {
     auto w = weights.get<ffi::AnyBuffer>(i);
     auto y = outs.get<ffi::AnyBuffer>(glu ? 0 : i);
@@ -256,7 +267,7 @@ ffi::Error MulMats(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> layer, ffi::Re
     std::memset(static_cast<float*>((*y)->untyped_data()) + live * n, 0, (t - live) * n * sizeof(float));
     if (live == 0) continue;  // nothing to multiply
     float* product = static_cast<float*>((*y)->untyped_data());
-    if (glu) {  // the products go to scratch; the gated activation writes y
+    if (glu && !glu_in_gemm) {  // the products go to scratch; the gated activation writes y
       if (glu_products.size() < static_cast<size_t>(2 * live * n)) glu_products.resize(2 * live * n);
       product = glu_products.data() + i * live * n;
     }
@@ -271,15 +282,24 @@ ffi::Error MulMats(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> layer, ffi::Re
       ggml_tensor* args[2] = {wt, x_prepared};
       add_product(ggml_custom_4d(ctx, GGML_TYPE_F32, n, live, 1, 1, args, 2, run, GGML_N_TASKS_MAX, nullptr));
     };
-    // By live rows, not the compiled size: the kernels' costs follow the rows they multiply (the
-    // threshold's figures: quantized_matmul/__init__.py).
-    if (amx[i] && bf16_min_rows > 0 && live >= bf16_min_rows && amx_bf16_takes(type)) {
+    if (takes_bf16(i)) {
       if (xt_bf16 == nullptr) {
         const int64_t rows = (live + 31) / 32 * 32;
         if (x_bf16.size() < static_cast<size_t>(rows * k)) x_bf16.resize(rows * k);
         ggml_tensor* src[1] = {xt};
         xt_bf16 = ggml_custom_4d(ctx, GGML_TYPE_BF16, k, rows, 1, 1, src, 1, run_pack_rows, GGML_N_TASKS_MAX, nullptr);
         xt_bf16->data = x_bf16.data();
+      }
+      if (glu_in_gemm) {
+        if (i == 0) {  // taken with the up projection
+          gate = wt;
+          continue;
+        }
+        ggml_tensor* args[3] = {gate, xt_bf16, wt};
+        ggml_tensor* h = ggml_custom_4d(ctx, GGML_TYPE_F32, n, live, 1, 1, args, 3, run_amx_bf16, GGML_N_TASKS_MAX, nullptr);
+        h->data = (*y)->untyped_data();
+        ggml_build_forward_expand(graph, h);
+        continue;
       }
       add_custom_product(xt_bf16, run_amx_bf16);
       continue;
@@ -304,7 +324,7 @@ ffi::Error MulMats(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> layer, ffi::Re
 #endif
     add_product(ggml_mul_mat(ctx, wt, xt));  // [N, T] in ggml's order = row-major [T, N]
   }
-  if (glu && live > 0) {  // both products are [live, N]: each was checked against the one output
+  if (glu && live > 0 && !glu_in_gemm) {  // both products are [live, N]: each was checked against the one output
     ggml_tensor* h = ggml_swiglu_split(ctx, products[0], products[1]);
     h->data = outs.get<ffi::AnyBuffer>(0).value()->untyped_data();
     ggml_build_forward_expand(graph, h);
