@@ -13,8 +13,8 @@ Output token counts come from the server's usage (stream_options.include_usage).
 
   --dataset multiturn --num-prompts 16 --turns 4: 16 ShareGPT chats, each sending its turns one after
   another with the whole history (the server's own replies as generated, special tokens included:
-  `skip_special_tokens: false`) resent every turn; arrivals and
-  --max-concurrency count chats. Replies are as long as the chat's own (cut to --max-reply-len) unless
+  `skip_special_tokens: false`) resent every turn; arrivals and --max-concurrency count chats.
+  Replies are as long as the chat's own (cut to --max-reply-len) unless
   --sharegpt-output-len fixes them; a fixed length with --ignore-eos keeps chats in lockstep, every turn
   arriving together. Later turns' TTFT is reported apart (and per turn): it is what prefix caching cuts.
 """
