@@ -3,9 +3,10 @@
 //   y[m, n] f32 = a[m, k] bf16 @ dequantize(w)^T        (shapes and layouts: amx_bf16.h)
 //   or, for a gated MLP, silu(a @ dequantize(w)^T) * (a @ dequantize(w_up)^T)
 //
-// The gated form takes each 32 x 32 block's two products into the activation while they are in L1: the
-// products of a 506-token prefill (6 MB a layer) no longer go through memory to ggml's SwiGLU pass
-// (SmolLM2 -q gguf, 506 uncached tokens: 140 / 148 -> 127 / 125 ms).
+// The gated form takes each 32 x 32 block's two products into the activation (ggml's own SwiGLU, so the
+// numbers are unchanged) while they are in L1: the products of a 506-token prefill (6 MB a layer) no
+// longer go through memory to a SwiGLU pass of their own (SmolLM2 -q gguf, 506 uncached tokens: 140 /
+// 148 -> 127 / 125 ms).
 //
 // Why: ggml's AMX int8 kernels scale every 32-wide block of k in AVX-512 (the product of two block
 // scales), re-reading and re-writing the output block and re-unpacking the weight for each 32 rows, so
@@ -33,8 +34,11 @@
 #include <vector>
 
 #include "amx_tiles.h"
-#include "cpu_vectors.h"
 #include "ggml.h"
+
+// ggml-cpu's SwiGLU (vec.h, internal): the activation ggml's swiglu op takes, lane by lane, so the gated
+// form's numbers are those of the two products followed by that op.
+extern "C" void ggml_vec_swiglu_f32(int n, float* y, const float* x, const float* g);
 
 #ifdef JAXLLM_AMX_BF16
 
@@ -174,14 +178,6 @@ AMX_BF16_TARGET void amx_bf16_pack_rows(const float* x, int64_t m, int64_t k, ui
   }
 }
 
-// silu(g) * u for 16 lanes: g * sigmoid(g), the exponential of -|g| only (never overflows), ~2 ulp.
-AMX_BF16_TARGET inline __m512 swiglu16(__m512 g, __m512 u) {
-  const __m512 e = reinterpret_cast<__m512>(exp_nonpositive(reinterpret_cast<v16>(_mm512_sub_ps(_mm512_setzero_ps(),
-                                                                                                  _mm512_abs_ps(g)))));
-  const __m512 num = _mm512_mask_mul_ps(g, _mm512_cmp_ps_mask(g, _mm512_setzero_ps(), _CMP_LT_OQ), g, e);
-  return _mm512_mul_ps(_mm512_div_ps(num, _mm512_add_ps(_mm512_set1_ps(1.0f), e)), u);
-}
-
 AMX_BF16_TARGET void amx_bf16_mul_mat(int type, const uint8_t* w, const uint8_t* w_up, int64_t n, int64_t k,
                                       const uint16_t* a, int64_t m, float* y, int ith, int nth) {
   Layout l;
@@ -252,12 +248,8 @@ AMX_BF16_TARGET void amx_bf16_mul_mat(int type, const uint8_t* w, const uint8_t*
           if (weights == 2) {  // both products of the block, then the activation straight into y
             block_product(b0, m0, half, scratch.tail, 32);
             block_product(b0 + panel_elements, m0, half, scratch.up, 32);
-            for (int64_t r = 0; r < rows; ++r) {
-              for (int64_t c = 0; c < 32; c += 16) {
-                _mm512_storeu_ps(y + (m0 + r) * n + p * 32 + c,
-                                 swiglu16(_mm512_loadu_ps(scratch.tail + r * 32 + c), _mm512_loadu_ps(scratch.up + r * 32 + c)));
-              }
-            }
+            ggml_vec_swiglu_f32(static_cast<int>(rows * 32), scratch.tail, scratch.tail, scratch.up);
+            for (int64_t r = 0; r < rows; ++r) std::memcpy(y + (m0 + r) * n + p * 32, scratch.tail + r * 32, 32 * 4);
             continue;
           }
           const bool full = rows == 32;
