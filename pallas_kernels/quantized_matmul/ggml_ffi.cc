@@ -26,8 +26,9 @@
 // where the row-layout kernels of most block formats (Q4_1, the K-quants) are one dot per row. Large
 // steps of Q4_0 / Q4_1 / Q8_0 AMX weights go to a bf16 tile GEMM instead (amx_bf16.cc): x is
 // converted once to bf16 in the tiles' order (amx_bf16_pack_rows), then each weight's product runs as
-// a custom op on ggml's pool (with glu, gate and up are one op that writes the activation). Smaller steps of two rows or more of Q4_1 AMX weights go to amx_int8.cc's
-// tile kernel the same way (x quantized once by amx_int8_quantize_rows): ggml's numbers, computed faster.
+// a custom op on ggml's pool (with glu, gate and up are one op that writes the activation). Smaller
+// steps of two rows or more of Q4_1 AMX weights go to amx_int8.cc's tile kernel the same way (x
+// quantized once by amx_int8_quantize_rows): ggml's numbers, computed faster.
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -242,8 +243,9 @@ ffi::Error MulMats(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> layer, ffi::Re
   const auto takes_bf16 = [&](size_t i) {
     return amx[i] && bf16_min_rows > 0 && live >= bf16_min_rows && amx_bf16_takes(static_cast<int>(ggml_types[i]));
   };
-  // Gate and up both through the bf16 GEMM: one op takes the activation from their products block by
-  // block, without the products' round trip through memory, ggml's SwiGLU pass and two barriers.
+  // Gate and up both through the bf16 GEMM: one op takes the activation (ggml's SwiGLU, the same
+  // numbers) from their products block by block, without the products' round trip through memory, a
+  // SwiGLU pass of its own and two barriers.
   const bool glu_in_gemm = glu && ggml_types[0] == ggml_types[1] && takes_bf16(0) && takes_bf16(1);
   ggml_tensor* gate = nullptr;
   for (size_t i = 0; i < n_weights; ++i) {
