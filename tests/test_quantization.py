@@ -549,8 +549,8 @@ def test_extension_sources_compile_without_amx():
     runs, and an AMX-only declaration once used outside its #ifdef broke every such build."""
     from pallas_kernels.quantized_matmul import build
     _require_ggml()
-    if not build.headers_dir().is_dir():
-        pytest.skip("built before ggml's headers were kept beside the library")
+    if not build.headers_dir().is_dir():  # the library in use is JAXLLM_GGML_LIB's, not a build of these sources
+        pytest.skip("ggml's headers are kept beside a build of these sources, and there is none here")
     for source in build.SOURCES:
         done = subprocess.run(["c++", "-std=c++17", "-fsyntax-only", "-w", "-fopenmp-simd", "-mavx2", "-mfma",
                                "-mf16c", str(source), "-I", str(build.HERE), "-I", str(build.headers_dir()),

@@ -548,7 +548,7 @@ class _Launched:
     # make ~2x off) nor, on a CPU, for cores the next step's computation has taken. Served on two cores,
     # cached chat turns' median TTFT went 47.2 / 45.6 -> 37.6 / 39.2 ms (README, fifteenth sitting); the
     # overlap is lost on one step per request.
-    first_output: bool = False
+    first_output: bool
 
 
 class StepTiming:
