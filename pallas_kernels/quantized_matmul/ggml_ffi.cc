@@ -280,9 +280,12 @@ ffi::Error MulMats(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> layer, ffi::Re
       ggml_build_forward_expand(graph, yt);
       products[i] = yt;
     };
+    // With glu_in_gemm the op takes the gate (held back) and this up projection, and writes the
+    // activation where the product would go (y).
     const auto add_custom_product = [&](ggml_tensor* x_prepared, ggml_custom_op_t run) {
-      ggml_tensor* args[2] = {wt, x_prepared};
-      add_product(ggml_custom_4d(ctx, GGML_TYPE_F32, n, live, 1, 1, args, 2, run, GGML_N_TASKS_MAX, nullptr));
+      ggml_tensor* args[3] = {glu_in_gemm ? gate : wt, x_prepared, wt};
+      add_product(ggml_custom_4d(ctx, GGML_TYPE_F32, n, live, 1, 1, args, glu_in_gemm ? 3 : 2, run, GGML_N_TASKS_MAX,
+                                 nullptr));
     };
     if (takes_bf16(i)) {
       if (xt_bf16 == nullptr) {
@@ -292,15 +295,8 @@ ffi::Error MulMats(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> layer, ffi::Re
         xt_bf16 = ggml_custom_4d(ctx, GGML_TYPE_BF16, k, rows, 1, 1, src, 1, run_pack_rows, GGML_N_TASKS_MAX, nullptr);
         xt_bf16->data = x_bf16.data();
       }
-      if (glu_in_gemm) {
-        if (i == 0) {  // taken with the up projection
-          gate = wt;
-          continue;
-        }
-        ggml_tensor* args[3] = {gate, xt_bf16, wt};
-        ggml_tensor* h = ggml_custom_4d(ctx, GGML_TYPE_F32, n, live, 1, 1, args, 3, run_amx_bf16, GGML_N_TASKS_MAX, nullptr);
-        h->data = (*y)->untyped_data();
-        ggml_build_forward_expand(graph, h);
+      if (glu_in_gemm && i == 0) {  // taken with the up projection
+        gate = wt;
         continue;
       }
       add_custom_product(xt_bf16, run_amx_bf16);
