@@ -271,12 +271,9 @@ void attend_any(const Problem& p, int64_t item) {
 
 constexpr int kChunk = 256;
 
-// The column of d held at column x of the product (V's pairs come from in-lane unpacks): in each 32,
-// tile columns 4L..4L+3 hold d 8L..8L+3 (even tile) or 8L+4..8L+7 (odd tile).
-inline int64_t column_of(int64_t x) {
-  const int64_t n = x % 16;
-  return x / 32 * 32 + 8 * (n / 4) + 4 * ((x / 16) % 2) + n % 4;
-}
+// The product's column order (V's pairs come from in-lane unpacks): in each 32 of d, tile column x
+// holds d 8 * (x % 16 / 4) + 4 * (x / 16) + x % 4, i.e. columns 4L..4L+3 of the even tile hold d
+// 8L..8L+3 and those of the odd tile 8L+4..8L+7.
 
 // One lane group's queries and running softmax state.
 struct LaneGroup {
@@ -341,6 +338,87 @@ AMX_TARGET inline void transpose16(__m512i r[16]) {
   for (int i = 0; i < 16; ++i) r[i] = t[i];
 }
 
+// A tile of K rows for keys [t, t + n) of a chunk (n < 16: copied to `pad`, zero-filled: rows past the
+// page are not ours to read); *ld: its row stride in elements.
+AMX_TARGET inline const uint16_t* key_tile(const AmxScratch& sc, int64_t c0, int64_t t, int64_t n, int64_t d,
+                                           int64_t stride, uint16_t* pad, int64_t* ld) {
+  if (n == 16) {
+    *ld = stride;
+    return sc.krows[t - c0];
+  }
+  for (int64_t r = 0; r < 16; ++r) {
+    if (r < n) std::copy(sc.krows[t - c0 + r], sc.krows[t - c0 + r] + d, pad + r * d);
+    else std::fill(pad + r * d, pad + (r + 1) * d, 0);
+  }
+  *ld = d;
+  return pad;
+}
+
+// The keys' tile length at t: to the next 16, the group's end k1 or the page's end.
+inline int64_t tile_len(int64_t t, int64_t k1, int64_t s) {
+  return std::min<int64_t>({16 - t % 16, k1 - t, s - t % s});
+}
+
+// S^T of one KV head's keys [k0, k1) for one lane group (head_dim <= 128), into sc.st: Q^T stays in
+// tiles 2, 3, 6, 7 for the chunk and two key tiles are taken at a time, into tiles 0 and 4, so that
+// two chains of products are in flight (one chain waited on each product, ~1/3 of the kernel's time
+// for 37 rows over 533 keys). Each tile's sums take the same steps in the same order as one tile
+// alone: the same bits.
+AMX_TARGET void pair_scores(const Problem& p, AmxScratch& sc, int64_t c0, int64_t k0, int64_t k1, const uint16_t* qt,
+                            bool prefetch) {
+  const int64_t d = p.head_dim, s = p.page_size, stride = 2 * p.num_kv_heads * d;
+  _tile_loadd(2, qt, 64);
+  if (d > 32) _tile_loadd(3, qt + 32 * 16, 64);
+  if (d > 64) _tile_loadd(6, qt + 64 * 16, 64);
+  if (d > 96) _tile_loadd(7, qt + 96 * 16, 64);
+  uint16_t* pad0 = sc.kpad.data();
+  uint16_t* pad1 = pad0 + 16 * d;
+  for (int64_t t = k0; t < k1;) {
+    const int64_t n0 = tile_len(t, k1, s), t1 = t + n0;
+    const int64_t n1 = t1 < k1 ? tile_len(t1, k1, s) : 0;
+    if (prefetch) {  // a lone row's item reads its keys from memory (see attend_amx_heads)
+      for (int64_t r = t1 + n1; r < std::min<int64_t>(t1 + n1 + 32, k1); ++r) {
+        const char* row = reinterpret_cast<const char*>(sc.krows[r - c0]);
+        for (int64_t b = 0; b < 4 * d; b += 64) _mm_prefetch(row + b, _MM_HINT_T0);
+      }
+    }
+    int64_t lda, ldb = 0;
+    const uint16_t* a = key_tile(sc, c0, t, n0, d, stride, pad0, &lda);
+    const uint16_t* b = n1 ? key_tile(sc, c0, t1, n1, d, stride, pad1, &ldb) : nullptr;
+    _tile_zero(0);
+    _tile_zero(4);
+    // (with d <= 64 the second 32 of d loads into tiles 6, 7, free then, so no load waits on a product)
+    _tile_loadd(1, a, lda * 2);
+    if (b) _tile_loadd(5, b, ldb * 2);
+    _tile_dpbf16ps(0, 1, 2);
+    if (b) _tile_dpbf16ps(4, 5, 2);
+    if (d == 64) {
+      _tile_loadd(6, a + 32, lda * 2);
+      if (b) _tile_loadd(7, b + 32, ldb * 2);
+      _tile_dpbf16ps(0, 6, 3);
+      if (b) _tile_dpbf16ps(4, 7, 3);
+    } else {
+      for (int64_t c = 32; c < d; c += 32) {
+        _tile_loadd(1, a + c, lda * 2);
+        if (b) _tile_loadd(5, b + c, ldb * 2);
+        if (c == 32) {
+          _tile_dpbf16ps(0, 1, 3);
+          if (b) _tile_dpbf16ps(4, 5, 3);
+        } else if (c == 64) {
+          _tile_dpbf16ps(0, 1, 6);
+          if (b) _tile_dpbf16ps(4, 5, 6);
+        } else {
+          _tile_dpbf16ps(0, 1, 7);
+          if (b) _tile_dpbf16ps(4, 5, 7);
+        }
+      }
+    }
+    _tile_stored(0, sc.st.data() + (t - c0) * 16, 64);
+    if (b) _tile_stored(4, sc.st.data() + (t1 - c0) * 16, 64);
+    t = t1 + n1;
+  }
+}
+
 // kMulti: the item may hold several KV heads (a decode row); compiled apart so that one-head items keep
 // the loops of a single head (their prefill ran ~10 % slower through the general ones).
 // A one-head item holds up to kMaxLaneGroups lane groups of consecutive rows of one sequence: a chunk's
@@ -373,7 +451,7 @@ AMX_TARGET void attend_amx_heads(const Problem& p, int64_t item) {
   sc.st.resize((kChunk + 16) * 16);
   sc.pa.resize(heads * kChunk * 16);
   sc.vb.resize(heads * kChunk * d);
-  sc.kpad.resize(16 * d);
+  sc.kpad.resize(2 * 16 * d);
   sc.out.assign(num_groups * 16 * d, 0.0f);
   sc.pv.resize(16 * d);
   for (int64_t gi = 0; gi < num_groups; ++gi) {
@@ -424,8 +502,8 @@ AMX_TARGET void attend_amx_heads(const Problem& p, int64_t item) {
       t += n;
     }
     // (V[2kp][i], V[2kp+1][i]) pairs by in-lane unpacks, by blocks of 32 keys (keys outside [u0, u1):
-    // zeros): columns of d come out permuted within each 32 (see column_of), the product's columns with
-    // them, undone when the item's output is written
+    // zeros): columns of d come out permuted within each 32 (the product's column order, above), the
+    // product's columns with them, undone when the item's output is written
     for (int64_t b = (u0 - c0) / 32; b < (u1 - c0 + 31) / 32; ++b) {
       for (int64_t kp = 0; kp < 16; ++kp) {
         const uint16_t* vrow[2];
@@ -451,41 +529,45 @@ AMX_TARGET void attend_amx_heads(const Problem& p, int64_t item) {
       if (k0 >= k1) continue;  // none of the group's keys in this chunk (a group alone never visits it)
       const uint16_t* qt = sc.qt.data() + gi * heads * d * 16;
       // S^T of the chunk's keys, a tile at a time (a tile stays inside one page)
-      for (int64_t t = k0; t < k1;) {
-        const int64_t n = std::min<int64_t>({16 - t % 16, k1 - t, s - t % s});
-        // a decode row's item (the only one to read its keys, from memory): the next tile's K and V rows
-        // of its heads; the paged rows are strided, which the hardware prefetcher follows poorly (16
-        // decode rows over 579 keys: 27 -> 19 ms, when V was paired after the chunk's scores). Since V
-        // is paired first, for all lane groups, only the K rows are still ahead here; with 8 rows over
-        // 800 keys bound by memory bandwidth, these prefetches, other hints (T1, NTA) or none measured
-        // the same (2026-12-03)
-        if (it.count == 1) {
-          for (int64_t r = t + n; r < std::min<int64_t>(t + n + 16, k1); ++r) {
-            const char* row = reinterpret_cast<const char*>(sc.krows[r - c0]);
-            for (int64_t b = 0; b < heads * 4 * d; b += 64) _mm_prefetch(row + b, _MM_HINT_T0);
-          }
-        }
-        _tile_zero(0);
-        for (int64_t hh = 0; hh < heads; ++hh) {
-          const uint16_t* k = sc.krows[t - c0] + 2 * hh * d;
-          int64_t ld = stride;
-          if (n < 16) {  // whole tiles only: rows past the page are not ours to read
-            for (int64_t r = 0; r < 16; ++r) {
-              const uint16_t* src = r < n ? sc.krows[t - c0 + r] + 2 * hh * d : nullptr;
-              if (src) std::copy(src, src + d, sc.kpad.data() + r * d);
-              else std::fill(sc.kpad.data() + r * d, sc.kpad.data() + (r + 1) * d, 0);
+      if (!kMulti && d <= 128) {
+        pair_scores(p, sc, c0, k0, k1, qt, it.count == 1);
+      } else {
+        for (int64_t t = k0; t < k1;) {
+          const int64_t n = std::min<int64_t>({16 - t % 16, k1 - t, s - t % s});
+          // a decode row's item (the only one to read its keys, from memory): the next tile's K and V rows
+          // of its heads; the paged rows are strided, which the hardware prefetcher follows poorly (16
+          // decode rows over 579 keys: 27 -> 19 ms, when V was paired after the chunk's scores). Since V
+          // is paired first, for all lane groups, only the K rows are still ahead here; with 8 rows over
+          // 800 keys bound by memory bandwidth, these prefetches, other hints (T1, NTA) or none measured
+          // the same (2026-12-03)
+          if (it.count == 1) {
+            for (int64_t r = t + n; r < std::min<int64_t>(t + n + 16, k1); ++r) {
+              const char* row = reinterpret_cast<const char*>(sc.krows[r - c0]);
+              for (int64_t b = 0; b < heads * 4 * d; b += 64) _mm_prefetch(row + b, _MM_HINT_T0);
             }
-            k = sc.kpad.data();
-            ld = d;
           }
-          for (int64_t c = 0; c < d; c += 32) {
-            _tile_loadd(1, k + c, ld * 2);
-            _tile_loadd(2, qt + hh * d * 16 + c * 16, 64);
-            _tile_dpbf16ps(0, 1, 2);
+          _tile_zero(0);
+          for (int64_t hh = 0; hh < heads; ++hh) {
+            const uint16_t* k = sc.krows[t - c0] + 2 * hh * d;
+            int64_t ld = stride;
+            if (n < 16) {  // whole tiles only: rows past the page are not ours to read
+              for (int64_t r = 0; r < 16; ++r) {
+                const uint16_t* src = r < n ? sc.krows[t - c0 + r] + 2 * hh * d : nullptr;
+                if (src) std::copy(src, src + d, sc.kpad.data() + r * d);
+                else std::fill(sc.kpad.data() + r * d, sc.kpad.data() + (r + 1) * d, 0);
+              }
+              k = sc.kpad.data();
+              ld = d;
+            }
+            for (int64_t c = 0; c < d; c += 32) {
+              _tile_loadd(1, k + c, ld * 2);
+              _tile_loadd(2, qt + hh * d * 16 + c * 16, 64);
+              _tile_dpbf16ps(0, 1, 2);
+            }
           }
+          _tile_stored(0, sc.st.data() + (t - c0) * 16, 64);
+          t += n;
         }
-        _tile_stored(0, sc.st.data() + (t - c0) * 16, 64);
-        t += n;
       }
       // the chunk's max per lane, over its own keys
       const __m512i firstv = _mm512_load_si512(lg.first), lastv = _mm512_load_si512(lg.last);
@@ -530,7 +612,8 @@ AMX_TARGET void attend_amx_heads(const Problem& p, int64_t item) {
       }
       _mm512_store_ps(lg.l, _mm512_add_ps(_mm512_mul_ps(_mm512_load_ps(lg.l), corr), sum));
       _mm512_store_ps(lg.m, m_new);
-      // P . V for the chunk, 4 column tiles (64 of d) at a time
+      // P . V for the chunk, 4 column tiles (64 of d) at a time; V's tiles load into 2, 0, 1, 2 in turn
+      // (free after the scores), so that a load seldom waits for the product reading its register
       for (int64_t c = 0; c < d; c += 64) {
         const int64_t tiles = std::min<int64_t>(4, (d - c) / 16);
         _tile_zero(4);
@@ -543,8 +626,8 @@ AMX_TARGET void attend_amx_heads(const Problem& p, int64_t item) {
             const uint16_t* vt = sc.vb.data() + hh * kChunk * d + (b * (d / 16) + c / 16) * 512;
             _tile_loadd(2, vt, 64);
             _tile_dpbf16ps(4, 3, 2);
-            if (tiles > 1) { _tile_loadd(2, vt + 512, 64); _tile_dpbf16ps(5, 3, 2); }
-            if (tiles > 2) { _tile_loadd(2, vt + 1024, 64); _tile_dpbf16ps(6, 3, 2); }
+            if (tiles > 1) { _tile_loadd(0, vt + 512, 64); _tile_dpbf16ps(5, 3, 0); }
+            if (tiles > 2) { _tile_loadd(1, vt + 1024, 64); _tile_dpbf16ps(6, 3, 1); }
             if (tiles > 3) { _tile_loadd(2, vt + 1536, 64); _tile_dpbf16ps(7, 3, 2); }
           }
         }
@@ -565,6 +648,10 @@ AMX_TARGET void attend_amx_heads(const Problem& p, int64_t item) {
       }
     }
   }
+  // The product's column order undone for one 32 of d: two-source permutes of its halves (a: tile
+  // columns 0-15, b: 16-31); a scalar loop here took ~1/8 of the kernel (37 rows over 533 keys).
+  const __m512i kColumnsLow = _mm512_set_epi32(23, 22, 21, 20, 7, 6, 5, 4, 19, 18, 17, 16, 3, 2, 1, 0);
+  const __m512i kColumnsHigh = _mm512_set_epi32(31, 30, 29, 28, 15, 14, 13, 12, 27, 26, 25, 24, 11, 10, 9, 8);
   for (int64_t gi = 0; gi < num_groups; ++gi) {
     const LaneGroup& lg = sc.groups[gi];
     const float* out = sc.out.data() + gi * 16 * d;
@@ -572,7 +659,13 @@ AMX_TARGET void attend_amx_heads(const Problem& p, int64_t item) {
       const int64_t row = lg.row + j / per_row, hh = head_of(j), g = j % group;
       float* dst = p.out + (row * p.num_q_heads + (h + hh) * group + g) * d;
       const float inv = lg.l[j] > 0.0f ? 1.0f / lg.l[j] : 0.0f;
-      for (int64_t x = 0; x < d; ++x) dst[column_of(x)] = out[j * d + x] * inv;
+      const __m512 scale = _mm512_set1_ps(inv);
+      for (int64_t c = 0; c < d; c += 32) {
+        const __m512 a = _mm512_mul_ps(_mm512_loadu_ps(out + j * d + c), scale);
+        const __m512 b = _mm512_mul_ps(_mm512_loadu_ps(out + j * d + c + 16), scale);
+        _mm512_storeu_ps(dst + c, _mm512_permutex2var_ps(a, kColumnsLow, b));
+        _mm512_storeu_ps(dst + c + 16, _mm512_permutex2var_ps(a, kColumnsHigh, b));
+      }
     }
   }
 }
