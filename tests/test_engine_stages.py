@@ -240,6 +240,25 @@ def test_smollm2_prefix_hit_accounting_and_salt(smol):
     assert_pool_empty(smol)
 
 
+def test_smollm2_a_continued_chat_reuses_the_partial_page_its_reply_ended_in(smol):
+    eng = smol.engine
+    prompt = eng.tokenizer.encode("Here is a short story about an old lighthouse keeper, his dog and a storm "
+                                  "that came in from the sea one winter night.")[:20]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    first = smol.generate({"prompt_token_ids": prompt}, params, use_tqdm=False)[0]
+    history = prompt + list(first.outputs[0].token_ids)  # 32 tokens: the last one was never fed
+    written = len(history) - 1
+    assert len(prompt) == 20 and written % 16 == 15  # one full page and a tail of 15
+    follow = history + eng.tokenizer.encode(" What happened next?")
+    second = smol.generate({"prompt_token_ids": follow}, params, use_tqdm=False)[0]
+    assert second.num_cached_tokens == written
+    # The same as computing every token.
+    eng.reset_prefix_cache()
+    fresh = smol.generate({"prompt_token_ids": follow}, params, use_tqdm=False)[0]
+    assert fresh.num_cached_tokens == 0 and token_ids([fresh]) == token_ids([second])
+    assert_pool_empty(smol)
+
+
 def test_prompt_logprobs_requests_compute_the_positions_they_need(smol):
     eng = smol.engine
     prefix = list(np.arange(100, 148))

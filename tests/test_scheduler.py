@@ -163,7 +163,7 @@ def test_cached_pages_are_evicted_lru_and_reset_forgets_them():
     a = make_seq(0, 0, tokens=list(range(9)), max_tokens=1)
     sched.add(a)
     assert run_to_completion(sched, [a])
-    assert pool.num_cached_free == 2  # two full pages named, the third was partial
+    assert pool.num_cached_free == 3  # two full pages named, the partial third kept as a tail
     mid = make_seq(1, 0, tokens=list(range(50, 70)), max_tokens=1)  # needs 5 of the 6 pages
     sched.add(mid)
     assert run_to_completion(sched, [mid])
@@ -175,8 +175,55 @@ def test_cached_pages_are_evicted_lru_and_reset_forgets_them():
     big = make_seq(3, 0, tokens=list(range(50, 73)), max_tokens=1)  # needs all 6 pages
     sched.add(big)
     assert run_to_completion(sched, [big])
-    assert pool.num_cached_free == 5  # big's own full pages; a's are gone
+    assert pool.num_cached_free == 6  # big's own full pages and its tail; a's are gone
     assert pool.reset_prefix_cache() > 0 and pool.num_cached_free == 0
+    pool.check()
+
+
+def test_a_continuation_claims_the_partial_page_its_history_left():
+    # A chat's next turn resends the reply, which ended mid-page: that page's tokens are not recomputed.
+    pool = PagePool(32, 4)
+    sched = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64), pool)
+    a = make_seq(0, 0, tokens=list(range(100, 110)), max_tokens=2)
+    sched.add(a)
+    assert run_to_completion(sched, [a])
+    # 12 tokens, of which the last sampled one was never fed: 2 full pages and a tail of 3 written
+    assert len(a.token_ids) == 12 and pool.num_cached_free == 3
+    b = make_seq(1, 0, tokens=a.token_ids + [5, 6], max_tokens=1)
+    c = make_seq(2, 0, tokens=a.token_ids + [5, 6], max_tokens=1, salt=b"tenant-2")
+    sched.add(b)
+    sched.add(c)
+    out = sched.schedule()
+    starts = {item.seq.request.request_id: item.start for item in out.scheduled}
+    assert starts == {"1": 11, "2": 0} and b.request.num_cached_tokens == 11
+    assert pool.ref_counts[b.pages[2]] == 1 and pool.num_cached_free == 0  # taken over, no longer cached
+    advance(sched, out)
+    pool.check()
+    assert run_to_completion(sched, [b, c])
+
+
+def test_of_several_tails_after_one_chain_the_longest_match_is_claimed():
+    pool = PagePool(32, 4)
+    sched = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64), pool)
+    shared = list(range(100, 108))  # 2 full pages
+    x = make_seq(0, 0, tokens=shared + [1, 2], max_tokens=1)
+    y = make_seq(1, 0, tokens=shared + [1, 3], max_tokens=1)
+    for s in (x, y):
+        sched.add(s)
+    assert run_to_completion(sched, [x, y])
+    z = make_seq(2, 0, tokens=shared + [1, 3, 9], max_tokens=3)  # still running when w comes
+    w = make_seq(3, 0, tokens=shared + [1, 3, 9], max_tokens=1)
+    sched.add(z)
+    out = sched.schedule()
+    assert out.scheduled[0].start == 10  # y's tail: [1, 3]
+    advance(sched, out)
+    sched.add(w)
+    out = sched.schedule()
+    assert [i.start for i in out.scheduled if i.seq is w] == [9]  # y's tail is z's; x's [1, 2] gives one token
+    advance(sched, out)
+    pool.check()
+    assert run_to_completion(sched, [z, w])
+    assert pool.num_free == pool.num_pages
     pool.check()
 
 

@@ -526,7 +526,7 @@ class LLMEngine:
         seq.num_registered_pages = min(full_pages, parent.num_registered_pages)
         # The partly filled last prompt page cannot be shared (the sibling writes its own tokens there):
         # those few prompt tokens are recomputed into a page of the sibling's own.
-        seq.num_computed_tokens = full_pages * self.pool.page_size
+        seq.num_computed_tokens = seq.num_written_tokens = full_pages * self.pool.page_size
         self.scheduler.add_running(seq, parent)
         return seq
 

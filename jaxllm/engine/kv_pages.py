@@ -8,6 +8,11 @@ ids, extra keys such as a cache salt), so equal hashes mean equal prefixes. A pa
 frees it keeps its hash and stays valid in an LRU of evictable pages; allocation takes never-hashed
 pages first and then evicts the least recently freed one. A hit is found by walking a sequence's hash
 chain until the first miss.
+
+Beyond vLLM: the partly filled last page a sequence leaves behind (a chat's reply ends mid-page, and the
+next turn resends it) is kept too, as a tail named by the chain before it and holding the tokens whose
+K/V it has. A later sequence continuing that chain with the same first tokens claims the page and
+writes its own tokens after them, instead of recomputing up to a page of tokens per turn.
 """
 
 from __future__ import annotations
@@ -28,6 +33,12 @@ def page_hash(parent: bytes | None, token_ids, extra: bytes = b"") -> bytes:
     return h.digest()
 
 
+def tail_key(parent: bytes | None, extra: bytes = b"") -> bytes:
+    """Where a partly filled page sits: after the chain `parent` (None: at the start), under the same
+    extra keys. No full page's hash equals it (a full page hashes at least one token)."""
+    return page_hash(parent, (), extra)
+
+
 class PagePool:
     def __init__(self, num_pages: int, page_size: int, enable_prefix_caching: bool = True):
         if num_pages < 1:
@@ -37,9 +48,11 @@ class PagePool:
         self.enable_prefix_caching = enable_prefix_caching
         self.ref_counts = np.zeros(num_pages, np.int32)
         self._free: deque[int] = deque(range(num_pages))  # ref 0, no hash
-        self._evictable: OrderedDict[int, None] = OrderedDict()  # ref 0, hashed; oldest first
+        self._evictable: OrderedDict[int, None] = OrderedDict()  # ref 0, hashed or a tail; oldest first
         self._page_of: dict[bytes, int] = {}
         self._hash_of: dict[int, bytes] = {}
+        self._tails: dict[bytes, dict[int, tuple[int, ...]]] = {}  # tail key -> {page: its tokens}
+        self._tail_key_of: dict[int, bytes] = {}
         self.queries = 0  # prefix-cache lookups, in tokens (vLLM's vllm:prefix_cache_queries)
         self.hits = 0  # of which found cached
 
@@ -71,7 +84,10 @@ class PagePool:
                 page = self._free.popleft()
             else:
                 page, _ = self._evictable.popitem(last=False)
-                del self._page_of[self._hash_of.pop(page)]
+                if page in self._hash_of:
+                    del self._page_of[self._hash_of.pop(page)]
+                else:
+                    self._forget_tail(page)
             pages.append(page)
         self.ref_counts[pages] = 1
         return pages
@@ -89,7 +105,7 @@ class PagePool:
             assert self.ref_counts[p] > 0, f"double free of page {p}"
             self.ref_counts[p] -= 1
             if self.ref_counts[p] == 0:
-                if p in self._hash_of:
+                if p in self._hash_of or p in self._tail_key_of:
                     self._evictable[p] = None
                 else:
                     self._free.append(p)
@@ -123,13 +139,52 @@ class PagePool:
         self._hash_of[page] = page_hash_
         self._page_of[page_hash_] = page
 
+    def register_tail(self, page: int, key: bytes, tokens: list[int]) -> None:
+        """Keeps a partly filled page its last owner is about to free: its first len(tokens) slots hold
+        those tokens' K/V after the chain `key` names (tail_key)."""
+        if (not self.enable_prefix_caching or not tokens or self.ref_counts[page] != 1 or page in self._hash_of
+                or page in self._tail_key_of):
+            return
+        self._tails.setdefault(key, {})[page] = tuple(tokens)
+        self._tail_key_of[page] = key
+
+    def claim_tail(self, key: bytes, tokens: list[int]) -> tuple[int, int] | None:
+        """The kept tail after chain `key` sharing the most leading tokens with `tokens`, taken over
+        whole: (page, tokens it already holds), or None. The page leaves the cache (its new owner
+        overwrites the slots after those tokens), so no two owners ever write one page."""
+        best, best_n = None, 0
+        for page, held in self._tails.get(key, {}).items():
+            n = 0
+            for a, b in zip(held, tokens):
+                if a != b:
+                    break
+                n += 1
+            if n > best_n:
+                best, best_n = page, n
+        if best is None:
+            return None
+        self._forget_tail(best)
+        del self._evictable[best]
+        self.ref_counts[best] = 1
+        return best, best_n
+
+    def _forget_tail(self, page: int) -> None:
+        key = self._tail_key_of.pop(page)
+        tails = self._tails[key]
+        del tails[page]
+        if not tails:
+            del self._tails[key]
+
     def reset_prefix_cache(self) -> int:
-        """Forgets every hash (pages in use keep their contents and owners). Returns pages dropped."""
-        dropped = len(self._hash_of)
+        """Forgets every hash and tail (pages in use keep their contents and owners). Returns pages
+        dropped."""
+        dropped = len(self._hash_of) + len(self._tail_key_of)
         self._free.extend(self._evictable)
         self._evictable.clear()
         self._page_of.clear()
         self._hash_of.clear()
+        self._tails.clear()
+        self._tail_key_of.clear()
         return dropped
 
     def reset(self) -> None:
@@ -139,6 +194,8 @@ class PagePool:
         self._evictable.clear()
         self._page_of.clear()
         self._hash_of.clear()
+        self._tails.clear()
+        self._tail_key_of.clear()
 
     def check(self) -> None:
         """Invariants (tests): each page is exactly one of in use / free / cached-evictable."""
@@ -146,5 +203,9 @@ class PagePool:
         free, cached = set(self._free), set(self._evictable)
         assert not (in_use & free) and not (in_use & cached) and not (free & cached)
         assert len(in_use) + len(free) + len(cached) == self.num_pages
-        assert len(self._free) == len(free) and all(p in self._hash_of for p in cached)
+        assert len(self._free) == len(free)
+        assert all((p in self._hash_of) != (p in self._tail_key_of) for p in cached)
+        assert all(p in cached for p in self._tail_key_of)  # a kept tail has no owner
         assert all(self._page_of[h] == p for p, h in self._hash_of.items())
+        assert all(p in self._tails[k] for p, k in self._tail_key_of.items())
+        assert sum(map(len, self._tails.values())) == len(self._tail_key_of)

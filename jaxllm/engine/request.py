@@ -98,6 +98,7 @@ class Sequence:
     matcher: object | None = None  # structured outputs: the grammar state after the appended tokens
     page_hashes: list[bytes] = field(default_factory=list)  # prefix-cache names of full pages so far
     num_registered_pages: int = 0  # leading pages already named in the pool
+    num_written_tokens: int = 0  # leading tokens whose K/V its pages hold (finished steps, cache hits)
     # What the last DELTA output reached (tokens, visible characters, logprob positions).
     emitted_tokens: int = 0
     emitted_chars: int = 0

@@ -21,7 +21,7 @@ import itertools
 from dataclasses import dataclass, field
 
 from jaxllm.config import SchedulerConfig
-from jaxllm.engine.kv_pages import PagePool
+from jaxllm.engine.kv_pages import PagePool, tail_key
 from jaxllm.engine.request import Sequence, SequenceStatus
 
 RESET_SEAT = -1  # seat_inits value: clear the seat's penalty state (a sequence starts from scratch)
@@ -148,11 +148,23 @@ class Scheduler:
         return True
 
     def _release_pages(self, seq: Sequence) -> None:
+        self._keep_tail(seq)
         self.pool.free(seq.pages)
         seq.pages = []
         seq.num_computed_tokens = 0
         seq.num_registered_pages = 0
+        seq.num_written_tokens = 0
         seq.epoch += 1  # results of steps still in flight must not name these pages any more
+
+    def _keep_tail(self, seq: Sequence) -> None:
+        """Offers the pool the sequence's partly filled page after its last full one (see kv_pages)."""
+        ps = self.pool.page_size
+        written = min(seq.num_written_tokens, len(seq.token_ids))
+        full = written // ps
+        if written % ps and full < len(seq.pages) and self.pool.enable_prefix_caching:
+            parent = seq.hashes_for(full)[-1] if full else None
+            self.pool.register_tail(seq.pages[full], tail_key(parent, seq.request.cache_salt),
+                                    seq.token_ids[full * ps:written])
 
     def _use_cached_prefix(self, seq: Sequence) -> None:
         """Starts a sequence with nothing computed from its longest cached prefix of full pages."""
@@ -169,9 +181,16 @@ class Scheduler:
         if req.prompt_logprobs is not None:
             limit = min(limit, len(req.prompt_logprobs) - 1)  # positions whose logprobs are recorded
         pages = self.pool.lookup(seq.hashes_for(limit // ps)) if limit >= ps else []
+        cached = len(pages) * ps
+        if cached < limit:  # then the part of a page some earlier sequence left with the same tokens
+            parent = seq.page_hashes[len(pages) - 1] if pages else None
+            tail = self.pool.claim_tail(tail_key(parent, req.cache_salt), seq.token_ids[cached:limit])
+            if tail is not None:
+                pages = pages + [tail[0]]
+                cached += tail[1]
         seq.pages = pages
-        seq.num_computed_tokens = len(pages) * ps
-        seq.num_registered_pages = len(pages)
+        seq.num_computed_tokens = seq.num_written_tokens = cached
+        seq.num_registered_pages = cached // ps
         first_admission = req.metrics.first_scheduled_time is None and seq.index == 0
         if first_admission:
             req.num_cached_tokens = seq.num_computed_tokens
@@ -180,6 +199,7 @@ class Scheduler:
     def register_computed_pages(self, seq: Sequence, computed: int) -> None:
         """Names the sequence's pages that are full of tokens a finished step computed (`computed`:
         that step's end; only tokens already on the host can be hashed)."""
+        seq.num_written_tokens = max(seq.num_written_tokens, computed)
         full = min(computed, len(seq.token_ids)) // self.pool.page_size
         full = min(full, len(seq.pages))
         if full > seq.num_registered_pages:
@@ -302,6 +322,7 @@ class Scheduler:
             self.running.remove(seq)
         elif seq.status is SequenceStatus.WAITING:
             self.num_waiting -= 1  # its heap entry is skipped when it surfaces
+        self._keep_tail(seq)
         self.pool.free(seq.pages)
         seq.pages = []
         seq.epoch += 1
