@@ -293,6 +293,12 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests) or bool(self._aborted_outputs) or self._inflight is not None
 
+    @property
+    def applied_first_output_alone(self) -> bool:
+        """Async scheduling, and the last step() applied a step carrying a first output without
+        dispatching another: the device is idle until the next step() (see step)."""
+        return self.config.scheduler.async_scheduling and self._inflight is None
+
     def reset_prefix_cache(self) -> int:
         """Forgets every cached page (POST /reset_prefix_cache); returns how many were named."""
         return self.pool.reset_prefix_cache()
