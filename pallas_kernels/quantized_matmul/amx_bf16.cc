@@ -135,13 +135,14 @@ bool amx_tiles_granted() {
 
 // ldtilecfg / sttilecfg as asm: GCC before 14 drops the stores filling a struct that _tile_loadconfig
 // reads (build._patch_amx).
-AMX_BF16_TARGET AmxTileScope::AmxTileScope(TileShapes shapes) {
+AMX_BF16_TARGET AmxTileScope::AmxTileScope(TileShapes shapes, int rows) {
   __asm__ __volatile__("sttilecfg %0" : "=m"(saved_));
   alignas(64) unsigned char mine[64] = {1};  // palette 1
   for (int t = 0; t < 8; ++t) mine[16 + 2 * t] = 64, mine[48 + t] = 16;  // colsb[t] (u16), rows[t]
   if (shapes == TileShapes::kInt8Block32) {
-    mine[16] = mine[18] = 32;  // A: 16 rows of 32 int8
-    mine[50] = mine[51] = 8;   // B: 8 rows of [16 columns][4 int8]
+    mine[16] = mine[18] = mine[28] = 32;  // A: rows of 32 int8
+    mine[50] = mine[51] = 8;              // B: 8 rows of [16 columns][4 int8]
+    mine[54] = mine[55] = static_cast<unsigned char>(rows > 0 && rows < 16 ? rows : 16);  // the last group's A, C
   }
   __asm__ __volatile__("ldtilecfg %0" : : "m"(mine));
 }
@@ -266,7 +267,7 @@ AMX_BF16_TARGET void amx_bf16_mul_mat(int type, const uint8_t* w, const uint8_t*
 #else  // built without AMX bf16: ggml's int8 kernels take every step
 
 bool amx_tiles_granted() { return false; }
-AmxTileScope::AmxTileScope(TileShapes) {}
+AmxTileScope::AmxTileScope(TileShapes, int) {}
 AmxTileScope::~AmxTileScope() {}
 bool amx_bf16_takes(int) { return false; }
 void amx_bf16_pack_rows(const float*, int64_t, int64_t, uint16_t*, int, int) {}

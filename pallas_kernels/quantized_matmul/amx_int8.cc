@@ -101,6 +101,10 @@ AMX_INT8_TARGET inline void unpack_q4_1(const uint8_t* packed, uint8_t* tile) {
   }
 JAXLLM_BLOCK_DOTS(block_dots_even, 0, 2, 4)
 JAXLLM_BLOCK_DOTS(block_dots_odd, 1, 3, 5)
+// A last group of fewer than 16 rows: tiles 6 and 7 of just those rows, so that its loads, product and
+// store cost in proportion to them (a 33-row step paid a whole 16-row group for its last row)
+JAXLLM_BLOCK_DOTS(block_dots_short_even, 6, 2, 7)
+JAXLLM_BLOCK_DOTS(block_dots_short_odd, 6, 3, 7)
 #undef JAXLLM_BLOCK_DOTS
 
 template <int MR>
@@ -123,11 +127,12 @@ AMX_INT8_TARGET inline void scale_block(__m512 (&acc)[MR], const int32_t* c, con
 template <int MR>
 AMX_INT8_TARGET void column_tile(const uint8_t* a, int64_t lda, const uint8_t* b, const uint8_t* w_tile,
                                  const float* scales, int64_t blocks, float* y, int64_t ldy, const uint8_t* next) {
+  constexpr bool kShort = MR < 16;  // the step's last group (tiles 6, 7 of MR rows)
   alignas(64) int32_t c[2][16 * 16];
   __m512 acc[MR];
 #pragma GCC unroll 16
   for (int r = 0; r < MR; ++r) acc[r] = _mm512_setzero_ps();
-  block_dots_even(a, lda, b, c[0]);
+  kShort ? block_dots_short_even(a, lda, b, c[0]) : block_dots_even(a, lda, b, c[0]);
   for (int64_t i = 0; i < blocks; ++i) {
     // A small step is bound by reading the weights (a core streams ~7-9 GB/s on the dev VM): the next
     // tile's bytes are requested while this one computes.
@@ -139,7 +144,11 @@ AMX_INT8_TARGET void column_tile(const uint8_t* a, int64_t lda, const uint8_t* b
     if (i + 1 < blocks) {
       const uint8_t* a_next = a + (i + 1) * kQ8Bytes;
       const uint8_t* b_next = b + (i + 1) * 512;
-      i & 1 ? block_dots_even(a_next, lda, b_next, c[0]) : block_dots_odd(a_next, lda, b_next, c[1]);
+      if (kShort) {
+        i & 1 ? block_dots_short_even(a_next, lda, b_next, c[0]) : block_dots_short_odd(a_next, lda, b_next, c[1]);
+      } else {
+        i & 1 ? block_dots_even(a_next, lda, b_next, c[0]) : block_dots_odd(a_next, lda, b_next, c[1]);
+      }
     }
     scale_block<MR>(acc, c[i & 1], w_tile + i * kQ41Tile, scales + 2 * i, blocks);
   }
@@ -167,7 +176,7 @@ AMX_INT8_TARGET void amx_int8_mul_mat(int type, const uint8_t* w, int64_t n, int
   if (unpacked.size() < static_cast<size_t>(blocks * 512 + 64)) unpacked.resize(blocks * 512 + 64);
   uint8_t* b = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(unpacked.data()) + 63) & ~uintptr_t{63});
 
-  AmxTileScope tile_state(TileShapes::kInt8Block32);
+  AmxTileScope tile_state(TileShapes::kInt8Block32, static_cast<int>(m % 16));
   for (int64_t t = begin; t < end; ++t) {
     const uint8_t* w_tile = w + t * blocks * kQ41Tile;
     for (int64_t i = 0; i < blocks; ++i) unpack_q4_1(w_tile + i * kQ41Tile, b + i * 512);
