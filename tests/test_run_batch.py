@@ -66,6 +66,10 @@ def by_id(records: list[dict]) -> dict[str, dict]:
         assert rec["id"] not in out, f"duplicate record {rec['id']} ({rec['custom_id']})"
         body = dict(rec["response"]["body"])
         body.pop("created", None)
+        if isinstance(body.get("usage"), dict):
+            # how much of a prompt the prefix cache held depends on what the process ran before it (a
+            # resumed job, another worker), not on the request
+            body["usage"] = {k: v for k, v in body["usage"].items() if k != "prompt_tokens_details"}
         out[rec["id"]] = {"custom_id": rec["custom_id"], "status": rec["response"]["status_code"], "body": body}
     return out
 

@@ -294,9 +294,9 @@ class LLMEngine:
         return bool(self.requests) or bool(self._aborted_outputs) or self._inflight is not None
 
     @property
-    def applied_first_output_alone(self) -> bool:
-        """Async scheduling, and the last step() applied a step carrying a first output without
-        dispatching another: the device is idle until the next step() (see step)."""
+    def idle_after_async_step(self) -> bool:
+        """Async scheduling, and the last step() left nothing on the device: it applied a step that
+        carried a first output without dispatching another (see step), or the work ran out."""
         return self.config.scheduler.async_scheduling and self._inflight is None
 
     def reset_prefix_cache(self) -> int:
