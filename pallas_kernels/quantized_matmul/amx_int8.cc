@@ -27,7 +27,6 @@
 #include <vector>
 
 #include "amx_tiles.h"
-#include "ggml-cpu.h"
 #include "ggml.h"
 
 namespace {
@@ -51,27 +50,46 @@ int64_t amx_int8_rows_bytes(int64_t m, int64_t k) {
 
 bool amx_int8_takes(int type) { return type == GGML_TYPE_Q4_1 && amx_tiles_granted(); }
 
+namespace {
+
+// ggml's quantize_row_q8_1 (its x86 path) in AVX-512, the same numbers: per 32 of k, d = amax / 127
+// (stored as float16), q = x * (127 / amax) rounded to nearest even, s = d * sum(q) (float16); the two
+// scales also go to `scales` as float32. ggml's, through its type traits, took ~6 % of a 37-row step.
+AMX_INT8_TARGET void quantize_row(const float* x, int64_t k, uint8_t* q, float* scales) {
+  for (int64_t b = 0; b < k / 32; ++b) {
+    const __m512 v0 = _mm512_loadu_ps(x + 32 * b), v1 = _mm512_loadu_ps(x + 32 * b + 16);
+    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+    const float d = amax / 127.f;
+    const __m512 mul = _mm512_set1_ps(amax != 0.0f ? 127.f / amax : 0.0f);
+    constexpr int kNearest = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+    const __m512i i0 = _mm512_cvt_roundps_epi32(_mm512_mul_ps(v0, mul), kNearest);
+    const __m512i i1 = _mm512_cvt_roundps_epi32(_mm512_mul_ps(v1, mul), kNearest);
+    const int32_t sum = _mm512_reduce_add_epi32(_mm512_add_epi32(i0, i1));
+    const uint16_t half[2] = {_cvtss_sh(d, 0), _cvtss_sh(d * static_cast<float>(sum), 0)};
+    uint8_t* block = q + b * kQ8Bytes;
+    std::memcpy(block, half, sizeof(half));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(block + 4), _mm512_cvtepi32_epi8(i0));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(block + 20), _mm512_cvtepi32_epi8(i1));
+    scales[2 * b] = _cvtsh_ss(half[0]);
+    scales[2 * b + 1] = _cvtsh_ss(half[1]);
+  }
+}
+
+}  // namespace
+
 AMX_INT8_TARGET void amx_int8_quantize_rows(const float* x, int64_t m, int64_t k, uint8_t* xq, int ith, int nth) {
-  static const ggml_from_float_t quantize = ggml_get_type_traits_cpu(GGML_TYPE_Q8_1)->from_float;
   const int64_t rows = round16(m), blocks = k / 32;
   float* scales = reinterpret_cast<float*>(xq + quants_bytes(rows, blocks));
-  for (int64_t rb = rows / 16 * ith / nth, end = rows / 16 * (ith + 1) / nth; rb < end; ++rb) {
-    for (int64_t row = rb * 16; row < rb * 16 + 16; ++row) {
-      uint8_t* q = xq + row * blocks * kQ8Bytes;
-      float* s = scales + row * blocks * 2;
-      if (row >= m) {  // the tile loads read 16 rows
-        std::memset(q, 0, blocks * kQ8Bytes);
-        std::memset(s, 0, blocks * 2 * sizeof(float));
-        continue;
-      }
-      quantize(x + row * k, q, k);
-      for (int64_t b = 0; b < blocks; ++b) {
-        uint16_t half[2];
-        std::memcpy(half, q + b * kQ8Bytes, sizeof(half));
-        s[2 * b] = _cvtsh_ss(half[0]);
-        s[2 * b + 1] = _cvtsh_ss(half[1]);
-      }
+  // by rows, not 16-row blocks: 37 rows split 19 / 18, not 16 / 32 (zero padding included)
+  for (int64_t row = rows * ith / nth, end = rows * (ith + 1) / nth; row < end; ++row) {
+    uint8_t* q = xq + row * blocks * kQ8Bytes;
+    float* s = scales + row * blocks * 2;
+    if (row >= m) {  // the tile loads read 16 rows
+      std::memset(q, 0, blocks * kQ8Bytes);
+      std::memset(s, 0, blocks * 2 * sizeof(float));
+      continue;
     }
+    quantize_row(x + row * k, k, q, s);
   }
 }
 

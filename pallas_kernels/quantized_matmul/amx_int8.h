@@ -11,8 +11,8 @@ bool amx_int8_takes(int type);
 int64_t amx_int8_rows_bytes(int64_t m, int64_t k);
 
 // x's rows quantized as ggml does for its Q4_1 kernels (quantize_row_q8_1: 8 bits per 32 of k, the
-// block's scale d and d * sum(q)), rows past m zeros. The share `ith` of `nth` threads takes its
-// 16-row blocks.
+// block's scale d and d * sum(q); the same bits), rows past m zeros. The share `ith` of `nth` threads
+// takes its part of the rows.
 //   x: f32 row-major [m, k], k % 32 == 0;  xq: amx_int8_rows_bytes(m, k) bytes
 void amx_int8_quantize_rows(const float* x, int64_t m, int64_t k, uint8_t* xq, int ith, int nth);
 
