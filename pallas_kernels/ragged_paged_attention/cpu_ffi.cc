@@ -338,20 +338,34 @@ AMX_TARGET inline void transpose16(__m512i r[16]) {
   for (int i = 0; i < 16; ++i) r[i] = t[i];
 }
 
-// A tile of K rows for keys [t, t + n) of a chunk (n < 16: copied to `pad`, zero-filled: rows past the
-// page are not ours to read); *ld: its row stride in elements.
+// A tile of K rows for keys [t, t + n) of a chunk, of the KV head `head` places past the item's first
+// (n < 16: copied to `pad`, zero-filled: rows past the page are not ours to read); *ld: its row stride
+// in elements.
 AMX_TARGET inline const uint16_t* key_tile(const AmxScratch& sc, int64_t c0, int64_t t, int64_t n, int64_t d,
-                                           int64_t stride, uint16_t* pad, int64_t* ld) {
+                                           int64_t stride, int64_t head, uint16_t* pad, int64_t* ld) {
   if (n == 16) {
     *ld = stride;
-    return sc.krows[t - c0];
+    return sc.krows[t - c0] + 2 * head * d;
   }
   for (int64_t r = 0; r < 16; ++r) {
-    if (r < n) std::copy(sc.krows[t - c0 + r], sc.krows[t - c0 + r] + d, pad + r * d);
+    if (r < n) std::copy(sc.krows[t - c0 + r] + 2 * head * d, sc.krows[t - c0 + r] + 2 * head * d + d, pad + r * d);
     else std::fill(pad + r * d, pad + (r + 1) * d, 0);
   }
   *ld = d;
   return pad;
+}
+
+// A decode row's item (the only one to read its keys, from memory): the K and V rows (`bytes` of them
+// per key) of keys [from, to) are requested ahead of their tiles; the paged rows are strided, which the
+// hardware prefetcher follows poorly (16 decode rows over 579 keys: 27 -> 19 ms, when V was paired after
+// the chunk's scores). Since V is paired first, for all lane groups, only the K rows are still ahead
+// then; with 8 rows over 800 keys bound by memory bandwidth, these prefetches, other hints (T1, NTA) or
+// none measured the same (2026-12-03).
+inline void prefetch_keys(const AmxScratch& sc, int64_t c0, int64_t from, int64_t to, int64_t bytes) {
+  for (int64_t r = from; r < to; ++r) {
+    const char* row = reinterpret_cast<const char*>(sc.krows[r - c0]);
+    for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(row + b, _MM_HINT_T0);
+  }
 }
 
 // The keys' tile length at t: to the next 16, the group's end k1 or the page's end.
@@ -376,15 +390,10 @@ AMX_TARGET void pair_scores(const Problem& p, AmxScratch& sc, int64_t c0, int64_
   for (int64_t t = k0; t < k1;) {
     const int64_t n0 = tile_len(t, k1, s), t1 = t + n0;
     const int64_t n1 = t1 < k1 ? tile_len(t1, k1, s) : 0;
-    if (prefetch) {  // a lone row's item reads its keys from memory (see attend_amx_heads)
-      for (int64_t r = t1 + n1; r < std::min<int64_t>(t1 + n1 + 32, k1); ++r) {
-        const char* row = reinterpret_cast<const char*>(sc.krows[r - c0]);
-        for (int64_t b = 0; b < 4 * d; b += 64) _mm_prefetch(row + b, _MM_HINT_T0);
-      }
-    }
+    if (prefetch) prefetch_keys(sc, c0, t1 + n1, std::min<int64_t>(t1 + n1 + 32, k1), 4 * d);
     int64_t lda, ldb = 0;
-    const uint16_t* a = key_tile(sc, c0, t, n0, d, stride, pad0, &lda);
-    const uint16_t* b = n1 ? key_tile(sc, c0, t1, n1, d, stride, pad1, &ldb) : nullptr;
+    const uint16_t* a = key_tile(sc, c0, t, n0, d, stride, 0, pad0, &lda);
+    const uint16_t* b = n1 ? key_tile(sc, c0, t1, n1, d, stride, 0, pad1, &ldb) : nullptr;
     _tile_zero(0);
     _tile_zero(4);
     // (with d <= 64 the second 32 of d loads into tiles 6, 7, free then, so no load waits on a product)
@@ -533,32 +542,12 @@ AMX_TARGET void attend_amx_heads(const Problem& p, int64_t item) {
         pair_scores(p, sc, c0, k0, k1, qt, it.count == 1);
       } else {
         for (int64_t t = k0; t < k1;) {
-          const int64_t n = std::min<int64_t>({16 - t % 16, k1 - t, s - t % s});
-          // a decode row's item (the only one to read its keys, from memory): the next tile's K and V rows
-          // of its heads; the paged rows are strided, which the hardware prefetcher follows poorly (16
-          // decode rows over 579 keys: 27 -> 19 ms, when V was paired after the chunk's scores). Since V
-          // is paired first, for all lane groups, only the K rows are still ahead here; with 8 rows over
-          // 800 keys bound by memory bandwidth, these prefetches, other hints (T1, NTA) or none measured
-          // the same (2026-12-03)
-          if (it.count == 1) {
-            for (int64_t r = t + n; r < std::min<int64_t>(t + n + 16, k1); ++r) {
-              const char* row = reinterpret_cast<const char*>(sc.krows[r - c0]);
-              for (int64_t b = 0; b < heads * 4 * d; b += 64) _mm_prefetch(row + b, _MM_HINT_T0);
-            }
-          }
+          const int64_t n = tile_len(t, k1, s);
+          if (it.count == 1) prefetch_keys(sc, c0, t + n, std::min<int64_t>(t + n + 16, k1), heads * 4 * d);
           _tile_zero(0);
           for (int64_t hh = 0; hh < heads; ++hh) {
-            const uint16_t* k = sc.krows[t - c0] + 2 * hh * d;
-            int64_t ld = stride;
-            if (n < 16) {  // whole tiles only: rows past the page are not ours to read
-              for (int64_t r = 0; r < 16; ++r) {
-                const uint16_t* src = r < n ? sc.krows[t - c0 + r] + 2 * hh * d : nullptr;
-                if (src) std::copy(src, src + d, sc.kpad.data() + r * d);
-                else std::fill(sc.kpad.data() + r * d, sc.kpad.data() + (r + 1) * d, 0);
-              }
-              k = sc.kpad.data();
-              ld = d;
-            }
+            int64_t ld;
+            const uint16_t* k = key_tile(sc, c0, t, n, d, stride, hh, sc.kpad.data(), &ld);
             for (int64_t c = 0; c < d; c += 32) {
               _tile_loadd(1, k + c, ld * 2);
               _tile_loadd(2, qt + hh * d * 16 + c * 16, 64);
