@@ -50,8 +50,8 @@ def cpu_flags() -> set[str]:
 
 
 AMX_FLAGS = {"amx_tile", "amx_int8", "avx512_vnni", "avx512f"}
-# amx_bf16.cc's bf16 tile GEMM for large steps (its weight conversion uses AVX512-BF16 and BW)
-AMX_BF16_FLAGS = AMX_FLAGS | {"amx_bf16", "avx512_bf16", "avx512bw"}
+# amx_bf16.cc's bf16 tile GEMM for large steps (its weight conversion uses AVX512-BF16, BW and VBMI)
+AMX_BF16_FLAGS = AMX_FLAGS | {"amx_bf16", "avx512_bf16", "avx512bw", "avx512vbmi"}
 
 
 def ggml_options(flags: set[str]) -> list[str]:
