@@ -771,9 +771,15 @@ ffi::Error PagedAttention(ffi::Buffer<ffi::F32> q, ffi::AnyBuffer kv_pages, ffi:
       work += (p.row_pos[row] + 1 - p.first_key(p.row_pos[row])) * p.num_kv_heads;
     }
     // a window's rows do not share the vector kernel's tiles; attend_amx masks each lane's keys and
-    // takes several lane groups per item, as many as leave each thread ~4 items of this sequence
+    // takes several lane groups per item: the sequence's lane groups of a KV head split evenly into
+    // as many items as leave each thread ~2 of this sequence. Every item pairs V and reads K for all
+    // its keys, so fewer items repeat less of that, and equal ones end together: 30 rows over 766 keys
+    // went from 9 items (10 rows each, threads 5 / 4) to 6 (15 rows, 3 / 3), 256 -> 236 us of work a
+    // layer on one thread (harness); whole SmolLM2 steps of 20 / 30 / 48 new rows over 400 / 736 / 400
+    // cached keys, 2 threads: 15.9 / 20.9 / 23.8 -> 15.2 / 20.5 / 23.4 ms (two alternated runs each).
     const int64_t group = p.num_q_heads / p.num_kv_heads, lane_groups = (last - first + lane_group_rows(group) - 1) / lane_group_rows(group);
-    const int64_t per_item = p.amx ? lane_group_rows(group) * std::clamp<int64_t>(lane_groups * p.num_kv_heads / (4 * std::max<int64_t>(n_threads, 1)), 1, kMaxLaneGroups)
+    const int64_t items_per_head = std::clamp<int64_t>((2 * std::max<int64_t>(n_threads, 1) + p.num_kv_heads - 1) / p.num_kv_heads, 1, std::max<int64_t>(lane_groups, 1));
+    const int64_t per_item = p.amx ? lane_group_rows(group) * std::clamp<int64_t>((lane_groups + items_per_head - 1) / items_per_head, 1, kMaxLaneGroups)
                                    : p.window > 0 ? 1 : kRows;
     // attend_amx: a lone (decode) row takes as many KV heads per item as fill 16 lanes, so the softmax
     // and the weights' pass run once for all of them
