@@ -288,7 +288,8 @@ struct AmxScratch {
   std::vector<LaneGroup> groups;
   std::vector<uint16_t> qt;   // per lane group and KV head: Q^T as D / 32 B tiles [16 d pairs][16 lanes][2],
                               // zero in the other heads' lanes
-  std::vector<float> st;      // S^T of a chunk [kChunk + 16][16] (a tile's spare rows land past its keys)
+  std::vector<float> st;      // two lane groups' S^T of a chunk [2][kChunk + 16][16] (a tile's spare rows
+                              // land past its keys)
   std::vector<uint16_t> pa;   // per KV head: P as kChunk / 32 A tiles [16 lanes][32 keys], zero in the
                               // other heads' lanes
   std::vector<uint16_t> vb;   // per KV head: V as (kChunk / 32) x (D / 16) B tiles [16 key pairs][16 d][2]
@@ -373,13 +374,13 @@ inline int64_t tile_len(int64_t t, int64_t k1, int64_t s) {
   return std::min<int64_t>({16 - t % 16, k1 - t, s - t % s});
 }
 
-// S^T of one KV head's keys [k0, k1) for one lane group (head_dim <= 128), into sc.st: Q^T stays in
+// S^T of one KV head's keys [k0, k1) for one lane group (head_dim <= 128), into st: Q^T stays in
 // tiles 2, 3, 6, 7 for the chunk and two key tiles are taken at a time, into tiles 0 and 4, so that
 // two chains of products are in flight (one chain waited on each product, ~1/3 of the kernel's time
 // for 37 rows over 533 keys). Each tile's sums take the same steps in the same order as one tile
 // alone: the same bits.
 AMX_TARGET void pair_scores(const Problem& p, AmxScratch& sc, int64_t c0, int64_t k0, int64_t k1, const uint16_t* qt,
-                            bool prefetch) {
+                            float* st, bool prefetch) {
   const int64_t d = p.head_dim, s = p.page_size, stride = 2 * p.num_kv_heads * d;
   _tile_loadd(2, qt, 64);
   if (d > 32) _tile_loadd(3, qt + 32 * 16, 64);
@@ -422,9 +423,43 @@ AMX_TARGET void pair_scores(const Problem& p, AmxScratch& sc, int64_t c0, int64_
         }
       }
     }
-    _tile_stored(0, sc.st.data() + (t - c0) * 16, 64);
-    if (b) _tile_stored(4, sc.st.data() + (t1 - c0) * 16, 64);
+    _tile_stored(0, st + (t - c0) * 16, 64);
+    if (b) _tile_stored(4, st + (t1 - c0) * 16, 64);
     t = t1 + n1;
+  }
+}
+
+// S^T of one key tile at a time for two lane groups (head_dim <= 64): both groups' Q^T stay in tiles
+// (2, 3 and 6, 7) and each key tile is loaded once for both, where pair_scores loads it per group. Each
+// tile's sums take the same steps as pair_scores': the same bits (harness, one thread: 30 rows over 766
+// keys 234 -> 221 us a layer, 48 over 430 209 -> 194, 64 over 900 599 -> 519; whole SmolLM2 steps, where
+// attention is ~1/5, moved within their noise).
+AMX_TARGET void shared_scores(const Problem& p, AmxScratch& sc, int64_t c0, int64_t k0, int64_t k1,
+                              const uint16_t* qt0, const uint16_t* qt1, float* st0, float* st1) {
+  const int64_t d = p.head_dim, s = p.page_size, stride = 2 * p.num_kv_heads * d;
+  _tile_loadd(2, qt0, 64);
+  _tile_loadd(6, qt1, 64);
+  if (d > 32) {
+    _tile_loadd(3, qt0 + 32 * 16, 64);
+    _tile_loadd(7, qt1 + 32 * 16, 64);
+  }
+  for (int64_t t = k0; t < k1;) {
+    const int64_t n = tile_len(t, k1, s);
+    int64_t ld;
+    const uint16_t* a = key_tile(sc, c0, t, n, d, stride, 0, sc.kpad.data(), &ld);
+    _tile_zero(0);
+    _tile_zero(4);
+    _tile_loadd(1, a, ld * 2);
+    if (d > 32) _tile_loadd(5, a + 32, ld * 2);
+    _tile_dpbf16ps(0, 1, 2);
+    _tile_dpbf16ps(4, 1, 6);
+    if (d > 32) {
+      _tile_dpbf16ps(0, 5, 3);
+      _tile_dpbf16ps(4, 5, 7);
+    }
+    _tile_stored(0, st0 + (t - c0) * 16, 64);
+    _tile_stored(4, st1 + (t - c0) * 16, 64);
+    t += n;
   }
 }
 
@@ -457,7 +492,7 @@ AMX_TARGET void attend_amx_heads(const Problem& p, int64_t item) {
   // its products add exact zeros to the others' (a lane's result is the same in any item).
   sc.groups.resize(num_groups);
   sc.qt.assign(num_groups * heads * d * 16, 0);
-  sc.st.resize((kChunk + 16) * 16);
+  sc.st.resize(2 * (kChunk + 16) * 16);
   sc.pa.resize(heads * kChunk * 16);
   sc.vb.resize(heads * kChunk * d);
   sc.kpad.resize(2 * 16 * d);
@@ -531,16 +566,39 @@ AMX_TARGET void attend_amx_heads(const Problem& p, int64_t item) {
         }
       }
     }
+    // the keys of lane group gi in this chunk
+    const auto keys_of = [&](int64_t gi, int64_t* k0, int64_t* k1) {
+      const LaneGroup& lg = sc.groups[gi];
+      *k0 = std::max<int64_t>(c0, lg.first[0]);
+      *k1 = std::min<int64_t>(c0 + kChunk, lg.last[lg.lanes - 1]);
+    };
+    const auto st_of = [&](int64_t gi) { return sc.st.data() + gi % 2 * (kChunk + 16) * 16; };
+    // S^T of groups gi and gi + 1 in this chunk: one load of each key tile for both where head_dim
+    // allows (a key only one of them has scores a row the other never reads)
+    const auto scores_of_pair = [&](int64_t gi) {
+      int64_t k0, k1, j0 = 0, j1 = 0;
+      keys_of(gi, &k0, &k1);
+      if (gi + 1 < num_groups) keys_of(gi + 1, &j0, &j1);
+      const uint16_t* q0 = sc.qt.data() + gi * d * 16;
+      if (d <= 64 && k0 < k1 && j0 < j1) {
+        shared_scores(p, sc, c0, std::min(k0, j0), std::max(k1, j1), q0, q0 + d * 16, st_of(gi), st_of(gi + 1));
+        return;
+      }
+      if (k0 < k1) pair_scores(p, sc, c0, k0, k1, q0, st_of(gi), it.count == 1);
+      if (j0 < j1) pair_scores(p, sc, c0, j0, j1, q0 + d * 16, st_of(gi + 1), it.count == 1);
+    };
     for (int64_t gi = 0; gi < num_groups; ++gi) {
+      if (!kMulti && d <= 128 && gi % 2 == 0) scores_of_pair(gi);
       LaneGroup& lg = sc.groups[gi];
       const int64_t lanes = lg.lanes;
-      const int64_t k0 = std::max<int64_t>(c0, lg.first[0]), k1 = std::min<int64_t>(c0 + kChunk, lg.last[lanes - 1]);
+      int64_t k0, k1;
+      keys_of(gi, &k0, &k1);
       if (k0 >= k1) continue;  // none of the group's keys in this chunk (a group alone never visits it)
       const uint16_t* qt = sc.qt.data() + gi * heads * d * 16;
-      // S^T of the chunk's keys, a tile at a time (a tile stays inside one page)
-      if (!kMulti && d <= 128) {
-        pair_scores(p, sc, c0, k0, k1, qt, it.count == 1);
-      } else {
+      float* st = st_of(gi);
+      // S^T of the chunk's keys, a tile at a time (a tile stays inside one page); one-head items took
+      // theirs in scores_of_pair
+      if (kMulti || d > 128) {
         for (int64_t t = k0; t < k1;) {
           const int64_t n = tile_len(t, k1, s);
           if (it.count == 1) prefetch_keys(sc, c0, t + n, std::min<int64_t>(t + n + 16, k1), heads * 4 * d);
@@ -554,7 +612,7 @@ AMX_TARGET void attend_amx_heads(const Problem& p, int64_t item) {
               _tile_dpbf16ps(0, 1, 2);
             }
           }
-          _tile_stored(0, sc.st.data() + (t - c0) * 16, 64);
+          _tile_stored(0, st + (t - c0) * 16, 64);
           t += n;
         }
       }
@@ -565,8 +623,8 @@ AMX_TARGET void attend_amx_heads(const Problem& p, int64_t item) {
       for (int64_t t = k0; t < k1; ++t) {
         const __m512i key = _mm512_set1_epi32(static_cast<int32_t>(t));
         const __mmask16 own = _mm512_cmpge_epi32_mask(key, firstv) & _mm512_cmplt_epi32_mask(key, lastv);
-        const __m512 score = _mm512_mask_mul_ps(neg_inf, own, _mm512_loadu_ps(sc.st.data() + (t - c0) * 16), scale);
-        _mm512_storeu_ps(sc.st.data() + (t - c0) * 16, score);
+        const __m512 score = _mm512_mask_mul_ps(neg_inf, own, _mm512_loadu_ps(st + (t - c0) * 16), scale);
+        _mm512_storeu_ps(st + (t - c0) * 16, score);
         top = _mm512_max_ps(top, score);
       }
       const __m512 m = _mm512_load_ps(lg.m);
@@ -584,7 +642,7 @@ AMX_TARGET void attend_amx_heads(const Problem& p, int64_t item) {
           __m512 w[2];
           for (int e = 0; e < 2; ++e) {
             const int64_t t = c0 + b * 32 + 2 * kp + e;
-            w[e] = t >= k0 && t < k1 ? exp_weights(_mm512_sub_ps(_mm512_loadu_ps(sc.st.data() + (t - c0) * 16), shift))
+            w[e] = t >= k0 && t < k1 ? exp_weights(_mm512_sub_ps(_mm512_loadu_ps(st + (t - c0) * 16), shift))
                                      : _mm512_setzero_ps();
             w[e] = _mm512_maskz_mov_ps(live, w[e]);
             sum = _mm512_add_ps(sum, w[e]);
