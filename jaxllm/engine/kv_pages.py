@@ -189,13 +189,9 @@ class PagePool:
 
     def reset(self) -> None:
         """Everything free and unnamed (after the device pool was rebuilt: its contents are gone)."""
+        self.reset_prefix_cache()
         self.ref_counts[:] = 0
         self._free = deque(range(self.num_pages))
-        self._evictable.clear()
-        self._page_of.clear()
-        self._hash_of.clear()
-        self._tails.clear()
-        self._tail_key_of.clear()
 
     def check(self) -> None:
         """Invariants (tests): each page is exactly one of in use / free / cached-evictable."""
