@@ -145,12 +145,14 @@ AMX_INT8_TARGET inline void scale_block(__m512 (&acc)[MR], const int32_t* c, con
 template <int MR>
 AMX_INT8_TARGET void column_tile(const uint8_t* a, int64_t lda, const uint8_t* b, const uint8_t* w_tile,
                                  const float* scales, int64_t blocks, float* y, int64_t ldy, const uint8_t* next) {
-  constexpr bool kShort = MR < 16;  // the step's last group (tiles 6, 7 of MR rows)
+  // the step's last group of fewer than 16 rows runs on tiles 6, 7 of MR rows
+  constexpr auto dots_even = MR < 16 ? block_dots_short_even : block_dots_even;
+  constexpr auto dots_odd = MR < 16 ? block_dots_short_odd : block_dots_odd;
   alignas(64) int32_t c[2][16 * 16];
   __m512 acc[MR];
 #pragma GCC unroll 16
   for (int r = 0; r < MR; ++r) acc[r] = _mm512_setzero_ps();
-  kShort ? block_dots_short_even(a, lda, b, c[0]) : block_dots_even(a, lda, b, c[0]);
+  dots_even(a, lda, b, c[0]);
   for (int64_t i = 0; i < blocks; ++i) {
     // A small step is bound by reading the weights (a core streams ~7-9 GB/s on the dev VM): the next
     // tile's bytes are requested while this one computes.
@@ -162,11 +164,7 @@ AMX_INT8_TARGET void column_tile(const uint8_t* a, int64_t lda, const uint8_t* b
     if (i + 1 < blocks) {
       const uint8_t* a_next = a + (i + 1) * kQ8Bytes;
       const uint8_t* b_next = b + (i + 1) * 512;
-      if (kShort) {
-        i & 1 ? block_dots_short_even(a_next, lda, b_next, c[0]) : block_dots_short_odd(a_next, lda, b_next, c[1]);
-      } else {
-        i & 1 ? block_dots_even(a_next, lda, b_next, c[0]) : block_dots_odd(a_next, lda, b_next, c[1]);
-      }
+      i & 1 ? dots_even(a_next, lda, b_next, c[0]) : dots_odd(a_next, lda, b_next, c[1]);
     }
     scale_block<MR>(acc, c[i & 1], w_tile + i * kQ41Tile, scales + 2 * i, blocks);
   }
