@@ -574,7 +574,8 @@ AMX_TARGET void attend_amx_heads(const Problem& p, int64_t item) {
     };
     const auto st_of = [&](int64_t gi) { return sc.st.data() + gi % 2 * (kChunk + 16) * 16; };
     // S^T of groups gi and gi + 1 in this chunk: one load of each key tile for both where head_dim
-    // allows (a key only one of them has scores a row the other never reads)
+    // allows (a key only one of them has scores a row the other never reads); one-head items only
+    const bool scores_by_pairs = !kMulti && d <= 128;
     const auto scores_of_pair = [&](int64_t gi) {
       int64_t k0, k1, j0 = 0, j1 = 0;
       keys_of(gi, &k0, &k1);
@@ -588,7 +589,7 @@ AMX_TARGET void attend_amx_heads(const Problem& p, int64_t item) {
       if (j0 < j1) pair_scores(p, sc, c0, j0, j1, q0 + d * 16, st_of(gi + 1), it.count == 1);
     };
     for (int64_t gi = 0; gi < num_groups; ++gi) {
-      if (!kMulti && d <= 128 && gi % 2 == 0) scores_of_pair(gi);
+      if (scores_by_pairs && gi % 2 == 0) scores_of_pair(gi);
       LaneGroup& lg = sc.groups[gi];
       const int64_t lanes = lg.lanes;
       int64_t k0, k1;
@@ -596,9 +597,9 @@ AMX_TARGET void attend_amx_heads(const Problem& p, int64_t item) {
       if (k0 >= k1) continue;  // none of the group's keys in this chunk (a group alone never visits it)
       const uint16_t* qt = sc.qt.data() + gi * heads * d * 16;
       float* st = st_of(gi);
-      // S^T of the chunk's keys, a tile at a time (a tile stays inside one page); one-head items took
-      // theirs in scores_of_pair
-      if (kMulti || d > 128) {
+      // S^T of the chunk's keys, a tile at a time (a tile stays inside one page), unless scores_of_pair
+      // took them
+      if (!scores_by_pairs) {
         for (int64_t t = k0; t < k1;) {
           const int64_t n = tile_len(t, k1, s);
           if (it.count == 1) prefetch_keys(sc, c0, t + n, std::min<int64_t>(t + n + 16, k1), heads * 4 * d);
