@@ -292,6 +292,46 @@ def test_gguf_engine_leaves_the_cores_to_ggml():
     assert seen["plain"]["eigen"] == len(os.sched_getaffinity(0)) and not seen["plain"]["env"]
 
 
+_GGML_BIND_PROBE = """
+import json, os, sys
+import jax.numpy as jnp, numpy as np
+from pallas_kernels.quantized_matmul import ggml_cpu
+assert ggml_cpu.available()  # registers the custom calls
+w = jnp.asarray(np.zeros((32, 2, 20), np.uint8).reshape(32, 40))  # Q4_1 rows of 64 zeros
+ggml_cpu.mul_mats(jnp.ones((4, 64), jnp.float32), [(3, w)], None)[0].block_until_ready()  # the pool starts
+bound = {}
+for t in os.listdir("/proc/self/task"):
+    allowed = os.sched_getaffinity(int(t))
+    if allowed != os.sched_getaffinity(0):
+        bound[open(f"/proc/self/task/{t}/comm").read().strip() + "/" + t] = sorted(allowed)
+print(json.dumps({"bound": sorted(bound.values()), "cpus": sorted(os.sched_getaffinity(0))}))
+"""
+
+
+def test_ggml_workers_are_bound_to_the_last_cpus():
+    """JAXLLM_GGML_THREADS_BIND=auto (the default) binds each of ggml's pool workers to one CPU of the
+    process's set, from the last one down, and leaves the calling thread (XLA's) free; nobind binds none."""
+    _require_ggml()
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        pytest.skip("one core: the pool has no worker to bind")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    seen = {}
+    for bind in ("auto", "nobind"):
+        env = dict(os.environ, JAXLLM_GGML_THREADS_BIND=bind, JAXLLM_GGML_THREADS="2",
+                   PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        proc = subprocess.run([sys.executable, "-c", _GGML_BIND_PROBE], env=env, capture_output=True, text=True,
+                              timeout=600, cwd=root)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        seen[bind] = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert seen["auto"] == {"bound": [[cpus[-1]]], "cpus": cpus}
+    assert seen["nobind"] == {"bound": [], "cpus": cpus}
+    env = dict(os.environ, JAXLLM_GGML_THREADS_BIND="0-3")
+    proc = subprocess.run([sys.executable, "-c", _GGML_BIND_PROBE], env=env, capture_output=True, text=True,
+                          timeout=600, cwd=root)
+    assert proc.returncode != 0 and "JAXLLM_GGML_THREADS_BIND='0-3'" in proc.stderr
+
+
 def test_fused_projections_equal_separate_ones():
     """q/k/v (and gate/up) go to ggml as one call of several weights: the same numbers as one call each,
     including weights of different formats and output sizes from one layer of a stack."""

@@ -45,6 +45,8 @@ def _library() -> ctypes.CDLL | None:
     jax.ffi.register_ffi_target(WRITE_KV_TARGET, jax.ffi.pycapsule(lib.JaxllmCpuWriteKv), platform="cpu")
     jax.ffi.register_ffi_target(ROW_ARGMAX_TARGET, jax.ffi.pycapsule(lib.JaxllmCpuRowArgmax), platform="cpu")
     jax.ffi.register_ffi_target(ROW_LOGPROBS_TARGET, jax.ffi.pycapsule(lib.JaxllmCpuRowLogprobs), platform="cpu")
+    lib.jaxllm_ggml_bind_workers.argtypes = [ctypes.c_int]
+    lib.jaxllm_ggml_bind_workers(threads_bind() == "auto")
     lib.jaxllm_amx_row_bytes.restype = ctypes.c_int64
     lib.jaxllm_amx_row_bytes.argtypes = [ctypes.c_int64] * 3
     lib.jaxllm_amx_pack.restype = ctypes.c_int
@@ -139,6 +141,16 @@ def leave_cores_to_ggml() -> bool:
     finally:
         del os.environ["PJRT_NPROC"]
     return True
+
+
+def threads_bind() -> str:
+    """JAXLLM_GGML_THREADS_BIND (as vLLM's VLLM_CPU_OMP_THREADS_BIND): "auto" binds each worker of ggml's
+    pool to one CPU of the process's set, from the last one down (the thread that calls ggml, XLA's,
+    stays free); "nobind" leaves placement to the OS, e.g. for several engine processes sharing CPUs."""
+    value = os.environ.get("JAXLLM_GGML_THREADS_BIND", "auto")
+    if value not in ("auto", "nobind"):
+        raise ValueError(f"JAXLLM_GGML_THREADS_BIND={value!r}: expected 'auto' or 'nobind'")
+    return value
 
 
 def poll() -> int:
