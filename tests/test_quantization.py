@@ -299,12 +299,9 @@ from pallas_kernels.quantized_matmul import ggml_cpu
 assert ggml_cpu.available()  # registers the custom calls
 w = jnp.asarray(np.zeros((32, 2, 20), np.uint8).reshape(32, 40))  # Q4_1 rows of 64 zeros
 ggml_cpu.mul_mats(jnp.ones((4, 64), jnp.float32), [(3, w)], None)[0].block_until_ready()  # the pool starts
-bound = {}
-for t in os.listdir("/proc/self/task"):
-    allowed = os.sched_getaffinity(int(t))
-    if allowed != os.sched_getaffinity(0):
-        bound[open(f"/proc/self/task/{t}/comm").read().strip() + "/" + t] = sorted(allowed)
-print(json.dumps({"bound": sorted(bound.values()), "cpus": sorted(os.sched_getaffinity(0))}))
+masks = [os.sched_getaffinity(int(t)) for t in os.listdir("/proc/self/task")]
+bound = sorted(sorted(m) for m in masks if m != os.sched_getaffinity(0))
+print(json.dumps({"bound": bound, "cpus": sorted(os.sched_getaffinity(0))}))
 """
 
 

@@ -175,9 +175,9 @@ void bind_to_cpu(ggml_tensor* /*dst*/, int ith, int /*nth*/, void* userdata) {
 // Binds each worker of a new pool to one CPU of the process's set, from the last one down. Left free,
 // the scheduler at times woke XLA's thread (which runs the graph as ggml's thread 0) onto the core
 // where the worker was polling and left it queued there while the other core idled: served prefill
-// steps of SmolLM2 on 2 cores took 2-4x their in-process time in about half the turns. A bound worker
-// never shares a core with the calling thread by choice. Skipped when the pool has more threads than
-// the process has CPUs (there is nothing to keep apart).
+// steps of SmolLM2 on 2 cores took 2-4x their in-process time in about half the turns. The calling
+// thread stays free: XLA runs programs on more than one thread. Skipped when the pool has more threads
+// than the process has CPUs (there is nothing to keep apart).
 void bind_pool_workers(int n_threads) {
   cpu_set_t allowed;
   if (n_threads < 2 || sched_getaffinity(0, sizeof(allowed), &allowed) != 0) return;
