@@ -294,11 +294,13 @@ def test_gguf_engine_leaves_the_cores_to_ggml():
 
 _GGML_BIND_PROBE = """
 import json, os, sys
-import jax.numpy as jnp, numpy as np
+import jax.numpy as jnp
 from pallas_kernels.quantized_matmul import ggml_cpu
+from pallas_kernels.sampling import argmax_rows
 assert ggml_cpu.available()  # registers the custom calls
-w = jnp.asarray(np.zeros((32, 2, 20), np.uint8).reshape(32, 40))  # Q4_1 rows of 64 zeros
-ggml_cpu.mul_mats(jnp.ones((4, 64), jnp.float32), [(3, w)], None)[0].block_until_ready()  # the pool starts
+# The pool starts inside a task of jaxllm_run_on_pool (rows large enough for the pool), which binds
+# its workers by a second task run from within the first.
+argmax_rows(jnp.ones((64, 50000), jnp.float32)).block_until_ready()
 masks = [os.sched_getaffinity(int(t)) for t in os.listdir("/proc/self/task")]
 bound = sorted(sorted(m) for m in masks if m != os.sched_getaffinity(0))
 print(json.dumps({"bound": bound, "cpus": sorted(os.sched_getaffinity(0))}))
@@ -313,19 +315,21 @@ def test_ggml_workers_are_bound_to_the_last_cpus():
     if len(cpus) < 2:
         pytest.skip("one core: the pool has no worker to bind")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    seen = {}
-    for bind in ("auto", "nobind"):
+
+    def probe(bind: str) -> subprocess.CompletedProcess:
         env = dict(os.environ, JAXLLM_GGML_THREADS_BIND=bind, JAXLLM_GGML_THREADS="2",
                    PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        proc = subprocess.run([sys.executable, "-c", _GGML_BIND_PROBE], env=env, capture_output=True, text=True,
+        return subprocess.run([sys.executable, "-c", _GGML_BIND_PROBE], env=env, capture_output=True, text=True,
                               timeout=600, cwd=root)
+
+    seen = {}
+    for bind in ("auto", "nobind"):
+        proc = probe(bind)
         assert proc.returncode == 0, proc.stderr[-2000:]
         seen[bind] = json.loads(proc.stdout.strip().splitlines()[-1])
     assert seen["auto"] == {"bound": [[cpus[-1]]], "cpus": cpus}
     assert seen["nobind"] == {"bound": [], "cpus": cpus}
-    env = dict(os.environ, JAXLLM_GGML_THREADS_BIND="0-3")
-    proc = subprocess.run([sys.executable, "-c", _GGML_BIND_PROBE], env=env, capture_output=True, text=True,
-                          timeout=600, cwd=root)
+    proc = probe("0-3")
     assert proc.returncode != 0 and "JAXLLM_GGML_THREADS_BIND='0-3'" in proc.stderr
 
 

@@ -178,26 +178,14 @@ void bind_to_cpu(ggml_tensor* /*dst*/, int ith, int /*nth*/, void* userdata) {
 // steps of SmolLM2 on 2 cores took 2-4x their in-process time in about half the turns. The calling
 // thread stays free: XLA runs programs on more than one thread. Skipped when the pool has more threads
 // than the process has CPUs (there is nothing to keep apart).
-void bind_pool_workers(int n_threads) {
+void bind_pool_workers(int n_threads, int poll) {
   cpu_set_t allowed;
   if (n_threads < 2 || sched_getaffinity(0, sizeof(allowed), &allowed) != 0) return;
   std::vector<int> cpus;
   for (int c = 0; c < CPU_SETSIZE; ++c)
     if (CPU_ISSET(c, &allowed)) cpus.push_back(c);
   if (n_threads > static_cast<int>(cpus.size())) return;
-  alignas(64) static uint8_t bind_arena[4 * 1024];
-  ggml_init_params init = {sizeof(bind_arena), bind_arena, /*no_alloc=*/true};
-  ggml_context* ctx = ggml_init(init);
-  ggml_tensor* task = ggml_custom_4d(ctx, GGML_TYPE_F32, 1, 1, 1, 1, nullptr, 0, bind_to_cpu, n_threads, &cpus);
-  float sink = 0;
-  task->data = &sink;
-  ggml_cgraph* graph = ggml_new_graph_custom(ctx, 2, false);
-  ggml_build_forward_expand(graph, task);
-  ggml_cplan plan = ggml_graph_plan(graph, n_threads, pool);
-  if (work.size() < plan.work_size) work.resize(plan.work_size);
-  plan.work_data = work.data();
-  ggml_graph_compute(graph, &plan);
-  ggml_free(ctx);
+  jaxllm_run_on_pool(bind_to_cpu, &cpus, n_threads, poll);  // the pool is set up by now: no recursion
 }
 
 }  // namespace
@@ -213,7 +201,7 @@ ggml_status jaxllm_ggml_compute(ggml_cgraph* graph, int n_threads, int poll) {
     pool = ggml_threadpool_new(&params);
     pool_threads = n_threads;
     pool_poll = poll;
-    if (bind_workers) bind_pool_workers(n_threads);
+    if (bind_workers) bind_pool_workers(n_threads, poll);
   }
   ggml_cplan plan = ggml_graph_plan(graph, pool_threads, pool);
   if (work.size() < plan.work_size) work.resize(plan.work_size);
@@ -222,11 +210,12 @@ ggml_status jaxllm_ggml_compute(ggml_cgraph* graph, int n_threads, int poll) {
 }
 
 ggml_status jaxllm_run_on_pool(ggml_custom_op_t fn, void* userdata, int n_threads, int poll) {
-  alignas(64) static thread_local uint8_t task_arena[4 * 1024];
+  // on the stack, not static: a pool's first call runs a second task (bind_pool_workers) inside this one
+  alignas(64) uint8_t task_arena[4 * 1024];
   ggml_init_params init = {sizeof(task_arena), task_arena, /*no_alloc=*/true};
   ggml_context* ctx = ggml_init(init);
   ggml_tensor* task = ggml_custom_4d(ctx, GGML_TYPE_F32, 1, 1, 1, 1, nullptr, 0, fn, n_threads, userdata);
-  static thread_local float sink;
+  float sink = 0;
   task->data = &sink;
   ggml_cgraph* graph = ggml_new_graph_custom(ctx, 2, false);
   ggml_build_forward_expand(graph, task);
